@@ -1,0 +1,40 @@
+# homelab-dagster: `make up` runs the main job on the twin; `make test` runs the tests.
+# Everything installs what it needs (uv, the Python environment, the twin's toolchain).
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+ENV ?=
+UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
+export HOMELAB_STATE_DIR ?= $(CURDIR)/.homelab
+export DAGSTER_HOME ?= $(HOMELAB_STATE_DIR)/dagster
+
+.PHONY: help uv install tools up dev test lint bench clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+uv: ## Install uv if it is missing
+	@command -v uv >/dev/null 2>&1 || test -x $(HOME)/.local/bin/uv || python3 -m pip install --user --quiet uv
+
+install: uv ## Create the environment from the lock file (with the ML extra)
+	@$(UV) sync --locked --extra ml
+
+up: install ## The main job on the twin (ENV=<cluster> for one cluster)
+	@$(UV) run homelab up $(if $(ENV),--env $(ENV))
+
+dev: install ## The Dagster UI and daemon on http://127.0.0.1:3000
+	@$(UV) run homelab dev
+
+test: install ## All tests
+	@$(UV) run pytest
+
+lint: install ## ruff (lint and format) and mypy
+	@$(UV) run ruff check .
+	@$(UV) run ruff format --check .
+	@$(UV) run mypy homelab_dagster resources
+
+bench: install ## Benchmarks (ratios against a baseline measured in the same run)
+	@$(UV) run python benchmarks/definitions_load.py
+
+clean: ## Remove local state (the twin's clusters must be down)
+	rm -rf $(HOMELAB_STATE_DIR)

@@ -1,0 +1,31 @@
+"""The whole asset graph of an inventory: every family's factory, applied to every entry."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from assets.clusters import build_cluster_defs
+from assets.endpoints import build_endpoint_defs
+from assets.mesh import build_mesh_link_defs
+from assets.training import build_training_run_defs
+from assets.weights import build_model_weights_defs
+from homelab_dagster.inventory import Inventory
+
+__all__ = ["build_homelab_defs"]
+
+
+def build_homelab_defs(inventory: Inventory) -> dg.Definitions:
+    """Clusters, mesh links, training runs, model weights and endpoints of ``inventory``."""
+    runs_by_model: dict[str, list[str]] = {name: [] for name in inventory.models}
+    for run_name, run in inventory.training_runs.items():
+        runs_by_model[run.model].append(run_name)
+    return dg.Definitions.merge(
+        *(build_cluster_defs(name, c) for name, c in inventory.clusters.items()),
+        *(build_mesh_link_defs(link) for link in inventory.mesh.links),
+        *(build_training_run_defs(name, r) for name, r in inventory.training_runs.items()),
+        *(
+            build_model_weights_defs(name, m, runs_by_model[name])
+            for name, m in inventory.models.items()
+        ),
+        *(build_endpoint_defs(name, e) for name, e in inventory.endpoints.items()),
+    )

@@ -1,0 +1,3 @@
+from homelab_dagster.cli import main
+
+main()

@@ -1,0 +1,331 @@
+"""The homelab's inventory: one validated model of clusters, mesh, models, runs and endpoints.
+
+``homelab.yaml`` is parsed into :class:`Inventory`. The model checks shapes and types
+(unknown keys are errors); the rules that span entries (overlapping networks, ports,
+GPU fit, references) live in :mod:`homelab_dagster.rules`, and
+:func:`homelab_dagster.loader.load_inventory` runs both and reports every problem at once.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+__all__ = [
+    "Cluster",
+    "Component",
+    "Distribution",
+    "Endpoint",
+    "GpuSpec",
+    "Inventory",
+    "MeshLink",
+    "Model",
+    "ModelArchitecture",
+    "Network",
+    "Node",
+    "NodePool",
+    "NodePort",
+    "Taint",
+    "TrainingHyperparameters",
+    "TrainingRun",
+]
+
+# RFC 1123 label names, as Kubernetes requires of namespaces, nodes and services.
+Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)]
+# Model names may carry a version with dots (llama-3.1-70b-instruct).
+ModelName = Annotated[
+    str, StringConstraints(pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", max_length=63)
+]
+Quantity = Annotated[str, StringConstraints(pattern=r"^[0-9]+(\.[0-9]+)?(m|Ki|Mi|Gi|Ti|k|M|G|T)?$")]
+
+_LABEL_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)$")
+_LABEL_PREFIX = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+
+
+def check_label(key: str, value: str) -> str | None:
+    """Return why ``key: value`` is not a valid Kubernetes label, or None when it is."""
+    prefix, _, name = key.rpartition("/")
+    if prefix and (len(prefix) > 253 or not _LABEL_PREFIX.match(prefix)):
+        return f"label key {key!r} has an invalid prefix (a DNS subdomain is required)"
+    if not _LABEL_NAME.match(name):
+        return f"label key {key!r} is invalid (at most 63 characters: alphanumerics, '-', '_', '.')"
+    if len(value) > 63 or not _LABEL_VALUE.match(value):
+        return (
+            f"label value {value!r} of {key!r} is invalid (at most 63 characters: "
+            "alphanumerics, '-', '_', '.', starting and ending with an alphanumeric)"
+        )
+    return None
+
+
+class _Strict(BaseModel):
+    """Base of every inventory model: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Distribution(StrEnum):
+    """How a cluster's Kubernetes is distributed."""
+
+    KIND = "kind"
+    K3S = "k3s"
+
+
+class Taint(_Strict):
+    """A node taint, as ``kubectl taint`` would set it."""
+
+    key: str
+    value: str = ""
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"]
+
+
+class GpuSpec(_Strict):
+    """The GPUs of one node: how many and which product (the device plugin's label value)."""
+
+    count: int = Field(ge=1)
+    product: str
+
+
+class NodePool(_Strict):
+    """One or more identical nodes. ``count`` > 1 names them ``<name>-1`` … ``<name>-<count>``."""
+
+    name: Name
+    role: str
+    count: int = Field(default=1, ge=1)
+    cpu: int = Field(ge=1, description="CPU cores per node.")
+    memory: Quantity = Field(description="Memory per node, as a Kubernetes quantity (e.g. 64Gi).")
+    gpu: GpuSpec | None = None
+    zone: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    taints: list[Taint] = Field(default_factory=list)
+
+
+class Node(BaseModel):
+    """A single node after its pool is expanded; labels include the derived ones."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    role: str
+    cpu: int
+    memory: str
+    gpus: int
+    gpu_product: str | None
+    labels: dict[str, str]
+    taints: list[Taint]
+
+
+class Network(_Strict):
+    """A cluster's address plan: pods and services must not overlap any other cluster's."""
+
+    pod_cidr: ipaddress.IPv4Network
+    service_cidr: ipaddress.IPv4Network
+
+
+class NodePort(_Strict):
+    """A NodePort allocated to a service, in one of the port plan's categories."""
+
+    port: int = Field(ge=1, le=65535)
+    category: str
+    namespace: str | None = None
+
+
+class Cluster(_Strict):
+    """One Kubernetes cluster of the homelab."""
+
+    distribution: Distribution
+    kubernetes_version: Annotated[str, StringConstraints(pattern=r"^v\d+\.\d+(\.\d+)?$")]
+    host: str = Field(description="The machine the cluster runs on; Kind clusters share one.")
+    api_port: int = Field(ge=1, le=65535)
+    purpose: str = ""
+    network: Network
+    nodes: list[NodePool] = Field(min_length=1)
+    namespaces: list[Name] = Field(default_factory=list)
+    components: list[str] = Field(
+        default_factory=list, description="Names of entries of the top-level components."
+    )
+    node_ports: dict[str, NodePort] = Field(default_factory=dict)
+    k3s_flags: list[str] = Field(default_factory=list)
+
+    def expanded_nodes(self) -> list[Node]:
+        """Every node of the cluster, pools expanded, with its derived labels."""
+        nodes = []
+        for pool in self.nodes:
+            for i in range(1, pool.count + 1):
+                labels = {"role": pool.role, **pool.labels}
+                if pool.zone:
+                    labels["topology.kubernetes.io/zone"] = pool.zone
+                if pool.gpu:
+                    labels.setdefault("gpu-type", "nvidia")
+                    labels["nvidia.com/gpu.product"] = pool.gpu.product
+                    labels["nvidia.com/gpu.count"] = str(pool.gpu.count)
+                nodes.append(
+                    Node(
+                        name=pool.name if pool.count == 1 else f"{pool.name}-{i}",
+                        role=pool.role,
+                        cpu=pool.cpu,
+                        memory=pool.memory,
+                        gpus=pool.gpu.count if pool.gpu else 0,
+                        gpu_product=pool.gpu.product if pool.gpu else None,
+                        labels=labels,
+                        taints=list(pool.taints),
+                    )
+                )
+        return nodes
+
+    def gpu_total(self) -> int:
+        """GPUs over all nodes."""
+        return sum(n.gpus for n in self.expanded_nodes())
+
+
+class Component(_Strict):
+    """A third-party component installed as a Helm release (skipped, visibly, on the twin)."""
+
+    chart: str
+    repository: str
+    version: str
+    namespace: Name
+    values: dict[str, object] = Field(default_factory=dict)
+
+
+class MeshLink(_Strict):
+    """``source`` reaches the services that ``target`` exports (Linkerd multicluster).
+
+    The link lives on the source: it mirrors the target's exported services as
+    ``<service>-<target>``.
+    """
+
+    source: Name = Field(alias="from")
+    target: Name = Field(alias="to")
+    latency_ms: tuple[float, float] | None = None
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @property
+    def key(self) -> str:
+        """The link's name in asset keys and stack names: ``<from>__<to>``."""
+        return f"{self.source}__{self.target}"
+
+
+class Mesh(_Strict):
+    """The Linkerd multicluster mesh."""
+
+    transport: str = "warp"
+    export_label: str = "mirror.linkerd.io/exported"
+    links: list[MeshLink] = Field(default_factory=list)
+
+
+class ModelArchitecture(_Strict):
+    """A GPT-2-style architecture trained from scratch (the twin's tiny model)."""
+
+    family: Literal["gpt2"] = "gpt2"
+    n_layer: int = Field(ge=1)
+    n_head: int = Field(ge=1)
+    n_embd: int = Field(ge=8)
+    n_positions: int = Field(ge=16)
+    vocab_size: int = Field(ge=260)
+
+
+class Model(_Strict):
+    """A model whose weights the homelab keeps: trained here, or observed from outside."""
+
+    source: Literal["trained", "external"]
+    base_model: str | None = Field(
+        default=None, description="Hugging Face id of the base (external: what is served)."
+    )
+    architecture: ModelArchitecture | None = None
+    format: Literal["safetensors"] = "safetensors"
+    parameters: str | None = Field(default=None, description="Nominal size, e.g. 270M or 70B.")
+
+
+class TrainingHyperparameters(_Strict):
+    """What a training run does; part of its identity (a change trains a new version)."""
+
+    steps: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    seq_len: int = Field(ge=8)
+    learning_rate: float = Field(gt=0)
+    eval_fraction: float = Field(default=0.1, gt=0, lt=0.5)
+    seed: int = 0
+    lora_rank: int | None = Field(default=None, ge=1)
+
+
+class TrainingRun(_Strict):
+    """A Flyte training run on a GPU cluster, producing a new version of a model's weights."""
+
+    model: str
+    cluster: str
+    node_role: str = "training"
+    nodes: int = Field(default=1, ge=1)
+    gpus_per_node: int = Field(ge=1)
+    memory: Quantity = "32Gi"
+    corpus: list[str] = Field(min_length=1, description="Globs of text files, from the project.")
+    schedule: str | None = Field(default=None, description="Cron, as Dagster schedules read it.")
+    hyperparameters: TrainingHyperparameters
+    twin_hyperparameters: TrainingHyperparameters | None = Field(
+        default=None, description="What the twin runs instead (a CPU-sized run)."
+    )
+    max_eval_loss_regression: float = Field(default=0.05, ge=0)
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron_has_five_fields(cls, value: str | None) -> str | None:
+        if value is not None and len(value.split()) != 5:
+            raise ValueError(f"cron schedule {value!r} must have five fields")
+        return value
+
+
+class Endpoint(_Strict):
+    """An OpenAI-compatible vLLM endpoint serving a model on a cluster."""
+
+    model: str
+    cluster: str
+    namespace: Name = "ml-inference"
+    node_role: str = "inference"
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    max_model_len: int = Field(default=4096, ge=16)
+    replicas: int = Field(default=1, ge=1)
+    node_port: int | None = Field(default=None, ge=1, le=65535)
+    port_category: str = "ai-ml"
+    image: str = "vllm/vllm-openai"
+    export_to_mesh: bool = True
+
+
+class Ml(_Strict):
+    """Where ML work runs and where weights live on the homelab target."""
+
+    flyte_project: str = "homelab"
+    flyte_domain: str = "production"
+    weights_bucket: str = "ml-models"
+
+
+class Inventory(_Strict):
+    """The whole homelab."""
+
+    version: Literal[1]
+    name: str = "homelab"
+    port_ranges: dict[str, tuple[int, int]] = Field(default_factory=dict)
+    clusters: dict[Name, Cluster] = Field(min_length=1)
+    components: dict[str, Component] = Field(default_factory=dict)
+    mesh: Mesh = Field(default_factory=Mesh)
+    ml: Ml = Field(default_factory=Ml)
+    models: dict[ModelName, Model] = Field(default_factory=dict)
+    training_runs: dict[Name, TrainingRun] = Field(default_factory=dict)
+    endpoints: dict[Name, Endpoint] = Field(default_factory=dict)
+
+    def counts(self) -> dict[str, int]:
+        """How many of each thing the inventory declares (the summary's numbers)."""
+        nodes = [n for c in self.clusters.values() for n in c.expanded_nodes()]
+        return {
+            "clusters": len(self.clusters),
+            "nodes": len(nodes),
+            "gpus": sum(n.gpus for n in nodes),
+            "mesh_links": len(self.mesh.links),
+            "models": len(self.models),
+            "training_runs": len(self.training_runs),
+            "endpoints": len(self.endpoints),
+        }

@@ -1,0 +1,211 @@
+"""The rules that span inventory entries, the ones the owner's documents broke.
+
+Each rule is a function of a structurally valid :class:`Inventory` that yields
+``(path, reason)`` pairs, ``path`` being the tuple of keys to the offending field.
+:func:`check` runs them all; the loader turns the paths into YAML lines.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+
+from homelab_dagster.inventory import Cluster, Inventory, check_label
+
+__all__ = ["RULES", "Finding", "check"]
+
+Path = tuple[str | int, ...]
+Finding = tuple[Path, str]
+
+
+def _networks_disjoint(inv: Inventory) -> Iterator[Finding]:
+    ranges = [
+        (name, field, getattr(cluster.network, field))
+        for name, cluster in inv.clusters.items()
+        for field in ("pod_cidr", "service_cidr")
+    ]
+    for (c1, f1, n1), (c2, f2, n2) in itertools.combinations(ranges, 2):
+        if n1.overlaps(n2):
+            yield (
+                ("clusters", c2, "network", f2),
+                f"{f2} {n2} of cluster {c2!r} overlaps {f1} {n1} of cluster {c1!r}",
+            )
+
+
+def _node_ports(inv: Inventory) -> Iterator[Finding]:
+    for name, cluster in inv.clusters.items():
+        seen: dict[int, Path] = {}
+        allocations: list[tuple[Path, int, str]] = [
+            (("clusters", name, "node_ports", svc, "port"), np.port, np.category)
+            for svc, np in cluster.node_ports.items()
+        ]
+        allocations += [
+            (("endpoints", ep_name, "node_port"), ep.node_port, ep.port_category)
+            for ep_name, ep in inv.endpoints.items()
+            if ep.cluster == name and ep.node_port is not None
+        ]
+        for path, port, category in allocations:
+            bounds = inv.port_ranges.get(category)
+            if bounds is None:
+                known = ", ".join(sorted(inv.port_ranges)) or "none declared"
+                yield path, f"port category {category!r} is not in port_ranges ({known})"
+            elif not bounds[0] <= port <= bounds[1]:
+                yield (
+                    path,
+                    f"NodePort {port} is outside the {category!r} range {bounds[0]}-{bounds[1]}",
+                )
+            if port in seen:
+                other = ".".join(map(str, seen[port]))
+                yield path, f"NodePort {port} is used twice in cluster {name!r} (also at {other})"
+            else:
+                seen[port] = path
+    for category, (low, high) in inv.port_ranges.items():
+        if low > high:
+            yield ("port_ranges", category), f"range {low}-{high} is empty (low above high)"
+
+
+def _api_ports(inv: Inventory) -> Iterator[Finding]:
+    by_host: dict[tuple[str, int], str] = {}
+    for name, cluster in inv.clusters.items():
+        key = (cluster.host, cluster.api_port)
+        if key in by_host:
+            yield (
+                ("clusters", name, "api_port"),
+                f"API port {cluster.api_port} is already used by cluster {by_host[key]!r} "
+                f"on the same host {cluster.host!r}",
+            )
+        else:
+            by_host[key] = name
+
+
+def _mesh_links(inv: Inventory) -> Iterator[Finding]:
+    seen: set[tuple[str, str]] = set()
+    for i, link in enumerate(inv.mesh.links):
+        path: Path = ("mesh", "links", i)
+        for field, cluster in (("from", link.source), ("to", link.target)):
+            if cluster not in inv.clusters:
+                yield (*path, field), f"mesh link refers to unknown cluster {cluster!r}"
+        if link.source == link.target:
+            yield path, f"mesh link from {link.source!r} to itself"
+        if (link.source, link.target) in seen:
+            yield path, f"duplicate mesh link {link.source} -> {link.target}"
+        seen.add((link.source, link.target))
+
+
+def _cluster_entries(inv: Inventory) -> Iterator[Finding]:
+    for name, cluster in inv.clusters.items():
+        for i, component in enumerate(cluster.components):
+            if component not in inv.components:
+                yield (
+                    ("clusters", name, "components", i),
+                    f"unknown component {component!r} (not in the top-level components)",
+                )
+        names: set[str] = set()
+        for node in cluster.expanded_nodes():
+            if node.name in names:
+                yield ("clusters", name, "nodes"), f"node name {node.name!r} is used twice"
+            names.add(node.name)
+        for i, pool in enumerate(cluster.nodes):
+            for key, value in {"role": pool.role, **pool.labels}.items():
+                reason = check_label(key, value)
+                if reason:
+                    field = "role" if key == "role" else "labels"
+                    yield ("clusters", name, "nodes", i, field), reason
+
+
+def _gpu_fit(cluster: Cluster, role: str) -> tuple[int, str | None, int]:
+    """(nodes with the role, the name of the one with most GPUs, its GPU count)."""
+    nodes = [n for n in cluster.expanded_nodes() if n.role == role]
+    if not nodes:
+        return 0, None, 0
+    best = max(nodes, key=lambda n: n.gpus)
+    return len(nodes), best.name, best.gpus
+
+
+def _training_runs(inv: Inventory) -> Iterator[Finding]:
+    for name, run in inv.training_runs.items():
+        path: Path = ("training_runs", name)
+        model = inv.models.get(run.model)
+        if model is None:
+            yield (*path, "model"), f"unknown model {run.model!r}"
+        elif model.source != "trained":
+            yield (*path, "model"), f"model {run.model!r} is external; only trained models train"
+        cluster = inv.clusters.get(run.cluster)
+        if cluster is None:
+            yield (*path, "cluster"), f"unknown cluster {run.cluster!r}"
+            continue
+        if cluster.gpu_total() == 0:
+            yield (*path, "cluster"), f"cluster {run.cluster!r} has no GPU nodes to train on"
+            continue
+        count, best, gpus = _gpu_fit(cluster, run.node_role)
+        if count == 0:
+            yield (
+                (*path, "node_role"),
+                f"cluster {run.cluster!r} has no node with role {run.node_role!r}",
+            )
+        elif run.gpus_per_node > gpus:
+            yield (
+                (*path, "gpus_per_node"),
+                f"asks {run.gpus_per_node} GPUs per node, but the {run.node_role!r} node with the "
+                f"most GPUs on {run.cluster!r} ({best}) has {gpus}",
+            )
+        elif run.nodes > count:
+            yield (
+                (*path, "nodes"),
+                f"asks {run.nodes} nodes, but {run.cluster!r} has {count} "
+                f"with role {run.node_role!r}",
+            )
+
+
+def _endpoints(inv: Inventory) -> Iterator[Finding]:
+    for name, ep in inv.endpoints.items():
+        path: Path = ("endpoints", name)
+        if ep.model not in inv.models:
+            yield (*path, "model"), f"unknown model {ep.model!r}"
+        cluster = inv.clusters.get(ep.cluster)
+        if cluster is None:
+            yield (*path, "cluster"), f"unknown cluster {ep.cluster!r}"
+            continue
+        count, best, gpus = _gpu_fit(cluster, ep.node_role)
+        if count == 0:
+            yield (
+                (*path, "node_role"),
+                f"cluster {ep.cluster!r} has no node with role {ep.node_role!r}",
+            )
+        elif ep.tensor_parallel_size > gpus:
+            yield (
+                (*path, "tensor_parallel_size"),
+                f"tensor-parallel size {ep.tensor_parallel_size} exceeds the GPUs of every "
+                f"{ep.node_role!r} node on {ep.cluster!r}: "
+                f"the one with the most, {best}, has {gpus}",
+            )
+        if ep.namespace not in cluster.namespaces:
+            yield (
+                (*path, "namespace"),
+                f"namespace {ep.namespace!r} is not declared on {ep.cluster!r}",
+            )
+
+
+def _models(inv: Inventory) -> Iterator[Finding]:
+    for name, model in inv.models.items():
+        if model.source == "trained" and model.architecture is None:
+            yield ("models", name, "architecture"), "a trained model needs an architecture"
+        if model.source == "external" and not model.base_model:
+            yield ("models", name, "base_model"), "an external model needs base_model (what it is)"
+
+
+RULES: tuple[Callable[[Inventory], Iterator[Finding]], ...] = (
+    _networks_disjoint,
+    _node_ports,
+    _api_ports,
+    _mesh_links,
+    _cluster_entries,
+    _models,
+    _training_runs,
+    _endpoints,
+)
+
+
+def check(inv: Inventory) -> list[Finding]:
+    """Every finding of every rule, in rule order."""
+    return [finding for rule in RULES for finding in rule(inv)]

@@ -1,0 +1,54 @@
+"""The ``homelab`` CLI through typer's runner: output and exit codes."""
+
+from __future__ import annotations
+
+from typer.testing import CliRunner
+
+from homelab_dagster.cli import app
+
+runner = CliRunner()
+
+
+def test_validate_the_shipped_inventory(project_root):
+    result = runner.invoke(app, ["validate", str(project_root / "homelab.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "is valid" in result.output
+    assert "5 clusters, 34 nodes, 6 GPUs, 5 mesh links" in result.output.replace("\n", " ")
+
+
+def test_validate_reports_every_problem_and_exits_1(tmp_path, inventory_text):
+    def edit(data):
+        data["clusters"]["pro"]["api_port"] = 6443
+        data["endpoints"]["vllm"]["tensor_parallel_size"] = 4
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(inventory_text(edit))
+    result = runner.invoke(app, ["validate", str(bad)])
+    assert result.exit_code == 1
+    assert "clusters.pro.api_port" in result.output
+    assert "endpoints.vllm.tensor_parallel_size" in result.output
+    assert "2 problem(s)" in result.output
+
+
+def test_validate_a_missing_file(tmp_path):
+    result = runner.invoke(app, ["validate", str(tmp_path / "nope.yaml")])
+    assert result.exit_code == 1
+    assert "cannot read the inventory" in result.output
+
+
+def test_show_uses_the_environment_setting(project_root, monkeypatch):
+    monkeypatch.setenv("HOMELAB_INVENTORY", str(project_root / "homelab.yaml"))
+    result = runner.invoke(app, ["show"])
+    assert result.exit_code == 0, result.output
+    assert "forge" in result.output and "sre-agent" in result.output
+
+
+def test_bad_target_setting_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HOMELAB_TARGET", "prod")
+    result = runner.invoke(app, ["show"])
+    assert result.exit_code == 1
+    assert "HOMELAB_TARGET='prod' is not a target" in result.output
+
+
+def test_usage_error_exits_2():
+    assert runner.invoke(app, ["validate", "a", "b"]).exit_code == 2
