@@ -78,30 +78,36 @@ class Distribution(StrEnum):
 class Taint(_Strict):
     """A node taint, as ``kubectl taint`` would set it."""
 
-    key: str
-    value: str = ""
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"]
+    key: str = Field(description="Taint key, e.g. node-role.kubernetes.io/control-plane.")
+    value: str = Field(default="", description="Taint value (may be empty).")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] = Field(
+        description="What the scheduler does with pods that do not tolerate it."
+    )
 
 
 class GpuSpec(_Strict):
     """The GPUs of one node: how many and which product (the device plugin's label value)."""
 
-    count: int = Field(ge=1)
-    product: str
+    count: int = Field(ge=1, description="GPUs on the node (its nvidia.com/gpu capacity).")
+    product: str = Field(
+        description="The nvidia.com/gpu.product label, e.g. NVIDIA-A100-SXM4-40GB."
+    )
 
 
 class NodePool(_Strict):
     """One or more identical nodes. ``count`` > 1 names them ``<name>-1`` … ``<name>-<count>``."""
 
-    name: Name
-    role: str
-    count: int = Field(default=1, ge=1)
+    name: Name = Field(description="Node name, or the stem of the names when count > 1.")
+    role: str = Field(description="The `role` label: control-plane, platform, training, ...")
+    count: int = Field(default=1, ge=1, description="How many identical nodes.")
     cpu: int = Field(ge=1, description="CPU cores per node.")
     memory: Quantity = Field(description="Memory per node, as a Kubernetes quantity (e.g. 64Gi).")
-    gpu: GpuSpec | None = None
-    zone: str | None = None
-    labels: dict[str, str] = Field(default_factory=dict)
-    taints: list[Taint] = Field(default_factory=list)
+    gpu: GpuSpec | None = Field(default=None, description="GPUs, on GPU nodes only.")
+    zone: str | None = Field(default=None, description="topology.kubernetes.io/zone label.")
+    labels: dict[str, str] = Field(
+        default_factory=dict, description="More labels: tier, resource-profile, criticality."
+    )
+    taints: list[Taint] = Field(default_factory=list, description="Node taints.")
 
 
 class Node(BaseModel):
@@ -122,34 +128,40 @@ class Node(BaseModel):
 class Network(_Strict):
     """A cluster's address plan: pods and services must not overlap any other cluster's."""
 
-    pod_cidr: ipaddress.IPv4Network
-    service_cidr: ipaddress.IPv4Network
+    pod_cidr: ipaddress.IPv4Network = Field(description="Pod range (cluster CIDR).")
+    service_cidr: ipaddress.IPv4Network = Field(description="Service cluster-IP range.")
 
 
 class NodePort(_Strict):
     """A NodePort allocated to a service, in one of the port plan's categories."""
 
-    port: int = Field(ge=1, le=65535)
-    category: str
-    namespace: str | None = None
+    port: int = Field(ge=1, le=65535, description="The NodePort.")
+    category: str = Field(description="A key of port_ranges; the port must lie in its range.")
+    namespace: str | None = Field(default=None, description="The service's namespace.")
 
 
 class Cluster(_Strict):
     """One Kubernetes cluster of the homelab."""
 
-    distribution: Distribution
-    kubernetes_version: Annotated[str, StringConstraints(pattern=r"^v\d+\.\d+(\.\d+)?$")]
+    distribution: Distribution = Field(description="kind (on the Mac Studio) or k3s.")
+    kubernetes_version: Annotated[str, StringConstraints(pattern=r"^v\d+\.\d+(\.\d+)?$")] = Field(
+        description="The version the homelab runs, e.g. v1.34.0 (the twin runs its pinned one)."
+    )
     host: str = Field(description="The machine the cluster runs on; Kind clusters share one.")
-    api_port: int = Field(ge=1, le=65535)
-    purpose: str = ""
-    network: Network
-    nodes: list[NodePool] = Field(min_length=1)
-    namespaces: list[Name] = Field(default_factory=list)
+    api_port: int = Field(ge=1, le=65535, description="The API server's port on its host.")
+    purpose: str = Field(default="", description="What the cluster is for, in words.")
+    network: Network = Field(description="Pod and service ranges.")
+    nodes: list[NodePool] = Field(min_length=1, description="Node pools.")
+    namespaces: list[Name] = Field(
+        default_factory=list, description="Namespaces the cluster's stack creates."
+    )
     components: list[str] = Field(
         default_factory=list, description="Names of entries of the top-level components."
     )
-    node_ports: dict[str, NodePort] = Field(default_factory=dict)
-    k3s_flags: list[str] = Field(default_factory=list)
+    node_ports: dict[str, NodePort] = Field(
+        default_factory=dict, description="NodePorts allocated to services, by service name."
+    )
+    k3s_flags: list[str] = Field(default_factory=list, description="k3s server flags (k3s only).")
 
     def expanded_nodes(self) -> list[Node]:
         """Every node of the cluster, pools expanded, with its derived labels."""
@@ -185,11 +197,11 @@ class Cluster(_Strict):
 class Component(_Strict):
     """A third-party component installed as a Helm release (skipped, visibly, on the twin)."""
 
-    chart: str
-    repository: str
-    version: str
-    namespace: Name
-    values: dict[str, object] = Field(default_factory=dict)
+    chart: str = Field(description="Helm chart name.")
+    repository: str = Field(description="Helm repository URL.")
+    version: str = Field(description="Chart version, pinned.")
+    namespace: Name = Field(description="Namespace of the release.")
+    values: dict[str, object] = Field(default_factory=dict, description="Helm values.")
 
 
 class MeshLink(_Strict):
@@ -199,9 +211,11 @@ class MeshLink(_Strict):
     ``<service>-<target>``.
     """
 
-    source: Name = Field(alias="from")
-    target: Name = Field(alias="to")
-    latency_ms: tuple[float, float] | None = None
+    source: Name = Field(alias="from", description="The cluster that reaches out.")
+    target: Name = Field(alias="to", description="The cluster whose exported services it reaches.")
+    latency_ms: tuple[float, float] | None = Field(
+        default=None, description="Measured latency range between the sites, for docs and metadata."
+    )
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -214,62 +228,72 @@ class MeshLink(_Strict):
 class Mesh(_Strict):
     """The Linkerd multicluster mesh."""
 
-    transport: str = "warp"
-    export_label: str = "mirror.linkerd.io/exported"
-    links: list[MeshLink] = Field(default_factory=list)
+    transport: str = Field(default="warp", description="warp (phase 1) or wireguard (phase 2).")
+    export_label: str = Field(
+        default="mirror.linkerd.io/exported", description="The label that exports a service."
+    )
+    links: list[MeshLink] = Field(default_factory=list, description="The links.")
 
 
 class ModelArchitecture(_Strict):
     """A GPT-2-style architecture trained from scratch (the twin's tiny model)."""
 
-    family: Literal["gpt2"] = "gpt2"
-    n_layer: int = Field(ge=1)
-    n_head: int = Field(ge=1)
-    n_embd: int = Field(ge=8)
-    n_positions: int = Field(ge=16)
-    vocab_size: int = Field(ge=260)
+    family: Literal["gpt2"] = Field(default="gpt2", description="Model family.")
+    n_layer: int = Field(ge=1, description="Transformer blocks.")
+    n_head: int = Field(ge=1, description="Attention heads.")
+    n_embd: int = Field(ge=8, description="Hidden size.")
+    n_positions: int = Field(ge=16, description="Longest sequence.")
+    vocab_size: int = Field(ge=260, description="Tokenizer vocabulary, trained on the corpus.")
 
 
 class Model(_Strict):
     """A model whose weights the homelab keeps: trained here, or observed from outside."""
 
-    source: Literal["trained", "external"]
+    source: Literal["trained", "external"] = Field(
+        description="trained here (by a training run) or external (observed, never trained)."
+    )
     base_model: str | None = Field(
         default=None, description="Hugging Face id of the base (external: what is served)."
     )
-    architecture: ModelArchitecture | None = None
-    format: Literal["safetensors"] = "safetensors"
+    architecture: ModelArchitecture | None = Field(
+        default=None, description="What the twin trains from scratch on the CPU."
+    )
+    format: Literal["safetensors"] = Field(default="safetensors", description="Weights format.")
     parameters: str | None = Field(default=None, description="Nominal size, e.g. 270M or 70B.")
 
 
 class TrainingHyperparameters(_Strict):
     """What a training run does; part of its identity (a change trains a new version)."""
 
-    steps: int = Field(ge=1)
-    batch_size: int = Field(ge=1)
-    seq_len: int = Field(ge=8)
-    learning_rate: float = Field(gt=0)
-    eval_fraction: float = Field(default=0.1, gt=0, lt=0.5)
-    seed: int = 0
-    lora_rank: int | None = Field(default=None, ge=1)
+    steps: int = Field(ge=1, description="Optimizer steps.")
+    batch_size: int = Field(ge=1, description="Sequences per step.")
+    seq_len: int = Field(ge=8, description="Tokens per sequence.")
+    learning_rate: float = Field(gt=0, description="Peak learning rate.")
+    eval_fraction: float = Field(
+        default=0.1, gt=0, lt=0.5, description="Share of the corpus held out for evaluation."
+    )
+    seed: int = Field(default=0, description="Random seed.")
+    lora_rank: int | None = Field(default=None, ge=1, description="LoRA rank (homelab fine-tunes).")
 
 
 class TrainingRun(_Strict):
     """A Flyte training run on a GPU cluster, producing a new version of a model's weights."""
 
-    model: str
-    cluster: str
-    node_role: str = "training"
-    nodes: int = Field(default=1, ge=1)
-    gpus_per_node: int = Field(ge=1)
-    memory: Quantity = "32Gi"
+    model: str = Field(description="A trained model of models.")
+    cluster: str = Field(description="The GPU cluster it runs on.")
+    node_role: str = Field(default="training", description="The role of the nodes it runs on.")
+    nodes: int = Field(default=1, ge=1, description="Nodes it spans.")
+    gpus_per_node: int = Field(ge=1, description="GPUs requested on each node.")
+    memory: Quantity = Field(default="32Gi", description="Memory requested per node.")
     corpus: list[str] = Field(min_length=1, description="Globs of text files, from the project.")
     schedule: str | None = Field(default=None, description="Cron, as Dagster schedules read it.")
-    hyperparameters: TrainingHyperparameters
+    hyperparameters: TrainingHyperparameters = Field(description="What the homelab runs.")
     twin_hyperparameters: TrainingHyperparameters | None = Field(
         default=None, description="What the twin runs instead (a CPU-sized run)."
     )
-    max_eval_loss_regression: float = Field(default=0.05, ge=0)
+    max_eval_loss_regression: float = Field(
+        default=0.05, ge=0, description="How much worse (eval loss) a new version may be."
+    )
 
     @field_validator("schedule")
     @classmethod
@@ -282,40 +306,46 @@ class TrainingRun(_Strict):
 class Endpoint(_Strict):
     """An OpenAI-compatible vLLM endpoint serving a model on a cluster."""
 
-    model: str
-    cluster: str
-    namespace: Name = "ml-inference"
-    node_role: str = "inference"
-    tensor_parallel_size: int = Field(default=1, ge=1)
-    max_model_len: int = Field(default=4096, ge=16)
-    replicas: int = Field(default=1, ge=1)
-    node_port: int | None = Field(default=None, ge=1, le=65535)
-    port_category: str = "ai-ml"
-    image: str = "vllm/vllm-openai"
-    export_to_mesh: bool = True
+    model: str = Field(description="The model it serves.")
+    cluster: str = Field(description="The cluster it runs on.")
+    namespace: Name = Field(default="ml-inference", description="Its namespace.")
+    node_role: str = Field(default="inference", description="The role of the nodes it runs on.")
+    tensor_parallel_size: int = Field(default=1, ge=1, description="GPUs per replica (one node).")
+    max_model_len: int = Field(default=4096, ge=16, description="vLLM --max-model-len.")
+    replicas: int = Field(default=1, ge=1, description="Replicas.")
+    node_port: int | None = Field(default=None, ge=1, le=65535, description="Its NodePort.")
+    port_category: str = Field(default="ai-ml", description="The node_port's category.")
+    image: str = Field(default="vllm/vllm-openai", description="Container image.")
+    export_to_mesh: bool = Field(default=True, description="Export the service to the mesh.")
 
 
 class Ml(_Strict):
     """Where ML work runs and where weights live on the homelab target."""
 
-    flyte_project: str = "homelab"
-    flyte_domain: str = "production"
-    weights_bucket: str = "ml-models"
+    flyte_project: str = Field(default="homelab", description="Flyte project.")
+    flyte_domain: str = Field(default="production", description="Flyte domain.")
+    weights_bucket: str = Field(default="ml-models", description="MinIO bucket of the weights.")
 
 
 class Inventory(_Strict):
     """The whole homelab."""
 
-    version: Literal[1]
-    name: str = "homelab"
-    port_ranges: dict[str, tuple[int, int]] = Field(default_factory=dict)
-    clusters: dict[Name, Cluster] = Field(min_length=1)
-    components: dict[str, Component] = Field(default_factory=dict)
-    mesh: Mesh = Field(default_factory=Mesh)
-    ml: Ml = Field(default_factory=Ml)
-    models: dict[ModelName, Model] = Field(default_factory=dict)
-    training_runs: dict[Name, TrainingRun] = Field(default_factory=dict)
-    endpoints: dict[Name, Endpoint] = Field(default_factory=dict)
+    version: Literal[1] = Field(description="Format version of this file.")
+    name: str = Field(default="homelab", description="The homelab's name.")
+    port_ranges: dict[str, tuple[int, int]] = Field(
+        default_factory=dict, description="NodePort categories: name to [low, high]."
+    )
+    clusters: dict[Name, Cluster] = Field(min_length=1, description="The clusters, by name.")
+    components: dict[str, Component] = Field(
+        default_factory=dict, description="Third-party Helm releases, by name."
+    )
+    mesh: Mesh = Field(default_factory=Mesh, description="The multicluster mesh.")
+    ml: Ml = Field(default_factory=Ml, description="Flyte and weights settings.")
+    models: dict[ModelName, Model] = Field(default_factory=dict, description="Models, by name.")
+    training_runs: dict[Name, TrainingRun] = Field(
+        default_factory=dict, description="Training runs, by name."
+    )
+    endpoints: dict[Name, Endpoint] = Field(default_factory=dict, description="Endpoints.")
 
     def counts(self) -> dict[str, int]:
         """How many of each thing the inventory declares (the summary's numbers)."""

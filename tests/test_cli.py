@@ -52,3 +52,20 @@ def test_bad_target_setting_is_a_clear_error(monkeypatch):
 
 def test_usage_error_exits_2():
     assert runner.invoke(app, ["validate", "a", "b"]).exit_code == 2
+
+
+def test_up_materialises_what_is_built_and_lists_the_rest(project_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOMELAB_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
+    monkeypatch.chdir(project_root)
+    result = runner.invoke(app, ["up", "--env", "air"])
+    assert result.exit_code == 0, result.output
+    assert "materialised" in result.output and "homelab_inventory" in result.output
+    assert (tmp_path / "dagster" / "dagster.yaml").exists()
+
+
+def test_up_unknown_cluster_exits_2(project_root, monkeypatch):
+    monkeypatch.chdir(project_root)
+    result = runner.invoke(app, ["up", "--env", "mars"])
+    assert result.exit_code == 2
+    assert "unknown cluster 'mars'" in result.output
