@@ -8,10 +8,10 @@ UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 export HOMELAB_STATE_DIR ?= $(CURDIR)/.homelab
 export DAGSTER_HOME ?= $(HOMELAB_STATE_DIR)/dagster
 
-.PHONY: help uv install tools up dev test lint bench clean
+.PHONY: help uv install system-deps tools twin up dev test lint bench clean
 
 help: ## List the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 uv: ## Install uv if it is missing
 	@command -v uv >/dev/null 2>&1 || test -x $(HOME)/.local/bin/uv || python3 -m pip install --user --quiet uv
@@ -19,13 +19,24 @@ uv: ## Install uv if it is missing
 install: uv ## Create the environment from the lock file (with the ML extra)
 	@$(UV) sync --locked --extra ml
 
-up: install ## The main job on the twin (ENV=<cluster> for one cluster)
+system-deps: ## Debian packages the twin needs (etcd); as root, or prints the command
+	@command -v etcd >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq etcd-server >/dev/null; \
+	  else echo "the twin needs etcd: sudo apt-get install etcd-server"; exit 1; fi; }
+
+tools: install system-deps ## Build the twin's Go toolchain into ~/.cache (cold: about 35 min)
+	@$(UV) run python -m infra.toolchain
+
+twin: tools ## Start the twin (every cluster of the inventory)
+	@$(UV) run homelab twin up
+
+up: tools ## The main job on the twin (ENV=<cluster> for one cluster)
 	@$(UV) run homelab up $(if $(ENV),--env $(ENV))
 
 dev: install ## The Dagster UI and daemon on http://127.0.0.1:3000
 	@$(UV) run homelab dev
 
-test: install ## All tests
+test: tools ## All tests
 	@$(UV) run pytest
 
 lint: install ## ruff (lint and format) and mypy
@@ -36,5 +47,6 @@ lint: install ## ruff (lint and format) and mypy
 bench: install ## Benchmarks (ratios against a baseline measured in the same run)
 	@$(UV) run python benchmarks/definitions_load.py
 
-clean: ## Remove local state (the twin's clusters must be down)
+clean: ## Stop and delete the twin, then remove local state
+	-@$(UV) run homelab twin down --purge
 	rm -rf $(HOMELAB_STATE_DIR)

@@ -10,7 +10,7 @@ from assets._keys import (
 )
 from assets.clusters import build_cluster_defs
 from assets.endpoints import build_endpoint_defs
-from assets.graph import build_homelab_defs
+from assets.graph import build_homelab_defs, build_stack_job_defs
 from assets.inventory import build_inventory_defs
 from assets.mesh import build_mesh_link_defs
 from assets.training import build_training_run_defs
@@ -24,6 +24,7 @@ __all__ = [
     "build_inventory_defs",
     "build_mesh_link_defs",
     "build_model_weights_defs",
+    "build_stack_job_defs",
     "build_training_run_defs",
     "cluster_key",
     "endpoint_key",

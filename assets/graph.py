@@ -4,28 +4,55 @@ from __future__ import annotations
 
 import dagster as dg
 
-from assets.clusters import build_cluster_defs
+from assets.clusters import build_cluster_defs, cluster_stack
 from assets.endpoints import build_endpoint_defs
-from assets.mesh import build_mesh_link_defs
+from assets.mesh import build_mesh_link_defs, mesh_link_stack
+from assets.stacks import build_stack_jobs
 from assets.training import build_training_run_defs
 from assets.weights import build_model_weights_defs
-from homelab_dagster.inventory import Inventory
+from homelab_dagster.inventory import Inventory, TrainingRun
 
-__all__ = ["build_homelab_defs"]
+__all__ = ["build_homelab_defs", "build_stack_job_defs"]
 
 
 def build_homelab_defs(inventory: Inventory) -> dg.Definitions:
     """Clusters, mesh links, training runs, model weights and endpoints of ``inventory``."""
-    runs_by_model: dict[str, list[str]] = {name: [] for name in inventory.models}
+    runs_by_model: dict[str, dict[str, TrainingRun]] = {name: {} for name in inventory.models}
     for run_name, run in inventory.training_runs.items():
-        runs_by_model[run.model].append(run_name)
+        runs_by_model[run.model][run_name] = run
     return dg.Definitions.merge(
-        *(build_cluster_defs(name, c) for name, c in inventory.clusters.items()),
-        *(build_mesh_link_defs(link) for link in inventory.mesh.links),
-        *(build_training_run_defs(name, r) for name, r in inventory.training_runs.items()),
+        *(
+            build_cluster_defs(name, c, inventory.components)
+            for name, c in inventory.clusters.items()
+        ),
+        *(
+            build_mesh_link_defs(link, inventory.mesh, _namespaces(inventory, link.source))
+            for link in inventory.mesh.links
+        ),
+        *(
+            build_training_run_defs(
+                name, r, inventory.models[r.model], inventory.clusters[r.cluster]
+            )
+            for name, r in inventory.training_runs.items()
+        ),
         *(
             build_model_weights_defs(name, m, runs_by_model[name])
             for name, m in inventory.models.items()
         ),
         *(build_endpoint_defs(name, e) for name, e in inventory.endpoints.items()),
     )
+
+
+def build_stack_job_defs(inventory: Inventory) -> dg.Definitions:
+    """The ``preview`` and ``teardown`` jobs over every infrastructure stack of ``inventory``."""
+    return build_stack_jobs(
+        [cluster_stack(name, c, inventory.components) for name, c in inventory.clusters.items()],
+        [
+            mesh_link_stack(link, inventory.mesh, _namespaces(inventory, link.source))
+            for link in inventory.mesh.links
+        ],
+    )
+
+
+def _namespaces(inventory: Inventory, cluster: str) -> tuple[str, ...]:
+    return tuple(inventory.clusters[cluster].namespaces)

@@ -1,29 +1,180 @@
-"""``mesh_link/<from>__<to>``: ``from`` reaches the services ``to`` exports (Linkerd)."""
+"""``mesh_link/<from>__<to>``: ``from`` reaches the services ``to`` exports (Linkerd).
 
-from __future__ import annotations
+Materialising reads the services ``to`` exports, then runs ``pulumi up`` on the stack
+``<target>.mesh_link.<from>__<to>`` with the program of :mod:`infra.mesh` (the account and
+token on ``to``, the credentials and the mirrors on ``from``). The blocking check
+``link_works`` proves the link the way Linkerd's service mirror would use it: with the
+credentials stored on ``from``, it lists ``to``'s exported services over the network and
+compares them with the mirrors on ``from``.
+"""
+
+from collections.abc import Iterator
 
 import dagster as dg
 
 from assets._keys import cluster_key, mesh_link_key
-from assets._pending import PENDING_TAGS, not_built_yet
-from homelab_dagster.inventory import MeshLink
+from assets.stacks import StackSpec, fail
+from homelab_dagster.errors import HomelabError, KubernetesError
+from homelab_dagster.inventory import Mesh, MeshLink
+from infra.mesh import LinkNames
+from resources.kubernetes import KubernetesClusters
+from resources.pulumi import Program, PulumiStacks
 
-__all__ = ["build_mesh_link_defs"]
+__all__ = ["build_mesh_link_defs", "link_works", "mesh_link_stack"]
 
 
-def build_mesh_link_defs(link: MeshLink) -> dg.Definitions:
-    """The asset of one mesh link; it depends on both clusters."""
-    key = mesh_link_key(link.source, link.target)
+def _export_selector(mesh: Mesh) -> str:
+    return f"{mesh.export_label}=true"
 
-    @dg.asset(
-        key=key,
-        deps=[cluster_key(link.source), cluster_key(link.target)],
-        tags=PENDING_TAGS,
-        group_name="mesh",
-        kinds={"pulumi", "kubernetes"},
-        description=f"{link.source} reaches the services {link.target} exports.",
+
+def mesh_link_stack(
+    link: MeshLink, mesh: Mesh | None = None, source_namespaces: tuple[str, ...] = ()
+) -> StackSpec:
+    """The stack of ``link``; ``source_namespaces``: what ``from``'s own stack creates."""
+    mesh = mesh or Mesh()
+
+    def program(pulumi: PulumiStacks, kubernetes: KubernetesClusters) -> Program:
+        from infra.mesh import ExportedService, mesh_link_program
+
+        exported = [
+            ExportedService(s.namespace, s.name, tuple(_mirror_ports(s.ports)))
+            for s in kubernetes.services(link.target, _export_selector(mesh))
+        ]
+        source, target = kubernetes.access(link.source), kubernetes.access(link.target)
+        return mesh_link_program(
+            link,
+            target=pulumi.target,
+            export_label=mesh.export_label,
+            exported=exported,
+            from_namespaces=source_namespaces,
+            from_access=(source.kubeconfig, source.context),
+            to_access=(target.kubeconfig, target.context),
+            to_server=kubernetes.link_server(link.target),
+        )
+
+    return StackSpec(
+        key=mesh_link_key(link.source, link.target),
+        clusters=(link.source, link.target),
+        program=program,
     )
-    def _mesh_link() -> None:
-        not_built_yet(key, "linking clusters through the Pulumi Automation API")
+
+
+def _mirror_ports(ports: tuple[dict[str, object], ...]) -> list[dict[str, object]]:
+    """A mirror's ports: the exported service's names, ports and protocols."""
+    return [{k: p[k] for k in ("name", "port", "protocol") if k in p} for p in ports]
+
+
+def build_mesh_link_defs(
+    link: MeshLink, mesh: Mesh | None = None, source_namespaces: tuple[str, ...] = ()
+) -> dg.Definitions:
+    """The asset of one mesh link (it depends on both clusters) and its check."""
+    mesh = mesh or Mesh()
+    spec = mesh_link_stack(link, mesh, source_namespaces)
+    key = spec.key
+    latency = {"latency_ms": list(link.latency_ms)} if link.latency_ms else {}
+
+    @dg.multi_asset(
+        name="__".join(key.path),
+        specs=[
+            dg.AssetSpec(
+                key,
+                deps=[cluster_key(link.source), cluster_key(link.target)],
+                group_name="mesh",
+                kinds={"pulumi", "kubernetes"},
+                description=f"{link.source} reaches the services {link.target} exports.",
+                metadata={"from": link.source, "to": link.target, **latency},
+                skippable=True,
+            )
+        ],
+        check_specs=[
+            dg.AssetCheckSpec(
+                "link_works",
+                asset=key,
+                blocking=True,
+                description=f"With the credentials stored on {link.source}, {link.target}'s "
+                f"exported services can be listed, and each has its mirror on {link.source}.",
+            )
+        ],
+        can_subset=True,  # the check also runs alone
+    )
+    def _mesh_link(
+        context: dg.AssetExecutionContext, pulumi: PulumiStacks, kubernetes: KubernetesClusters
+    ) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
+        if key in context.selected_asset_keys:
+            stack = pulumi.stack_name(key.path)
+            try:
+                result = pulumi.up(stack, spec.program(pulumi, kubernetes), context.log)
+                server = kubernetes.link_server(link.target)
+            except HomelabError as exc:
+                raise fail(exc) from exc
+            yield dg.MaterializeResult(
+                asset_key=key,
+                metadata={
+                    **result.metadata(),
+                    "api_server": dg.MetadataValue.url(server),
+                    "exported_services": result.outputs.get("exported", []),
+                    "mirrored_services": result.outputs.get("mirrors", []),
+                    "credentials_secret": result.outputs.get("credentials_secret", ""),
+                },
+            )
+        if context.selected_asset_check_keys:
+            yield link_works(link, mesh, kubernetes)
 
     return dg.Definitions(assets=[_mesh_link])
+
+
+def link_works(link: MeshLink, mesh: Mesh, kubernetes: KubernetesClusters) -> dg.AssetCheckResult:
+    """With the credentials stored on ``from``, list ``to``'s exported services over the
+    network, and compare them with the mirrors on ``from``."""
+    from infra.mesh import CREDENTIALS_KEY, LINK_NAMESPACE, MIRROR_CLUSTER_LABEL, MIRRORED_LABEL
+
+    names = LinkNames(link)
+    key = mesh_link_key(link.source, link.target)
+    where = f"{link.source}'s Secret {LINK_NAMESPACE}/{names.credentials_secret}"
+    broken = f"the mesh link {link.source} -> {link.target} is broken"
+
+    def failed(why: str) -> dg.AssetCheckResult:
+        return dg.AssetCheckResult(
+            asset_key=key, check_name="link_works", passed=False, description=f"{broken}: {why}"
+        )
+
+    try:
+        credentials = kubernetes.secret_value(
+            link.source, LINK_NAMESPACE, names.credentials_secret, CREDENTIALS_KEY
+        )
+        if credentials is None:
+            return failed(f"{where} is missing (materialise {key.to_user_string()})")
+        remote = kubernetes.services_with_credentials(
+            link.target, credentials, _export_selector(mesh)
+        )
+    except KubernetesError as exc:
+        return failed(f"{exc} (using {where})")
+    try:
+        mirrors = kubernetes.services(
+            link.source, f"{MIRROR_CLUSTER_LABEL}={link.target},{MIRRORED_LABEL}=true"
+        )
+    except KubernetesError as exc:
+        return failed(str(exc))
+    expected = sorted(f"{s.namespace}/{names.mirror(s.name)}" for s in remote)
+    observed = sorted(s.ref for s in mirrors)
+    missing = sorted(set(expected) - set(observed))
+    stale = sorted(set(observed) - set(expected))
+    problems = [f"mirrors missing: {', '.join(missing)}"] * bool(missing)
+    problems += [f"mirrors of services no longer exported: {', '.join(stale)}"] * bool(stale)
+    return dg.AssetCheckResult(
+        asset_key=key,
+        check_name="link_works",
+        passed=not problems,
+        description=(
+            f"{broken}: {'; '.join(problems)} (materialise {key.to_user_string()})"
+            if problems
+            else f"{len(remote)} exported service(s) reachable and mirrored"
+        ),
+        metadata={
+            "exported_services": sorted(s.ref for s in remote),
+            "expected_mirrors": expected,
+            "observed_mirrors": observed,
+            "missing": missing,
+            "stale": stale,
+        },
+    )

@@ -10,13 +10,15 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from homelab_dagster.errors import HomelabError, InventoryError
+from homelab_dagster._output import console, err_console, fail
+from homelab_dagster.cli_stacks import down, preview
+from homelab_dagster.cli_twin import start_twin, twin_app
+from homelab_dagster.errors import HomelabError
 from homelab_dagster.inventory import Inventory
 from homelab_dagster.loader import load_inventory
-from homelab_dagster.settings import Settings
+from homelab_dagster.settings import Settings, Target
 
 __all__ = ["app"]
 
@@ -26,24 +28,13 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
-
+app.add_typer(twin_app, name="twin")
+app.command()(preview)
+app.command()(down)
 InventoryArg = Annotated[
     Path | None,
     typer.Argument(help="Inventory file (default: $HOMELAB_INVENTORY or ./homelab.yaml)."),
 ]
-
-
-def _fail(exc: HomelabError) -> typer.Exit:
-    if isinstance(exc, InventoryError):
-        err_console.print(f"[bold red]invalid inventory[/] {exc.file}")
-        for problem in exc.problems:
-            err_console.print(f"  [red]✗[/] {problem}", highlight=False, soft_wrap=True)
-        err_console.print(f"[red]{len(exc.problems)} problem(s)[/]")
-    else:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-    return typer.Exit(code=1)
 
 
 def _inventory_path(file: Path | None) -> Path:
@@ -52,7 +43,7 @@ def _inventory_path(file: Path | None) -> Path:
     try:
         return Settings.from_env().inventory_path
     except HomelabError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
 
 
 def summary_table(inventory: Inventory) -> Table:
@@ -114,7 +105,7 @@ def validate(file: InventoryArg = None) -> None:
     try:
         loaded = load_inventory(path)
     except HomelabError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     console.print(f"[green]✓[/] {path} is valid (sha256 {loaded.digest[:12]})")
     console.print(summary_table(loaded.inventory))
 
@@ -126,7 +117,7 @@ def show(file: InventoryArg = None) -> None:
     try:
         inventory = load_inventory(path).inventory
     except HomelabError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     console.print(summary_table(inventory))
     console.print(_models_table(inventory))
 
@@ -150,13 +141,18 @@ def up(
         settings = Settings.from_env()
         inventory = load_inventory(settings.inventory_path).inventory
     except HomelabError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     if env is not None and env not in inventory.clusters:
         known = ", ".join(inventory.clusters)
         err_console.print(f"[bold red]error:[/] unknown cluster {env!r} (clusters: {known})")
         raise typer.Exit(code=2)
     plan = launch.plan_selection(inventory, env)
     console.print(f"target [bold]{settings.target.value}[/], inventory {settings.inventory_path}")
+    if settings.target is Target.TWIN:
+        try:
+            start_twin(plan.clusters)
+        except HomelabError as exc:
+            raise fail(exc) from exc
     for key in plan.pending:
         console.print(f"  [dim]skipped {key.to_user_string()}: not built yet[/]")
     outcome = launch.materialize(plan.selected, settings=settings, console=console)

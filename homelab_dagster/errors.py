@@ -13,6 +13,7 @@ an asset check) turn these into messages for people.
     │   └── PortInUseError      a port the twin needs is taken by another process
     ├── StackError              a Pulumi operation failed
     │   └── StackLockedError    another update holds the stack's lock
+    ├── KubernetesError         a cluster's API could not be reached or refused a request
     ├── TrainingError           a training run could not be launched or failed
     ├── WeightsError            a weights version could not be stored or found
     └── EndpointError           an endpoint could not be deployed or does not serve
@@ -26,6 +27,7 @@ __all__ = [
     "EndpointError",
     "HomelabError",
     "InventoryError",
+    "KubernetesError",
     "PortInUseError",
     "Problem",
     "SettingsError",
@@ -75,7 +77,12 @@ class SettingsError(HomelabError):
 
 
 class ToolchainError(HomelabError):
-    """A tool of the twin could not be found, built or verified."""
+    """A tool of the twin could not be found, built or verified; ``tool`` names it."""
+
+    def __init__(self, tool: str, reason: str) -> None:
+        super().__init__(f"toolchain: {tool}: {reason}")
+        self.tool = tool
+        self.reason = reason
 
 
 class TwinError(HomelabError):
@@ -92,6 +99,10 @@ class StackError(HomelabError):
 
 class StackLockedError(StackError):
     """Another update holds the stack's lock (possibly a dead process's)."""
+
+
+class KubernetesError(HomelabError):
+    """A cluster's Kubernetes API could not be reached, or refused a request."""
 
 
 class TrainingError(HomelabError):

@@ -162,6 +162,11 @@ class Cluster(_Strict):
         default_factory=dict, description="NodePorts allocated to services, by service name."
     )
     k3s_flags: list[str] = Field(default_factory=list, description="k3s server flags (k3s only).")
+    quotas: dict[Name, dict[str, Quantity]] = Field(
+        default_factory=dict,
+        description="ResourceQuota hard limits by namespace (a declared namespace), e.g. "
+        "{ml-training: {requests.nvidia.com/gpu: '4'}}.",
+    )
 
     def expanded_nodes(self) -> list[Node]:
         """Every node of the cluster, pools expanded, with its derived labels."""

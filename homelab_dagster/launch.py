@@ -12,7 +12,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import dagster as dg
@@ -24,9 +24,21 @@ from rich.table import Table
 from homelab_dagster.inventory import Inventory
 from homelab_dagster.settings import Settings
 
-__all__ = ["Plan", "RunOutcome", "ensure_dagster_home", "materialize", "plan_selection", "up_job"]
+__all__ = [
+    "Plan",
+    "RunOutcome",
+    "ensure_dagster_home",
+    "materialize",
+    "plan_selection",
+    "preview_job",
+    "teardown_job",
+    "up_job",
+]
 
 UP_JOB = "up"
+PREVIEW_JOB = "preview"  # pulumi preview of every stack (assets/stacks.py)
+TEARDOWN_JOB = "teardown"  # pulumi destroy, links before clusters (assets/stacks.py)
+CLUSTERS_TAG = "homelab/clusters"  # on stack ops: the clusters a stack touches
 _TAG = "homelab/cli-invocation"
 # The tag assets carry while their materialisation is not built yet (see assets/_pending.py).
 _PENDING_TAG = ("homelab/status", "not-built-yet")
@@ -55,6 +67,7 @@ class Plan:
 
     selected: list[dg.AssetKey]
     pending: list[dg.AssetKey]
+    clusters: list[str]
 
 
 def plan_selection(inventory: Inventory, cluster: str | None = None) -> Plan:
@@ -63,21 +76,21 @@ def plan_selection(inventory: Inventory, cluster: str | None = None) -> Plan:
 
     graph = defs.resolve_asset_graph()
     keys = graph.get_all_asset_keys()
+    clusters = list(inventory.clusters)
     if cluster is not None:
-        links = {
-            f"{lk.source}__{lk.target}"
-            for lk in inventory.mesh.links
-            if cluster in {lk.source, lk.target}
-        }
-        keys = {
-            k
-            for k in keys
-            if k.path == ["homelab_inventory"]
-            or k.path == ["cluster", cluster]
-            or (k.path[0] == "mesh_link" and k.path[1] in links)
-        }
+        links = [lk for lk in inventory.mesh.links if cluster in {lk.source, lk.target}]
+        clusters = sorted({cluster} | {c for lk in links for c in (lk.source, lk.target)})
+        wanted = {mesh_link_path(lk.source, lk.target) for lk in links}
+        # A link needs both its clusters' base state (their linkerd-multicluster namespace).
+        wanted |= {("homelab_inventory",), *(("cluster", c) for c in clusters)}
+        keys = {k for k in keys if tuple(k.path) in wanted}
     pending = {k for k in keys if graph.get(k).tags.get(_PENDING_TAG[0]) == _PENDING_TAG[1]}
-    return Plan(selected=sorted(keys - pending), pending=sorted(pending))
+    return Plan(selected=sorted(keys - pending), pending=sorted(pending), clusters=clusters)
+
+
+def mesh_link_path(source: str, target: str) -> tuple[str, str]:
+    """The key path of a mesh link asset (as assets/_keys.py names it)."""
+    return ("mesh_link", f"{source}__{target}")
 
 
 def up_job() -> dg.JobDefinition:
@@ -85,6 +98,20 @@ def up_job() -> dg.JobDefinition:
     from homelab_dagster.definitions import defs
 
     return defs.resolve_job_def(UP_JOB)
+
+
+def preview_job() -> dg.JobDefinition:
+    """The code location's ``preview`` job (reconstructable, like :func:`up_job`)."""
+    from homelab_dagster.definitions import defs
+
+    return defs.resolve_job_def(PREVIEW_JOB)
+
+
+def teardown_job() -> dg.JobDefinition:
+    """The code location's ``teardown`` job (reconstructable, like :func:`up_job`)."""
+    from homelab_dagster.definitions import defs
+
+    return defs.resolve_job_def(TEARDOWN_JOB)
 
 
 def ensure_dagster_home(settings: Settings) -> str:
@@ -100,9 +127,18 @@ def ensure_dagster_home(settings: Settings) -> str:
 
 
 def materialize(
-    selection: Sequence[dg.AssetKey] | None, *, settings: Settings, console: Console
+    selection: Sequence[dg.AssetKey] | None,
+    *,
+    settings: Settings,
+    console: Console,
+    job: Callable[[], dg.JobDefinition] = up_job,
+    op_selection: Sequence[str] | None = None,
 ) -> RunOutcome:
-    """Materialise ``selection`` (all assets when None), showing progress on ``console``."""
+    """Materialise ``selection`` (all assets when None), showing progress on ``console``.
+
+    ``job``/``op_selection``: run another job of the code location (``preview_job``,
+    ``teardown_job``), all its ops or those named.
+    """
     ensure_dagster_home(settings)
     invocation = uuid.uuid4().hex
     with dg.DagsterInstance.get() as instance:
@@ -110,10 +146,11 @@ def materialize(
         follower.start()
         try:
             result = dg.execute_job(
-                dg.reconstructable(up_job),
+                dg.reconstructable(job),
                 instance=instance,
                 tags={_TAG: invocation},
                 asset_selection=list(selection) if selection is not None else None,
+                op_selection=list(op_selection) if op_selection is not None else None,
                 run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
             )
         finally:

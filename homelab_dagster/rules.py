@@ -111,6 +111,12 @@ def _cluster_entries(inv: Inventory) -> Iterator[Finding]:
                 if reason:
                     field = "role" if key == "role" else "labels"
                     yield ("clusters", name, "nodes", i, field), reason
+        for namespace in cluster.quotas:
+            if namespace not in cluster.namespaces:
+                yield (
+                    ("clusters", name, "quotas", namespace),
+                    f"quota for namespace {namespace!r}, which {name!r} does not declare",
+                )
 
 
 def _gpu_fit(cluster: Cluster, role: str) -> tuple[int, str | None, int]:

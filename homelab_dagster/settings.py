@@ -5,6 +5,7 @@
 | ``HOMELAB_INVENTORY`` | ``<project>/homelab.yaml``       | the inventory file                    |
 | ``HOMELAB_TARGET``    | ``twin``                         | ``twin`` or ``homelab``: which world  |
 | ``HOMELAB_STATE_DIR`` | ``<project>/.homelab``           | twin clusters, Pulumi state, weights  |
+| ``HOMELAB_TWIN_PORT_BASE`` | ``16443``                   | the twin's first API server port      |
 
 ``<project>`` is the directory holding ``pyproject.toml`` above the current directory,
 or the current directory itself. The target is chosen here and nowhere else.
@@ -46,6 +47,7 @@ class Settings:
     inventory_path: Path
     target: Target
     state_dir: Path
+    twin_port_base: int = 16443
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -66,4 +68,14 @@ class Settings:
             ) from None
         inventory = Path(env.get("HOMELAB_INVENTORY") or root / "homelab.yaml")
         state_dir = Path(env.get("HOMELAB_STATE_DIR") or root / ".homelab")
-        return cls(inventory_path=inventory.resolve(), target=target, state_dir=state_dir.resolve())
+        raw_port = env.get("HOMELAB_TWIN_PORT_BASE", "16443")
+        if not raw_port.isdigit() or not 1024 <= int(raw_port) <= 65000:
+            raise SettingsError(
+                f"HOMELAB_TWIN_PORT_BASE={raw_port!r} is not a port between 1024 and 65000"
+            )
+        return cls(
+            inventory_path=inventory.resolve(),
+            target=target,
+            state_dir=state_dir.resolve(),
+            twin_port_base=int(raw_port),
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from typer.testing import CliRunner
 
 from homelab_dagster.cli import app
@@ -54,14 +55,20 @@ def test_usage_error_exits_2():
     assert runner.invoke(app, ["validate", "a", "b"]).exit_code == 2
 
 
-def test_up_materialises_what_is_built_and_lists_the_rest(project_root, tmp_path, monkeypatch):
+@pytest.mark.twin
+def test_up_materialises_one_cluster_on_the_twin(project_root, tmp_path, monkeypatch, toolchain):
     monkeypatch.setenv("HOMELAB_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
+    monkeypatch.setenv("HOMELAB_TWIN_PORT_BASE", "28443")
     monkeypatch.chdir(project_root)
-    result = runner.invoke(app, ["up", "--env", "air"])
-    assert result.exit_code == 0, result.output
-    assert "materialised" in result.output and "homelab_inventory" in result.output
-    assert (tmp_path / "dagster" / "dagster.yaml").exists()
+    try:
+        result = runner.invoke(app, ["up", "--env", "air"])
+        assert result.exit_code == 0, result.output
+        assert "twin air: ready" in result.output
+        assert "materialised" in result.output and "cluster/air" in result.output
+        assert (tmp_path / "dagster" / "dagster.yaml").exists()
+    finally:
+        runner.invoke(app, ["twin", "down", "--purge"])
 
 
 def test_up_unknown_cluster_exits_2(project_root, monkeypatch):

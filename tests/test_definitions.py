@@ -10,13 +10,20 @@ import pytest
 
 from assets import build_homelab_defs, build_inventory_defs
 from homelab_dagster.loader import load_inventory
+from homelab_dagster.settings import Settings
+from resources.ml import build_ml_resources
+from resources.stacks import build_stack_resources
 
 
 @pytest.fixture(scope="module")
 def graph(project_root):
     inventory = load_inventory(project_root / "homelab.yaml").inventory
     defs = dg.Definitions.merge(
-        build_inventory_defs(project_root / "homelab.yaml"), build_homelab_defs(inventory)
+        build_inventory_defs(project_root / "homelab.yaml"),
+        build_homelab_defs(inventory),
+        # The ML assets need their resources bound for the graph to resolve.
+        dg.Definitions(resources=build_ml_resources(Settings.from_env(), inventory)),
+        dg.Definitions(resources=build_stack_resources(Settings.from_env(), inventory)),
     )
     return defs.resolve_asset_graph()
 

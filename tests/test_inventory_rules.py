@@ -95,6 +95,13 @@ def test_node_port_of_unknown_category(inventory_text):
     assert "port category 'gpu' is not in port_ranges" in problem
 
 
+def test_quota_for_an_undeclared_namespace(inventory_text):
+    text = inventory_text(_set("clusters.air.quotas", {"ml-training": {"pods": "10"}}))
+    (problem,) = problems_of(text)
+    assert "clusters.air.quotas.ml-training" in problem
+    assert "quota for namespace 'ml-training', which 'air' does not declare" in problem
+
+
 def test_duplicate_api_port_on_a_shared_host(inventory_text):
     (problem,) = problems_of(inventory_text(_set("clusters.pro.api_port", 6443)))
     assert "clusters.pro.api_port" in problem

@@ -67,9 +67,13 @@ class TrainSpec:
     """
 
     model: str
-    architecture: Architecture
     hyperparameters: Hyperparameters
+    architecture: Architecture | None = None
     base_model: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.architecture is None and not self.base_model:
+            raise ValueError(f"{self.model}: a spec needs an architecture or a base model")
 
 
 @dataclass
@@ -147,4 +151,3 @@ def fingerprint(spec: TrainSpec, corpus_digest: str, code: str | None = None) ->
     }
     canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
-

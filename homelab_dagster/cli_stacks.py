@@ -1,0 +1,107 @@
+"""``homelab preview`` and ``homelab down``: the stacks' plan, and their teardown.
+
+Both run a job of the code location (``preview``, ``teardown``) like ``homelab up`` runs
+``up``: in this process's Dagster instance, one process per stack, with progress. ``--env``
+selects the stacks of one cluster and of the mesh links that touch it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated
+
+import dagster as dg
+import typer
+from dagster import DagsterEventType
+
+from homelab_dagster import launch
+from homelab_dagster._output import console, err_console, fail
+from homelab_dagster.errors import HomelabError
+from homelab_dagster.loader import load_inventory
+from homelab_dagster.settings import Settings, Target
+
+__all__ = ["down", "preview"]
+
+EnvOption = Annotated[
+    str | None,
+    typer.Option("--env", "-e", help="One cluster (and its mesh links); default: all."),
+]
+
+
+def _stack_ops(job: dg.JobDefinition, cluster: str | None) -> list[str] | None:
+    """The job's ops touching ``cluster`` (all when None)."""
+    if cluster is None:
+        return None
+    return [
+        node.name
+        for node in job.graph.nodes
+        if cluster in node.definition.tags.get(launch.CLUSTERS_TAG, "").split(",")
+    ]
+
+
+def _run(env: str | None, job: Callable[[], dg.JobDefinition], verb: str) -> str:
+    """Run ``job``'s ops for ``env`` on the target; exit 1 on failure. Returns the run id."""
+    try:
+        settings = Settings.from_env()
+        inventory = load_inventory(settings.inventory_path).inventory
+    except HomelabError as exc:
+        raise fail(exc) from exc
+    if env is not None and env not in inventory.clusters:
+        known = ", ".join(inventory.clusters)
+        err_console.print(f"[bold red]error:[/] unknown cluster {env!r} (clusters: {known})")
+        raise typer.Exit(code=2)
+    ops = _stack_ops(job(), env)
+    console.print(f"target [bold]{settings.target.value}[/], {verb} {env or 'every stack'}")
+    if settings.target is Target.TWIN:
+        from homelab_dagster.cli_twin import start_twin
+
+        clusters = None if env is None else launch.plan_selection(inventory, env).clusters
+        try:
+            start_twin(clusters)
+        except HomelabError as exc:
+            raise fail(exc) from exc
+    outcome = launch.materialize(
+        None, settings=settings, console=console, job=job, op_selection=ops
+    )
+    console.print()
+    for step, message in outcome.failures.items():
+        err_console.print(f"[red]✗ {step}[/]: {message}", highlight=False, soft_wrap=True)
+    if not outcome.success:
+        err_console.print(f"[bold red]run {outcome.run_id} failed[/]")
+        raise typer.Exit(code=1)
+    return outcome.run_id
+
+
+def _observations(run_id: str) -> list[dg.AssetObservation]:
+    with dg.DagsterInstance.get() as instance:
+        records = instance.get_records_for_run(run_id, of_type=DagsterEventType.ASSET_OBSERVATION)
+        return [
+            r.event_log_entry.dagster_event.event_specific_data.asset_observation  # type: ignore[union-attr]
+            for r in records.records
+            if r.event_log_entry.dagster_event is not None
+        ]
+
+
+def preview(env: EnvOption = None) -> None:
+    """What materialising would change, stack by stack and resource by resource."""
+    run_id = _run(env, launch.preview_job, "previewing")
+    for observation in sorted(_observations(run_id), key=lambda o: o.asset_key.to_user_string()):
+        plan = observation.metadata.get("pulumi_plan")
+        changed = observation.metadata.get("pulumi_changed")
+        count = changed.value if changed is not None else "?"
+        console.print(f"[bold]{observation.asset_key.to_user_string()}[/]: {count} change(s)")
+        if plan is not None and count:
+            console.print(str(plan.value), highlight=False)
+    console.print(f"[green]✓[/] preview done (run {run_id}); nothing was changed")
+
+
+def down(
+    env: EnvOption = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Destroy the stacks (mesh links first, then clusters): what Pulumi made is deleted."""
+    what = f"the stacks of {env} and its mesh links" if env else "every stack"
+    if not yes and not typer.confirm(f"Destroy {what}?"):
+        raise typer.Exit(code=1)
+    run_id = _run(env, launch.teardown_job, "destroying")
+    console.print(f"[green]✓[/] destroyed {what} (run {run_id})")

@@ -1,0 +1,104 @@
+"""``homelab twin up|down|status|env``: the twin, by hand."""
+
+from __future__ import annotations
+
+import shlex
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from homelab_dagster._output import console, err_console, fail
+from homelab_dagster.errors import HomelabError
+from homelab_dagster.loader import load_inventory
+from homelab_dagster.settings import Settings
+from homelab_dagster.twin import Twin
+
+__all__ = ["open_twin", "start_twin", "twin_app"]
+
+twin_app = typer.Typer(help="The twin: real local control planes with simulated nodes.")
+
+ClustersArg = Annotated[
+    list[str] | None, typer.Argument(help="Clusters (default: every cluster of the inventory).")
+]
+
+
+def open_twin(*, build: bool = True) -> Twin:
+    """The twin of the configured inventory, with its toolchain (built if missing)."""
+    from infra.toolchain import ensure_toolchain
+
+    settings = Settings.from_env()
+    inventory = load_inventory(settings.inventory_path).inventory
+    toolchain = ensure_toolchain(build=build, console=err_console)
+    return Twin(inventory, settings.state_dir, toolchain, api_port_base=settings.twin_port_base)
+
+
+def start_twin(clusters: list[str] | None) -> Twin:
+    """Bring up ``clusters`` of the twin (all when None), printing each step."""
+    twin = open_twin()
+    with console.status("starting the twin") as status:
+
+        def report(cluster: str, message: str) -> None:
+            status.update(f"{cluster}: {message}")
+            console.print(f"  twin {cluster}: {message}", highlight=False)
+
+        twin.up(clusters, progress=report)
+    return twin
+
+
+@twin_app.command("up")
+def twin_up(clusters: ClustersArg = None) -> None:
+    """Start the twin (idempotent: running clusters are kept, crashed ones restarted)."""
+    try:
+        twin = start_twin(clusters)
+    except HomelabError as exc:
+        raise fail(exc) from exc
+    console.print(_status_table(twin))
+    console.print(f'kubeconfig: {twin.kubeconfig}  (eval "$(homelab twin env)")')
+
+
+@twin_app.command("down")
+def twin_down(
+    clusters: ClustersArg = None,
+    purge: Annotated[bool, typer.Option(help="Delete the clusters and their data.")] = False,
+) -> None:
+    """Stop the twin's clusters (and nothing else)."""
+    try:
+        stopped = open_twin(build=False).down(clusters, purge=purge)
+    except HomelabError as exc:
+        raise fail(exc) from exc
+    verb = "deleted" if purge else "stopped"
+    console.print(f"{verb}: {', '.join(stopped) or 'nothing was running'}")
+
+
+@twin_app.command("status")
+def twin_status() -> None:
+    """Each cluster's API server, nodes, GPU capacity and health."""
+    try:
+        twin = open_twin(build=False)
+    except HomelabError as exc:
+        raise fail(exc) from exc
+    console.print(_status_table(twin))
+
+
+@twin_app.command("env")
+def twin_env() -> None:
+    """`export` lines for a shell: eval "$(homelab twin env)", then kubectl and pulumi work."""
+    try:
+        twin = open_twin(build=False)
+    except HomelabError as exc:
+        raise fail(exc) from exc
+    for key, value in sorted(twin.env().items()):
+        print(f"export {key}={shlex.quote(value)}")
+
+
+def _status_table(twin: Twin) -> Table:
+    table = Table(title="twin", title_justify="left")
+    for column in ("cluster", "context", "API server", "health", "nodes", "GPUs"):
+        table.add_column(column)
+    for s in twin.status():
+        health = "[green]up[/]" if s.running else f"[red]{s.message}[/]"
+        table.add_row(
+            s.name, s.context, s.server, health, f"{s.ready_nodes}/{s.nodes}", str(s.gpus)
+        )
+    return table

@@ -1,0 +1,336 @@
+"""The twin: every inventory cluster as a real local control plane with simulated nodes.
+
+Each cluster is started by ``kwokctl --runtime binary`` (etcd, kube-apiserver,
+kube-controller-manager, kube-scheduler and the KWOK controller as local processes, every
+binary a local path) on its own loopback port. Its nodes are KWOK fake nodes made from the
+inventory: names, labels, taints and capacity, ``nvidia.com/gpu`` included, so the real
+scheduler places (or refuses) work as it would on the homelab.
+
+State lives under ``<state dir>/twin``: kwokctl's work directory and one kubeconfig with a
+context ``twin-<cluster>`` per cluster (mode 0600: it holds client keys).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from homelab_dagster import twin_nodes
+from homelab_dagster.errors import PortInUseError, TwinError
+from homelab_dagster.inventory import Inventory
+
+__all__ = ["DEFAULT_API_PORT_BASE", "ClusterStatus", "Twin", "context_name"]
+
+DEFAULT_API_PORT_BASE = 16443
+_CREATE_TIMEOUT_S = 180
+_READY_TIMEOUT_S = 90
+# kwokctl's options naming each process's port, in the order of the ports in a block.
+_PORT_OPTIONS = (
+    "kubeApiserverPort",
+    "etcdPort",
+    "etcdPeerPort",
+    "kubeControllerManagerPort",
+    "kubeSchedulerPort",
+    "kwokControllerPort",
+)
+_PORT_BLOCK = 8
+
+
+def context_name(cluster: str) -> str:
+    """The kubeconfig context of a twin cluster: ``twin-<cluster>``."""
+    return f"twin-{cluster}"
+
+
+@dataclass(frozen=True)
+class ClusterStatus:
+    """What ``twin status`` reports of one cluster."""
+
+    name: str
+    context: str
+    server: str
+    running: bool
+    nodes: int
+    ready_nodes: int
+    gpus: int
+    message: str = ""
+
+
+Progress = Callable[[str, str], None]
+
+
+class Twin:
+    """The twin of ``inventory``, kept under ``state_dir/twin``, built with ``toolchain``."""
+
+    def __init__(
+        self,
+        inventory: Inventory,
+        state_dir: Path,
+        toolchain: Any,
+        *,
+        api_port_base: int = DEFAULT_API_PORT_BASE,
+    ) -> None:
+        self.inventory = inventory
+        self.root = state_dir / "twin"
+        self.toolchain = toolchain
+        self.api_port_base = api_port_base
+        self.workdir = self.root / "kwok"
+        self.kubeconfig = self.root / "kubeconfig"
+
+    # ------------------------------------------------------------------ public
+
+    def ports(self, cluster: str) -> dict[str, int]:
+        """The loopback ports of ``cluster``'s processes: a block of its own per cluster.
+
+        Every port is fixed here rather than picked by kwokctl: clusters created at the
+        same time would otherwise race for the same free port (two API servers, one etcd).
+        """
+        block = self.api_port_base + _PORT_BLOCK * list(self.inventory.clusters).index(cluster)
+        return {option: block + offset for offset, option in enumerate(_PORT_OPTIONS)}
+
+    def api_port(self, cluster: str) -> int:
+        """The loopback port of ``cluster``'s API server."""
+        return self.ports(cluster)["kubeApiserverPort"]
+
+    def env(self) -> dict[str, str]:
+        """Variables under which kubectl, kwokctl and pulumi work against the twin."""
+        return {
+            **self.toolchain.env(),
+            "KUBECONFIG": str(self.kubeconfig),
+            "KWOK_WORKDIR": str(self.workdir),
+        }
+
+    def up(self, clusters: Iterable[str] | None = None, progress: Progress | None = None) -> None:
+        """Start what is missing, restart what crashed, reconcile nodes to the inventory.
+
+        Raises:
+            PortInUseError: a cluster's API port is taken by another process.
+            TwinError: a control plane did not start; the message has kwokctl's reason.
+        """
+        names = self._select(clusters)
+        report = progress or (lambda _c, _m: None)
+        self.root.mkdir(parents=True, exist_ok=True)
+        with ThreadPoolExecutor(max_workers=len(names) or 1) as pool:
+            for _ in pool.map(lambda name: self._up_one(name, report), names):
+                pass
+        self._write_kubeconfig()
+        for name in names:
+            report(name, "reconciling nodes")
+            api = self.client(name)
+            changes = twin_nodes.reconcile(api, self.inventory.clusters[name].expanded_nodes())
+            if not twin_nodes.wait_ready(api, timeout_s=_READY_TIMEOUT_S):
+                raise TwinError(
+                    f"twin cluster {name!r}: nodes not Ready after {_READY_TIMEOUT_S}s "
+                    "(is its kwok-controller running? `homelab twin status`)"
+                )
+            report(name, f"ready ({changes})")
+
+    def down(self, clusters: Iterable[str] | None = None, *, purge: bool = False) -> list[str]:
+        """Stop the twin's clusters (``purge``: delete them and their data). Returns their names."""
+        stopped = []
+        for name in self._select(clusters):
+            if not self._exists(name):
+                continue
+            self._kwokctl("delete" if purge else "stop", "cluster", "--name", name)
+            stopped.append(name)
+        if purge and not self._existing():
+            shutil.rmtree(self.root, ignore_errors=True)
+        return stopped
+
+    def status(self) -> list[ClusterStatus]:
+        """Each inventory cluster: its server, whether it answers, its nodes and GPUs."""
+        return [self._status(name) for name in self.inventory.clusters]
+
+    def client(self, cluster: str) -> Any:
+        """A Kubernetes API client for ``cluster``'s context (imported lazily: it is heavy)."""
+        from kubernetes import config
+
+        return config.new_client_from_config(
+            config_file=str(self.kubeconfig), context=context_name(cluster)
+        )
+
+    # ------------------------------------------------------------------ one cluster
+
+    def _up_one(self, name: str, report: Progress) -> None:
+        if self._exists(name):
+            if self._healthy(name):
+                report(name, "running")
+                return
+            report(name, "not answering: restarting")
+            self._kwokctl("stop", "cluster", "--name", name, check=False)
+            self._check_ports(name)
+            self._kwokctl("start", "cluster", "--name", name, "--timeout", f"{_CREATE_TIMEOUT_S}s")
+            self._wait_healthy(name)
+            return
+        self._check_ports(name)
+        report(name, f"creating on 127.0.0.1:{self.api_port(name)}")
+        network = self.inventory.clusters[name].network
+        self._kwokctl(
+            *self.toolchain.kwokctl_create_args(name, self.root / f"kwokctl-{name}.kubeconfig")[1:],
+            "--config",
+            str(self._write_kwok_config(name)),
+            "--extra-args",
+            f"kube-apiserver=service-cluster-ip-range={network.service_cidr}",
+            "--extra-args",
+            f"kube-controller-manager=service-cluster-ip-range={network.service_cidr}",
+            "--extra-args",
+            f"kube-controller-manager=cluster-cidr={network.pod_cidr}",
+            "--timeout",
+            f"{_CREATE_TIMEOUT_S}s",
+        )
+
+    def _status(self, name: str) -> ClusterStatus:
+        server = f"https://127.0.0.1:{self.api_port(name)}"
+        context = context_name(name)
+        if not self._exists(name):
+            return ClusterStatus(name, context, server, False, 0, 0, 0, "not created")
+        try:
+            nodes = twin_nodes.observe(self.client(name))
+        except _unreachable_errors() as exc:
+            reason = type(exc).__name__
+            return ClusterStatus(name, context, server, False, 0, 0, 0, f"not answering ({reason})")
+        return ClusterStatus(
+            name,
+            context,
+            server,
+            True,
+            len(nodes),
+            sum(1 for n in nodes if n.ready),
+            sum(n.gpus for n in nodes),
+        )
+
+    def _wait_healthy(self, name: str) -> None:
+        deadline = time.monotonic() + _READY_TIMEOUT_S
+        while not self._healthy(name):
+            if time.monotonic() > deadline:
+                raise TwinError(
+                    f"twin cluster {name!r}: the API server did not answer within "
+                    f"{_READY_TIMEOUT_S}s of starting (logs: kwokctl logs kube-apiserver "
+                    f"--name {name}, with KWOK_WORKDIR={self.workdir})"
+                )
+            time.sleep(0.5)
+
+    def _healthy(self, name: str) -> bool:
+        if not self.kubeconfig.exists():
+            return False
+        from kubernetes import client
+
+        try:
+            client.VersionApi(self.client(name)).get_code(_request_timeout=5)
+        except _unreachable_errors():
+            return False
+        return True
+
+    def _check_ports(self, name: str) -> None:
+        for option, port in self.ports(name).items():
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind(("127.0.0.1", port))
+                except OSError:
+                    what = option.removesuffix("Port")
+                    raise PortInUseError(
+                        f"twin cluster {name!r} needs 127.0.0.1:{port} (its {what}), but "
+                        f"another process holds it{_holder(port)}; stop it, or choose other "
+                        "ports with HOMELAB_TWIN_PORT_BASE"
+                    ) from None
+
+    # ------------------------------------------------------------------ kwokctl
+
+    def _kwokctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, **self.env(), "KWOK_WORKDIR": str(self.workdir)}
+        cmd = [str(self.toolchain.kwokctl), *args]
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+        if check and result.returncode != 0:
+            tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-15:])
+            raise TwinError(
+                f"kwokctl {' '.join(args[:3])} failed (exit {result.returncode}):\n{tail}"
+            )
+        return result
+
+    def _write_kwok_config(self, name: str) -> Path:
+        """kwokctl's configuration for ``name``: loopback only, and the cluster's ports."""
+        config = {
+            "apiVersion": "config.kwok.x-k8s.io/v1alpha1",
+            "kind": "KwokctlConfiguration",
+            "options": {"bindAddress": "127.0.0.1", **self.ports(name)},
+        }
+        path = self.root / f"kwokctl-{name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    def _exists(self, name: str) -> bool:
+        return (self.workdir / "clusters" / name).is_dir()
+
+    def _existing(self) -> list[str]:
+        clusters = self.workdir / "clusters"
+        return sorted(p.name for p in clusters.iterdir()) if clusters.is_dir() else []
+
+    def _select(self, clusters: Iterable[str] | None) -> list[str]:
+        names = list(self.inventory.clusters) if clusters is None else list(clusters)
+        unknown = [n for n in names if n not in self.inventory.clusters]
+        if unknown:
+            raise TwinError(f"unknown cluster(s) {', '.join(unknown)} (not in the inventory)")
+        return names
+
+    def _write_kubeconfig(self) -> None:
+        """One kubeconfig, one ``twin-<cluster>`` context per cluster kwokctl made."""
+        merged: dict[str, Any] = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [],
+            "users": [],
+            "contexts": [],
+            "current-context": "",
+        }
+        for name in self._existing():
+            source = self.workdir / "clusters" / name / "kubeconfig.yaml"
+            if not source.exists():
+                continue
+            config = yaml.safe_load(source.read_text())
+            context = context_name(name)
+            cluster = config["clusters"][0]["cluster"]
+            cluster["server"] = f"https://127.0.0.1:{self.api_port(name)}"
+            merged["clusters"].append({"name": context, "cluster": cluster})
+            merged["users"].append({"name": context, "user": config["users"][0]["user"]})
+            merged["contexts"].append(
+                {"name": context, "context": {"cluster": context, "user": context}}
+            )
+        if merged["contexts"]:
+            merged["current-context"] = merged["contexts"][0]["name"]
+        fd = os.open(self.kubeconfig, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            yaml.safe_dump(merged, f)
+
+
+@functools.cache
+def _unreachable_errors() -> tuple[type[Exception], ...]:
+    """What the Kubernetes client raises when an API server does not answer."""
+    import urllib3
+    from kubernetes.client.exceptions import ApiException
+    from kubernetes.config.config_exception import ConfigException
+
+    return (ApiException, ConfigException, urllib3.exceptions.HTTPError, OSError)
+
+
+def _holder(port: int) -> str:
+    """`` (pid N: name)`` of the process listening on ``port``, when it can be found."""
+    try:
+        import psutil
+
+        for conn in psutil.net_connections(kind="tcp"):
+            if conn.laddr and conn.laddr.port == port and conn.status == "LISTEN" and conn.pid:
+                return f" (pid {conn.pid}: {psutil.Process(conn.pid).name()})"
+    except Exception:  # finding the holder is a courtesy; the error stands without it
+        return ""
+    return ""

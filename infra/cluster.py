@@ -1,0 +1,188 @@
+"""The Pulumi program of a cluster stack (``<target>.cluster.<name>``).
+
+It declares a cluster's base state, from its inventory entry:
+
+- the namespaces the inventory lists;
+- each node's labels and taints, as server-side apply patches (``NodePatch``): Pulumi owns
+  those fields only, never the Node objects (the distribution, or the twin, makes them),
+  and a teardown leaves them in place (``retain_on_delete``);
+- on GPU clusters, a PriorityClass for GPU work;
+- a ResourceQuota in each namespace the inventory gives ``quotas`` for;
+- the third-party components as Helm releases, on the homelab target only. The twin cannot
+  reach chart repositories, so there they are skipped, and :func:`component_plan` says so
+  (the asset records each skipped component and why).
+
+:func:`cluster_program` returns a zero-argument function: the inline program.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from homelab_dagster.inventory import Cluster, Component, Node
+
+__all__ = [
+    "GPU_PRIORITY_CLASS",
+    "MANAGED_BY",
+    "QUOTA_NAME",
+    "ComponentPlan",
+    "cluster_program",
+    "component_plan",
+]
+
+GPU_PRIORITY_CLASS = "gpu-workloads"
+QUOTA_NAME = "homelab-quota"
+MANAGED_BY = {"app.kubernetes.io/managed-by": "homelab-dagster"}
+# Pulumi takes the fields it applies even where another field manager set them first
+# (kubeadm, k3s, the twin's node maker): the inventory is the source of truth for them.
+_FORCE = {"pulumi.com/patchForce": "true"}
+
+
+@dataclass(frozen=True)
+class ComponentPlan:
+    """What the stack does with one third-party component on this target."""
+
+    name: str
+    chart: str
+    version: str
+    repository: str
+    namespace: str
+    install: bool
+    reason: str = ""
+
+
+def component_plan(
+    cluster: Cluster, components: Mapping[str, Component], target: str
+) -> list[ComponentPlan]:
+    """Each of ``cluster``'s components: installed (homelab) or skipped, with the reason (twin)."""
+    plans = []
+    for name in cluster.components:
+        spec = components[name]
+        skip = target == "twin"
+        plans.append(
+            ComponentPlan(
+                name=name,
+                chart=spec.chart,
+                version=spec.version,
+                repository=spec.repository,
+                namespace=spec.namespace,
+                install=not skip,
+                reason=(
+                    f"the twin cannot reach the chart repository {spec.repository}; "
+                    "installed on the homelab target"
+                    if skip
+                    else ""
+                ),
+            )
+        )
+    return plans
+
+
+def _node_patch_args(node: Node) -> tuple[dict[str, object], dict[str, object] | None]:
+    """(metadata, spec) of a node's patch: its labels, and its taints when it declares some.
+
+    Taints are one atomic list in the Node API: a node without declared taints is left
+    alone rather than having its list claimed (and emptied).
+    """
+    metadata = {"name": node.name, "labels": dict(node.labels), "annotations": dict(_FORCE)}
+    if not node.taints:
+        return metadata, None
+    taints = [
+        {"key": t.key, "effect": t.effect, **({"value": t.value} if t.value else {})}
+        for t in node.taints
+    ]
+    return metadata, {"taints": taints}
+
+
+def cluster_program(
+    name: str,
+    cluster: Cluster,
+    components: Mapping[str, Component],
+    *,
+    target: str,
+    kubeconfig: str,
+    context: str,
+) -> Callable[[], None]:
+    """The inline program of cluster ``name``, reached through ``kubeconfig``/``context``."""
+    plans = component_plan(cluster, components, target)
+
+    def program() -> None:
+        import pulumi
+        import pulumi_kubernetes as k8s
+
+        provider = k8s.Provider(
+            name,
+            kubeconfig=kubeconfig,
+            context=context,
+            # The cluster is the same whatever file reaches it: never replace on a new path.
+            cluster_identifier=f"{target}.{name}",
+            enable_server_side_apply=True,
+        )
+        opts = pulumi.ResourceOptions(provider=provider)
+        namespaces = {
+            ns: k8s.core.v1.Namespace(
+                f"namespace-{ns}", metadata={"name": ns, "labels": MANAGED_BY}, opts=opts
+            )
+            for ns in cluster.namespaces
+        }
+        nodes = cluster.expanded_nodes()
+        for node in nodes:
+            metadata, spec = _node_patch_args(node)
+            # Retained on delete: tearing the stack down must not strip the nodes' identity
+            # (their role and GPU labels are what every workload is scheduled by).
+            k8s.core.v1.NodePatch(
+                f"node-{node.name}",
+                metadata=metadata,
+                spec=spec,
+                opts=pulumi.ResourceOptions(provider=provider, retain_on_delete=True),
+            )
+        if cluster.gpu_total():
+            k8s.scheduling.v1.PriorityClass(
+                "gpu-priority",
+                metadata={"name": GPU_PRIORITY_CLASS, "labels": MANAGED_BY},
+                value=100000,
+                global_default=False,
+                preemption_policy="PreemptLowerPriority",
+                description="GPU training and inference on this cluster.",
+                opts=opts,
+            )
+        for ns, hard in cluster.quotas.items():
+            k8s.core.v1.ResourceQuota(
+                f"quota-{ns}",
+                metadata={"name": QUOTA_NAME, "namespace": ns, "labels": MANAGED_BY},
+                spec={"hard": dict(hard)},
+                opts=pulumi.ResourceOptions(provider=provider, depends_on=[namespaces[ns]]),
+            )
+        previous: list[pulumi.Resource] = []
+        for plan in plans:
+            if not plan.install:
+                continue
+            spec = components[plan.name]
+            owner = namespaces.get(plan.namespace)
+            # In the inventory's order, one after the other: CRDs before what uses them.
+            previous = [
+                k8s.helm.v3.Release(
+                    f"component-{plan.name}",
+                    name=plan.name,
+                    chart=spec.chart,
+                    version=spec.version,
+                    namespace=spec.namespace,
+                    create_namespace=owner is None,
+                    repository_opts={"repo": spec.repository},
+                    values=dict(spec.values),
+                    opts=pulumi.ResourceOptions(
+                        provider=provider,
+                        depends_on=[*previous, *([owner] if owner is not None else [])],
+                    ),
+                )
+            ]
+        pulumi.export("namespaces", sorted(cluster.namespaces))
+        pulumi.export("nodes", [n.name for n in nodes])
+        pulumi.export("gpu_priority_class", GPU_PRIORITY_CLASS if cluster.gpu_total() else None)
+        pulumi.export("quotas", {ns: dict(hard) for ns, hard in cluster.quotas.items()})
+        pulumi.export(
+            "components", {p.name: "installed" if p.install else "skipped" for p in plans}
+        )
+
+    return program

@@ -1,0 +1,270 @@
+"""The Pulumi program of a mesh link stack (``<target>.mesh_link.<from>__<to>``).
+
+What ``linkerd multicluster link`` creates, declared with Pulumi. ``from`` reaches the
+services ``to`` exports:
+
+- on ``to`` (the exporting cluster): a ServiceAccount allowed to read services, endpoints
+  and endpointslices, and a token Secret for it (filled in by ``to``'s token controller);
+- on ``from``: a Secret holding a kubeconfig for ``to`` built from that token (a secret
+  output: it never appears in logs or metadata), and for each service ``to`` exports (label
+  ``mirror.linkerd.io/exported: "true"``) a mirrored Service ``<service>-<to>`` in the same
+  namespace (created by this stack when ``from`` does not declare it);
+- on the homelab target, also Linkerd's ``Link`` resource, which makes Linkerd's service
+  mirror follow the exports from then on.
+
+The exported services are read from ``to`` by the caller when the stack runs and passed in,
+so the program stays a plain function of its inputs.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from urllib.parse import urlparse
+
+import yaml
+
+from homelab_dagster.inventory import MeshLink
+
+__all__ = [
+    "CREDENTIALS_KEY",
+    "LINK_NAMESPACE",
+    "MIRRORED_LABEL",
+    "MIRROR_CLUSTER_LABEL",
+    "ExportedService",
+    "LinkNames",
+    "link_kubeconfig",
+    "mesh_link_program",
+]
+
+LINK_NAMESPACE = "linkerd-multicluster"
+CREDENTIALS_KEY = "kubeconfig"
+MIRRORED_LABEL = "mirror.linkerd.io/mirrored-service"
+MIRROR_CLUSTER_LABEL = "mirror.linkerd.io/cluster-name"
+# Linkerd's defaults for a link's gateway (linkerd multicluster link writes the same).
+_GATEWAY_IDENTITY = (
+    "linkerd-gateway.linkerd-multicluster.serviceaccount.identity.linkerd.cluster.local"
+)
+_MANAGED_BY = {"app.kubernetes.io/managed-by": "homelab-dagster"}
+
+
+@dataclass(frozen=True)
+class ExportedService:
+    """A service ``to`` exports: where it is and its ports (name, port, protocol)."""
+
+    namespace: str
+    name: str
+    ports: tuple[Mapping[str, object], ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class LinkNames:
+    """The names of what a link creates, from the link alone."""
+
+    link: MeshLink
+
+    @property
+    def service_account(self) -> str:
+        """On ``to``: the account ``from`` reads as."""
+        return f"mesh-link-{self.link.source}"
+
+    @property
+    def token_secret(self) -> str:
+        """On ``to``: the account's token."""
+        return f"mesh-link-{self.link.source}-token"
+
+    @property
+    def reader_role(self) -> str:
+        """On ``to``: the ClusterRole (and its binding) that lets the account read services."""
+        return f"mesh-link-{self.link.source}-reader"
+
+    @property
+    def credentials_secret(self) -> str:
+        """On ``from``: the kubeconfig for ``to`` (Linkerd's ``cluster-credentials-<to>``)."""
+        return f"cluster-credentials-{self.link.target}"
+
+    def mirror(self, service: str) -> str:
+        """On ``from``: the mirror of ``service``."""
+        return f"{service}-{self.link.target}"
+
+
+def link_kubeconfig(cluster: str, server: str, ca_data: str, token: str) -> str:
+    """A kubeconfig for ``cluster`` at ``server`` (``ca_data``: base64 PEM) with ``token``."""
+    return yaml.safe_dump(
+        {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {
+                    "name": cluster,
+                    "cluster": {"server": server, "certificate-authority-data": ca_data},
+                }
+            ],
+            "users": [{"name": f"mesh-link-{cluster}", "user": {"token": token}}],
+            "contexts": [
+                {"name": cluster, "context": {"cluster": cluster, "user": f"mesh-link-{cluster}"}}
+            ],
+            "current-context": cluster,
+        }
+    )
+
+
+def mesh_link_program(
+    link: MeshLink,
+    *,
+    target: str,
+    export_label: str,
+    exported: Iterable[ExportedService],
+    from_namespaces: Iterable[str],
+    from_access: tuple[str, str],
+    to_access: tuple[str, str],
+    to_server: str,
+) -> Callable[[], None]:
+    """The inline program of ``link``.
+
+    ``from_access``/``to_access`` are (kubeconfig path, context) of each cluster; ``to_server``
+    is ``to``'s API server as ``from`` reaches it (on the twin, the same loopback address).
+    """
+    names = LinkNames(link)
+    services = sorted(exported, key=lambda s: (s.namespace, s.name))
+    declared = set(from_namespaces)
+
+    def program() -> None:
+        import pulumi
+        import pulumi_kubernetes as k8s
+
+        def provider(cluster: str, access: tuple[str, str]) -> k8s.Provider:
+            return k8s.Provider(
+                cluster,
+                kubeconfig=access[0],
+                context=access[1],
+                cluster_identifier=f"{target}.{cluster}",
+                enable_server_side_apply=True,
+            )
+
+        on_to = pulumi.ResourceOptions(provider=provider(link.target, to_access))
+        on_from = pulumi.ResourceOptions(provider=provider(link.source, from_access))
+        meta = {"namespace": LINK_NAMESPACE, "labels": _MANAGED_BY}
+
+        account = k8s.core.v1.ServiceAccount(
+            "remote-access", metadata={"name": names.service_account, **meta}, opts=on_to
+        )
+        read = ["get", "list", "watch"]
+        role = k8s.rbac.v1.ClusterRole(
+            "remote-access-reader",
+            metadata={"name": names.reader_role, "labels": _MANAGED_BY},
+            rules=[
+                {"api_groups": [""], "resources": ["services", "endpoints"], "verbs": read},
+                {
+                    "api_groups": ["discovery.k8s.io"],
+                    "resources": ["endpointslices"],
+                    "verbs": read,
+                },
+            ],
+            opts=on_to,
+        )
+        binding = k8s.rbac.v1.ClusterRoleBinding(
+            "remote-access-reader",
+            metadata={"name": names.reader_role, "labels": _MANAGED_BY},
+            role_ref={
+                "api_group": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": role.metadata.name,
+            },
+            subjects=[
+                {
+                    "kind": "ServiceAccount",
+                    "name": account.metadata.name,
+                    "namespace": LINK_NAMESPACE,
+                }
+            ],
+            opts=on_to,
+        )
+        token = k8s.core.v1.Secret(
+            "remote-access-token",
+            metadata={
+                "name": names.token_secret,
+                **meta,
+                "annotations": {
+                    "kubernetes.io/service-account.name": names.service_account,
+                    # Wait for the token controller to fill the token in before reading it.
+                    "pulumi.com/waitFor": "jsonpath={.data.token}",
+                },
+            },
+            type="kubernetes.io/service-account-token",
+            opts=pulumi.ResourceOptions.merge(
+                on_to, pulumi.ResourceOptions(depends_on=[account, binding])
+            ),
+        )
+
+        def kubeconfig(data: Mapping[str, str]) -> str:
+            secret = base64.b64decode(data["token"]).decode()
+            return link_kubeconfig(link.target, to_server, data["ca.crt"], secret)
+
+        credentials = k8s.core.v1.Secret(
+            "credentials",
+            metadata={"name": names.credentials_secret, **meta},
+            type="mirror.linkerd.io/remote-kubeconfig",
+            string_data={CREDENTIALS_KEY: pulumi.Output.secret(token.data.apply(kubeconfig))},
+            opts=on_from,
+        )
+
+        created = {
+            ns: k8s.core.v1.Namespace(
+                f"namespace-{ns}", metadata={"name": ns, "labels": _MANAGED_BY}, opts=on_from
+            )
+            for ns in sorted({s.namespace for s in services} - declared)
+        }
+        for svc in services:
+            k8s.core.v1.Service(
+                f"mirror-{svc.namespace}-{svc.name}",
+                metadata={
+                    "name": names.mirror(svc.name),
+                    "namespace": svc.namespace,
+                    "labels": {
+                        MIRRORED_LABEL: "true",
+                        MIRROR_CLUSTER_LABEL: link.target,
+                        **_MANAGED_BY,
+                    },
+                    "annotations": {
+                        "mirror.linkerd.io/remote-svc-fq-name": (
+                            f"{svc.name}.{svc.namespace}.svc.cluster.local"
+                        )
+                    },
+                },
+                spec={"type": "ClusterIP", "ports": [dict(p) for p in svc.ports]},
+                opts=pulumi.ResourceOptions.merge(
+                    on_from,
+                    pulumi.ResourceOptions(
+                        depends_on=[created[svc.namespace]] if svc.namespace in created else []
+                    ),
+                ),
+            )
+        if target != "twin":
+            k8s.apiextensions.CustomResource(
+                "link",
+                api_version="multicluster.linkerd.io/v1alpha2",
+                kind="Link",
+                metadata={"name": link.target, **meta},
+                spec={
+                    "targetClusterName": link.target,
+                    "targetClusterDomain": "cluster.local",
+                    "clusterCredentialsSecret": names.credentials_secret,
+                    "gatewayAddress": urlparse(to_server).hostname,
+                    "gatewayPort": "4143",
+                    "gatewayIdentity": _GATEWAY_IDENTITY,
+                    "probeSpec": {"path": "/ready", "port": "4191", "period": "3s"},
+                    "selector": {"matchLabels": {export_label: "true"}},
+                },
+                opts=pulumi.ResourceOptions.merge(
+                    on_from, pulumi.ResourceOptions(depends_on=[credentials])
+                ),
+            )
+        pulumi.export("server", to_server)
+        pulumi.export("token_secret", f"{LINK_NAMESPACE}/{names.token_secret}")
+        pulumi.export("credentials_secret", f"{LINK_NAMESPACE}/{names.credentials_secret}")
+        pulumi.export("exported", [f"{s.namespace}/{s.name}" for s in services])
+        pulumi.export("mirrors", [f"{s.namespace}/{names.mirror(s.name)}" for s in services])
+
+    return program

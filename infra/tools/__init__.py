@@ -1,0 +1,1 @@
+"""Pinned toolchain of the twin: versions.toml, the Go tools modules and the build steps."""

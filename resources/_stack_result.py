@@ -1,0 +1,216 @@
+"""What a Pulumi operation did, and how its engine events reach the Dagster log.
+
+:class:`EventRecorder` receives the engine's structured events as they happen (the Automation
+API calls it from a gRPC thread), logs one line per resource step (creating, updating,
+deleting, and for a preview "would create", ...), and keeps the steps and the engine's error
+diagnostics. :class:`StackResult` is the typed result an operation returns; its
+:meth:`~StackResult.metadata` are the stable metadata keys documented in docs/metadata.md.
+
+Secrets never pass through here in clear: Pulumi masks secret values in its events and
+diagnostics (``[secret]``), and outputs marked secret are replaced by :data:`SECRET_MASK`.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import dagster as dg
+
+__all__ = [
+    "SECRET_MASK",
+    "EventRecorder",
+    "Log",
+    "ResourceStep",
+    "StackResult",
+    "mask_outputs",
+]
+
+SECRET_MASK = "[secret]"
+# The engine's note that a provider plugin came from PATH: how the twin's toolchain works.
+_AMBIENT_PLUGIN = re.compile(r"^using pulumi-resource-\S+ from \$PATH")
+# Steps that change nothing in the world; the rest are changes.
+_NO_CHANGE = {"same", "read", "refresh", "discard", "discard-replaced"}
+_GERUND = {
+    "create": "creating",
+    "update": "updating",
+    "delete": "deleting",
+    "replace": "replacing",
+    "create-replacement": "creating replacement of",
+    "delete-replaced": "deleting replaced",
+    "read": "reading",
+    "refresh": "refreshing",
+    "import": "importing",
+}
+_PAST = {
+    "create": "created",
+    "update": "updated",
+    "delete": "deleted",
+    "replace": "replaced",
+    "create-replacement": "created replacement of",
+    "delete-replaced": "deleted replaced",
+    "import": "imported",
+}
+
+
+class Log(Protocol):
+    """Where operations log: ``context.log`` in Dagster, a ``logging.Logger`` elsewhere."""
+
+    def debug(self, msg: str) -> Any: ...
+    def info(self, msg: str) -> Any: ...
+    def warning(self, msg: str) -> Any: ...
+    def error(self, msg: str) -> Any: ...
+
+
+@dataclass(frozen=True)
+class ResourceStep:
+    """One resource's step in an operation: what the engine did (or plans to do) to it."""
+
+    op: str
+    type: str
+    name: str
+    status: str
+    diffs: tuple[str, ...] = ()
+
+    @property
+    def changes(self) -> bool:
+        """Whether the step changes the world (or would, in a preview)."""
+        return self.op not in _NO_CHANGE
+
+
+def mask_outputs(outputs: Mapping[str, Any]) -> dict[str, Any]:
+    """Plain values of a stack's outputs, each secret one replaced by :data:`SECRET_MASK`."""
+    return {
+        name: SECRET_MASK if getattr(out, "secret", False) else getattr(out, "value", out)
+        for name, out in sorted(outputs.items())
+    }
+
+
+@dataclass(frozen=True)
+class StackResult:
+    """The typed result of one stack operation (preview, up, refresh or destroy)."""
+
+    operation: str
+    stack: str
+    changes: dict[str, int]
+    duration_s: float
+    outputs: dict[str, Any] = field(default_factory=dict)
+    steps: tuple[ResourceStep, ...] = ()
+
+    @property
+    def changed(self) -> int:
+        """How many resources the operation changed (or would change, in a preview)."""
+        return sum(n for op, n in self.changes.items() if op not in _NO_CHANGE)
+
+    @property
+    def resource_count(self) -> int:
+        """Resources the stack manages after the operation (Pulumi's own bookkeeping excluded)."""
+        return sum(1 for s in self.steps if not s.type.startswith("pulumi:") and s.op != "delete")
+
+    def plan_markdown(self) -> str:
+        """The steps that change something, one row each (everything, when nothing changes)."""
+        rows = [s for s in self.steps if s.changes and not s.type.startswith("pulumi:")]
+        if not rows:
+            return f"No changes: {self.resource_count} resources up to date."
+        lines = ["| step | type | name | changed fields |", "|---|---|---|---|"]
+        lines += [f"| {s.op} | `{s.type}` | {s.name} | {', '.join(s.diffs) or '-'} |" for s in rows]
+        return "\n".join(lines)
+
+    def metadata(self) -> dict[str, dg.RawMetadataValue]:
+        """Materialisation metadata with stable keys (docs/metadata.md)."""
+        return {
+            "pulumi_stack": self.stack,
+            "pulumi_operation": self.operation,
+            "pulumi_changes": dg.MetadataValue.json(dict(sorted(self.changes.items()))),
+            "pulumi_changed": self.changed,
+            "pulumi_duration_s": round(self.duration_s, 3),
+            "pulumi_resource_count": self.resource_count,
+            "pulumi_outputs": dg.MetadataValue.json(self.outputs),
+            "pulumi_plan": dg.MetadataValue.md(self.plan_markdown()),
+        }
+
+
+class EventRecorder:
+    """Receives engine events for one operation: logs each resource step, keeps them all."""
+
+    def __init__(self, stack: str, operation: str, log: Log) -> None:
+        self._stack = stack
+        self._preview = operation == "preview"
+        self._log = log
+        self._lock = threading.Lock()
+        self._steps: dict[str, ResourceStep] = {}
+        self.errors: list[str] = []
+        self.summary: dict[str, int] | None = None
+        # The root stack resource's outputs, as the engine reports them (secrets masked).
+        self.stack_outputs: dict[str, Any] | None = None
+
+    def __call__(self, event: Any) -> None:
+        """The ``on_event`` callback (runs on the Automation API's event thread)."""
+        with self._lock:
+            if event.resource_pre_event is not None:
+                self._step(
+                    event.resource_pre_event.metadata, "planned" if self._preview else "started"
+                )
+            elif event.res_outputs_event is not None:
+                meta = event.res_outputs_event.metadata
+                self._step(meta, "planned" if self._preview else "done")
+                if meta.type == "pulumi:pulumi:Stack" and meta.new is not None:
+                    self.stack_outputs = dict(meta.new.outputs or {})
+            elif event.res_op_failed_event is not None:
+                self._step(event.res_op_failed_event.metadata, "failed")
+            elif event.diagnostic_event is not None:
+                self._diagnostic(event.diagnostic_event)
+            elif event.summary_event is not None:
+                self.summary = {
+                    str(getattr(op, "value", op)): n
+                    for op, n in event.summary_event.resource_changes.items()
+                }
+
+    @property
+    def steps(self) -> tuple[ResourceStep, ...]:
+        with self._lock:
+            return tuple(self._steps.values())
+
+    def _step(self, meta: Any, status: str) -> None:
+        op = str(getattr(meta.op, "value", meta.op))
+        name = meta.urn.rsplit("::", 1)[-1]
+        diffs = tuple(meta.diffs or ())
+        previous = self._steps.get(meta.urn)
+        self._steps[meta.urn] = ResourceStep(
+            op, meta.type, name, status, diffs or (previous.diffs if previous else ())
+        )
+        if meta.type.startswith("pulumi:") or (op in _NO_CHANGE and status != "failed"):
+            return  # bookkeeping and unchanged resources: in the result, not in the log
+        what = f"{meta.type} {name}" + (f" ({', '.join(diffs)})" if diffs else "")
+        if status == "failed":
+            self._log.error(f"{self._stack}: {op} failed: {what}")
+        elif self._preview:
+            if previous is None:
+                self._log.info(f"{self._stack}: would {op} {what}")
+        elif status == "started":
+            self._log.info(f"{self._stack}: {_GERUND.get(op, op)} {what}")
+        else:
+            self._log.info(f"{self._stack}: {_PAST.get(op, op)} {meta.type} {name}")
+
+    def _diagnostic(self, diag: Any) -> None:
+        message = (diag.message or "").strip()
+        if not message:
+            return
+        if diag.severity == "error":
+            if message not in self.errors:
+                self.errors.append(message)
+            self._log.error(f"{self._stack}: {message}")
+        elif diag.severity == "warning" and not _AMBIENT_PLUGIN.search(message):
+            self._log.warning(f"{self._stack}: {message}")
+        else:  # progress notes ("[1/3] Finding Pods..."), the twin's plugin found on PATH
+            self._log.debug(f"{self._stack}: {message}")
+
+    def reason(self, stderr: str) -> str:
+        """Pulumi's reason for a failure: its error diagnostics, else the tail of its stderr."""
+        if self.errors:
+            return "\n".join(self.errors)
+        lines = [line for line in stderr.strip().splitlines() if line.strip()]
+        return "\n".join(lines[-8:]) or "no reason given"

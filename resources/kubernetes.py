@@ -1,0 +1,278 @@
+"""Kubernetes API access to each cluster of the homelab, by kubeconfig context.
+
+One resource, two configurations: on the twin, the twin's own kubeconfig with a context
+``twin-<cluster>`` per cluster; on the homelab, the user's kubeconfig with a configurable
+cluster-to-context mapping. Clients are built when asked for, never at import or load.
+
+Besides clients, it reads what the asset checks compare with the inventory (nodes,
+namespaces) and what a mesh link mirrors (exported services, mirrors, the link's stored
+credentials). Kubernetes client errors are translated into
+:class:`~homelab_dagster.errors.KubernetesError` where they enter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import yaml
+from pydantic import Field
+
+from homelab_dagster.errors import KubernetesError
+
+__all__ = ["ClusterAccess", "KubernetesClusters", "ObservedNode", "ServiceRef"]
+
+GPU_RESOURCE = "nvidia.com/gpu"
+# What an API status means for a caller holding a token (a mesh link, a check).
+_STATUS_MEANS = {
+    401: "the API server rejects the credentials: the token was deleted, revoked or expired",
+    403: "the credentials are valid but not allowed to do this (RBAC)",
+}
+
+
+@dataclass(frozen=True)
+class ClusterAccess:
+    """What a Pulumi provider needs to reach a cluster: a kubeconfig file and a context."""
+
+    cluster: str
+    kubeconfig: str
+    context: str
+    server: str
+
+
+@dataclass(frozen=True)
+class ObservedNode:
+    """A node as its API server reports it."""
+
+    name: str
+    ready: bool
+    gpus: int
+    labels: dict[str, str]
+    taints: tuple[tuple[str, str, str], ...]
+
+
+@dataclass(frozen=True)
+class ServiceRef:
+    """A Service: where it is, its labels and ports (as the API returns them)."""
+
+    namespace: str
+    name: str
+    labels: dict[str, str]
+    ports: tuple[dict[str, Any], ...]
+
+    @property
+    def ref(self) -> str:
+        """``namespace/name``."""
+        return f"{self.namespace}/{self.name}"
+
+
+class KubernetesClusters(dg.ConfigurableResource):
+    """Kubeconfig contexts of the homelab's clusters."""
+
+    kubeconfig: str = Field(description="The kubeconfig file (the twin's own, or the user's).")
+    context_prefix: str = Field(
+        default="", description="Context of a cluster without a mapping: <prefix><cluster>."
+    )
+    contexts: dict[str, str] = Field(
+        default_factory=dict, description="Cluster name to kubeconfig context, where it differs."
+    )
+    link_servers: dict[str, str] = Field(
+        default_factory=dict,
+        description="API server URL of a cluster as other clusters reach it (mesh links), "
+        "where it differs from the kubeconfig's (e.g. a Kind cluster's 127.0.0.1).",
+    )
+    request_timeout_s: float = Field(default=10.0, gt=0, description="Per API request.")
+
+    # ------------------------------------------------------------------ access
+
+    def context(self, cluster: str) -> str:
+        """The kubeconfig context of ``cluster``."""
+        return self.contexts.get(cluster, f"{self.context_prefix}{cluster}")
+
+    def access(self, cluster: str) -> ClusterAccess:
+        """Kubeconfig path, context and API server of ``cluster`` (for a Pulumi provider)."""
+        return ClusterAccess(
+            cluster,
+            str(Path(self.kubeconfig).expanduser()),
+            self.context(cluster),
+            self.server(cluster),
+        )
+
+    def server(self, cluster: str) -> str:
+        """The API server URL of ``cluster``'s context."""
+        config = self._config()
+        context = self.context(cluster)
+        try:
+            entry = next(c for c in config.get("contexts", []) if c["name"] == context)
+            cluster_name = entry["context"]["cluster"]
+            spec = next(c for c in config.get("clusters", []) if c["name"] == cluster_name)
+            return str(spec["cluster"]["server"])
+        except (StopIteration, KeyError, TypeError) as exc:
+            raise KubernetesError(
+                f"cluster {cluster}: no context {context!r} in {self.kubeconfig}"
+            ) from exc
+
+    def link_server(self, cluster: str) -> str:
+        """The API server URL other clusters use to reach ``cluster``."""
+        return self.link_servers.get(cluster) or self.server(cluster)
+
+    def api_client(self, cluster: str) -> Any:
+        """A Kubernetes API client for ``cluster``."""
+        from kubernetes import config
+
+        try:
+            return config.new_client_from_config(
+                config_file=str(Path(self.kubeconfig).expanduser()), context=self.context(cluster)
+            )
+        except (config.ConfigException, OSError) as exc:
+            raise KubernetesError(f"cluster {cluster}: cannot load its kubeconfig: {exc}") from exc
+
+    # ------------------------------------------------------------------ observations
+
+    def nodes(self, cluster: str) -> list[ObservedNode]:
+        """Every node of ``cluster``."""
+        from kubernetes import client
+
+        items = self._call(
+            cluster, "list nodes", client.CoreV1Api(self.api_client(cluster)).list_node
+        )
+        return [_observed_node(n) for n in items.items]
+
+    def namespaces(self, cluster: str) -> set[str]:
+        """Names of the namespaces of ``cluster``."""
+        from kubernetes import client
+
+        api = client.CoreV1Api(self.api_client(cluster))
+        return {
+            n.metadata.name
+            for n in self._call(cluster, "list namespaces", api.list_namespace).items
+        }
+
+    def services(self, cluster: str, selector: str) -> list[ServiceRef]:
+        """Services of every namespace of ``cluster`` matching the label ``selector``."""
+        from kubernetes import client
+
+        api = client.CoreV1Api(self.api_client(cluster))
+        found = self._call(
+            cluster,
+            f"list services ({selector})",
+            api.list_service_for_all_namespaces,
+            label_selector=selector,
+        )
+        return sorted((service_ref(s) for s in found.items), key=lambda s: s.ref)
+
+    def secret_value(self, cluster: str, namespace: str, name: str, key: str) -> str | None:
+        """One value of a Secret, decoded; None when the Secret or the key is missing.
+
+        The value is a secret: keep it in memory, never log or record it.
+        """
+        import base64
+
+        from kubernetes import client
+        from kubernetes.client.exceptions import ApiException
+
+        api = client.CoreV1Api(self.api_client(cluster))
+        try:
+            secret = api.read_namespaced_secret(
+                name, namespace, _request_timeout=self.request_timeout_s
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise KubernetesError(
+                f"cluster {cluster}: cannot read secret {namespace}/{name}: "
+                f"{exc.status} {exc.reason}"
+            ) from exc
+        raw = (secret.data or {}).get(key)
+        return base64.b64decode(raw).decode() if raw is not None else None
+
+    def services_with_credentials(
+        self, cluster: str, kubeconfig: str, selector: str
+    ) -> list[ServiceRef]:
+        """Services of ``cluster`` matching ``selector``, listed with the credentials in
+        ``kubeconfig`` (a kubeconfig's text, e.g. a mesh link's), not this resource's.
+
+        Raises:
+            KubernetesError: the credentials are unusable or rejected, or the server is
+                unreachable; the message says which (401: the token is gone or revoked).
+        """
+        from kubernetes import client, config
+
+        try:
+            parsed = yaml.safe_load(kubeconfig)
+            api_client = config.new_client_from_config_dict(parsed)
+        except (yaml.YAMLError, config.ConfigException, TypeError, KeyError) as exc:
+            raise KubernetesError(
+                f"the stored kubeconfig for {cluster} is unusable ({exc})"
+            ) from exc
+        server = api_client.configuration.host
+        api = client.CoreV1Api(api_client)
+        try:
+            found = self._call(
+                cluster,
+                f"list services at {server}",
+                api.list_service_for_all_namespaces,
+                label_selector=selector,
+            )
+        finally:
+            api_client.close()
+        return sorted((service_ref(s) for s in found.items), key=lambda s: s.ref)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _config(self) -> dict[str, Any]:
+        path = Path(self.kubeconfig).expanduser()
+        try:
+            return yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise KubernetesError(f"cannot read the kubeconfig {path}: {exc}") from exc
+
+    def _call(self, cluster: str, what: str, fn: Any, **kwargs: Any) -> Any:
+        from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
+
+        try:
+            return fn(_request_timeout=self.request_timeout_s, **kwargs)
+        except ApiException as exc:
+            why = _STATUS_MEANS.get(exc.status or 0, "")
+            raise KubernetesError(
+                f"cluster {cluster}: {what}: {exc.status} {exc.reason}{f' ({why})' if why else ''}"
+            ) from exc
+        except HTTPError as exc:
+            raise KubernetesError(f"cluster {cluster}: {what}: unreachable ({exc})") from exc
+
+
+def service_ref(service: Any) -> ServiceRef:
+    """A :class:`ServiceRef` of a client ``V1Service``."""
+    ports = tuple(
+        {
+            k: v
+            for k, v in (
+                ("name", p.name),
+                ("port", p.port),
+                ("protocol", p.protocol),
+                ("targetPort", p.target_port),
+            )
+            if v is not None
+        }
+        for p in (service.spec.ports or [])
+    )
+    return ServiceRef(
+        service.metadata.namespace,
+        service.metadata.name,
+        dict(service.metadata.labels or {}),
+        ports,
+    )
+
+
+def _observed_node(node: Any) -> ObservedNode:
+    conditions = node.status.conditions or []
+    return ObservedNode(
+        name=node.metadata.name,
+        ready=any(c.type == "Ready" and c.status == "True" for c in conditions),
+        gpus=int((node.status.allocatable or {}).get(GPU_RESOURCE, "0")),
+        labels=dict(node.metadata.labels or {}),
+        taints=tuple((t.key, t.value or "", t.effect) for t in node.spec.taints or []),
+    )

@@ -1,0 +1,322 @@
+"""training_run/<run> and model_weights/<model>, materialised against the twin's local Flyte.
+
+Real flytekit local execution in a child process, real torch on the CPU, a real weights
+store in a temporary directory: nothing is mocked. Each training takes seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import dagster as dg
+import pytest
+from _ml_support import write_corpus
+
+from assets import build_model_weights_defs, build_training_run_defs
+from assets._keys import model_weights_key, training_run_key
+from homelab_dagster.errors import InventoryError
+from homelab_dagster.inventory import Inventory
+from homelab_dagster.loader import load_inventory, parse_inventory
+from homelab_dagster.ml.digest import directory_digest
+from homelab_dagster.settings import Target
+from resources.flyte import LocalFlyteLauncher
+from resources.weights import WeightsStore
+from sensors.training import build_training_schedules
+
+RUN, MODEL = "sre-runbook", "sre-agent"
+RUN_KEY, WEIGHTS_KEY = training_run_key(RUN), model_weights_key(MODEL)
+
+
+def with_run(inventory: Inventory, **changes) -> Inventory:
+    """``inventory`` with the run's fields (or twin hyperparameters, as a dict) changed."""
+    run = inventory.training_runs[RUN]
+    if "twin_hyperparameters" in changes:
+        hp = run.twin_hyperparameters.model_copy(update=changes.pop("twin_hyperparameters"))
+        changes["twin_hyperparameters"] = hp
+    runs = {**inventory.training_runs, RUN: run.model_copy(update=changes)}
+    return inventory.model_copy(update={"training_runs": runs})
+
+
+def ml_assets(inventory: Inventory) -> list:
+    run = inventory.training_runs[RUN]
+    model = inventory.models[MODEL]
+    defs = dg.Definitions.merge(
+        build_training_run_defs(RUN, run, model, inventory.clusters[run.cluster]),
+        build_model_weights_defs(MODEL, model, {RUN: run}),
+    )
+    return list(defs.assets)
+
+
+class Twin:
+    """A corpus, a state directory and one Dagster instance kept across materialisations."""
+
+    def __init__(self, tmp: Path, inventory: Inventory) -> None:
+        self.root = write_corpus(tmp / "project")
+        self.inventory = inventory
+        self.store = WeightsStore(url=str(tmp / "state" / "weights"))
+        self.work = tmp / "state" / "flyte"
+        self.resources = {
+            "flyte": LocalFlyteLauncher(corpus_root=str(self.root), work_dir=str(self.work)),
+            "weights_store": self.store,
+        }
+        self.instance = dg.DagsterInstance.ephemeral()
+
+    def materialize(
+        self, inventory: Inventory | None = None, **kwargs
+    ) -> dg.ExecuteInProcessResult:
+        return dg.materialize(
+            ml_assets(inventory or self.inventory),
+            resources=self.resources,
+            instance=self.instance,
+            raise_on_error=False,
+            **kwargs,
+        )
+
+    def executions(self) -> list[Path]:
+        return sorted(self.work.iterdir()) if self.work.exists() else []
+
+
+def metadata(result: dg.ExecuteInProcessResult, key: dg.AssetKey) -> dict:
+    (event,) = [e for e in result.get_asset_materialization_events() if e.asset_key == key]
+    return {k: v.value for k, v in event.materialization.metadata.items()}
+
+
+@pytest.fixture(scope="module")
+def shipped(project_root) -> Inventory:
+    return load_inventory(project_root / "homelab.yaml").inventory
+
+
+@pytest.fixture(scope="module")
+def twin(tmp_path_factory, shipped) -> Twin:
+    return Twin(tmp_path_factory.mktemp("ml"), shipped)
+
+
+@pytest.fixture(scope="module")
+def first(twin: Twin) -> dg.ExecuteInProcessResult:
+    return twin.materialize()
+
+
+@pytest.mark.slow
+def test_training_run_trains_on_the_cpu(first: dg.ExecuteInProcessResult, twin: Twin) -> None:
+    assert first.success
+    meta = metadata(first, RUN_KEY)
+    assert meta["reused"] is False
+    assert meta["execution_id"].startswith(f"local-{RUN}-")
+    assert meta["execution_url"].startswith("file://")
+    assert meta["train_steps"] == twin.inventory.training_runs[RUN].twin_hyperparameters.steps
+    curve = meta["loss_curve"]
+    assert sum(curve[-10:]) / 10 < sum(curve[:10]) / 10 - 0.3  # the loss goes down
+    assert meta["eval_loss"] > 0 and meta["perplexity"] > 1
+    assert meta["parameter_count"] > 100_000 and meta["duration_s"] > 0
+    assert len(twin.executions()) == 1
+
+
+@pytest.mark.slow
+def test_model_weights_registers_a_version_whose_digest_matches_the_files(
+    first: dg.ExecuteInProcessResult, twin: Twin
+) -> None:
+    run_meta, weights_meta = metadata(first, RUN_KEY), metadata(first, WEIGHTS_KEY)
+    digest = weights_meta["digest"]
+    assert digest == run_meta["weights_digest"]
+    assert directory_digest(weights_meta["weights_uri"])[0] == digest
+    assert weights_meta["promoted"] is True and weights_meta["new_version"] is True
+    version = twin.store.current(MODEL)
+    assert version.digest == digest and version.fingerprint == run_meta["fingerprint"]
+    assert version.metrics["eval_loss"] == pytest.approx(run_meta["eval_loss"])
+    assert version.source_run == RUN and version.execution_id == run_meta["execution_id"]
+    (check,) = first.get_asset_check_evaluations()
+    assert check.passed
+    # The UI's history: the materialisation's data version is the digest.
+    record = twin.instance.get_latest_materialization_event(WEIGHTS_KEY)
+    assert record.asset_materialization.tags["dagster/data_version"] == digest
+
+
+@pytest.mark.slow
+def test_the_registered_weights_generate_offline(
+    first: dg.ExecuteInProcessResult, twin: Twin
+) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = twin.store.current(MODEL).uri
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    prompt = tokenizer("Check the flyte pod", return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**prompt, max_new_tokens=6, do_sample=False)
+    assert out.shape[1] == prompt["input_ids"].shape[1] + 6
+
+
+@pytest.mark.slow
+def test_the_same_inputs_reuse_the_version_without_training(
+    first: dg.ExecuteInProcessResult, twin: Twin
+) -> None:
+    before = twin.executions()
+    again = twin.materialize()
+    assert again.success
+    meta = metadata(again, RUN_KEY)
+    assert meta["reused"] is True
+    assert meta["weights_digest"] == metadata(first, WEIGHTS_KEY)["digest"]
+    assert meta["execution_id"] == metadata(first, RUN_KEY)["execution_id"]  # the original run
+    assert twin.executions() == before  # the training function did not run again
+    logs = [entry.user_message for entry in twin.instance.all_logs(again.run_id)]
+    assert any(m.startswith("reusing sre-agent version") for m in logs)
+    weights = metadata(again, WEIGHTS_KEY)
+    assert weights["new_version"] is False and weights["version_count"] == 1
+
+
+@pytest.mark.slow
+def test_changed_hyperparameters_train_a_new_version_and_both_stay_listed(
+    first: dg.ExecuteInProcessResult, twin: Twin
+) -> None:
+    changed = with_run(twin.inventory, twin_hyperparameters={"learning_rate": 4e-3})
+    result = twin.materialize(changed)
+    assert result.success
+    assert metadata(result, RUN_KEY)["reused"] is False
+    new = metadata(result, WEIGHTS_KEY)
+    old_digest = metadata(first, WEIGHTS_KEY)["digest"]
+    assert new["digest"] != old_digest and new["new_version"] is True
+    listed = {v.digest for v in twin.store.versions(MODEL)}
+    assert {old_digest, new["digest"]} <= listed
+
+
+@pytest.mark.slow
+def test_a_changed_corpus_trains_a_new_version(
+    first: dg.ExecuteInProcessResult, twin: Twin
+) -> None:
+    page = twin.root / "docs" / "drain.md"
+    page.write_text("Drain a Forge node: cordon it, evict the vLLM pods, wait for Flux.\n" * 20)
+    try:
+        result = twin.materialize()
+    finally:
+        page.unlink()
+    meta = metadata(result, RUN_KEY)
+    assert meta["reused"] is False
+    assert meta["corpus_digest"] != metadata(first, RUN_KEY)["corpus_digest"]
+    assert meta["corpus_files"] == metadata(first, RUN_KEY)["corpus_files"] + 1
+    # Registered and listed whatever the gate decides (the held-out blocks changed too).
+    registered = metadata(result, WEIGHTS_KEY)
+    assert registered["new_version"] is True
+    assert registered["digest"] in {v.digest for v in twin.store.versions(MODEL)}
+    assert metadata(first, WEIGHTS_KEY)["digest"] in {v.digest for v in twin.store.versions(MODEL)}
+
+
+@pytest.mark.slow
+def test_a_regressing_version_is_listed_but_blocked(
+    first: dg.ExecuteInProcessResult, twin: Twin
+) -> None:
+    current = twin.store.current(MODEL)
+    worse = with_run(twin.inventory, twin_hyperparameters={"steps": 2, "learning_rate": 1e-4})
+    result = twin.materialize(worse)
+    assert not result.success  # the blocking check fails the step
+    (check,) = result.get_asset_check_evaluations()
+    assert not check.passed and "worse than the current version" in check.description
+    assert (
+        check.metadata["max_allowed_eval_loss"].value < check.metadata["observed_eval_loss"].value
+    )
+    rejected = metadata(result, WEIGHTS_KEY)
+    assert rejected["promoted"] is False
+    assert twin.store.current(MODEL).digest == current.digest  # still the good one
+    assert rejected["digest"] in {v.digest for v in twin.store.versions(MODEL)}
+
+
+@pytest.mark.slow
+def test_rollback_makes_an_older_version_current(
+    first: dg.ExecuteInProcessResult, twin: Twin
+) -> None:
+    target = metadata(first, WEIGHTS_KEY)["digest"]
+    result = twin.materialize(
+        selection=[WEIGHTS_KEY],
+        run_config={"ops": {"model_weights__sre_agent": {"config": {"rollback_to": target[:12]}}}},
+    )
+    assert result.success
+    assert twin.store.current(MODEL).digest == target
+    assert metadata(result, WEIGHTS_KEY)["digest"] == target
+
+
+def test_an_empty_corpus_fails_before_launching(tmp_path: Path, shipped: Inventory) -> None:
+    twin = Twin(tmp_path, shipped)
+    empty = with_run(shipped, corpus=["nothing/**/*.md"])
+    result = twin.materialize(empty, selection=[RUN_KEY])
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    message = failure.step_failure_data.user_failure_data.description
+    assert "the corpus is empty" in message and "nothing/**/*.md" in message
+    assert twin.executions() == []  # nothing was launched
+
+
+def test_a_run_on_a_cluster_without_gpus_is_refused_by_the_inventory(inventory_text) -> None:
+    text = inventory_text(lambda d: d["training_runs"]["sre-runbook"].update(cluster="air"))
+    with pytest.raises(InventoryError, match="has no GPU nodes to train on"):
+        parse_inventory(text)
+
+
+def test_an_external_model_is_observed_not_trained(tmp_path: Path, shipped: Inventory) -> None:
+    name = "llama-3.1-70b-instruct"
+    model = shipped.models[name]
+    defs = dg.Definitions(
+        assets=list(build_model_weights_defs(name, model, {}).assets),
+        jobs=[dg.define_asset_job("observe", selection=[model_weights_key(name)])],
+        resources={"weights_store": WeightsStore(url=str(tmp_path / "weights"))},
+    )
+    result = defs.resolve_job_def("observe").execute_in_process()
+    assert result.success
+    (event,) = [e for e in result.all_events if e.event_type_value == "ASSET_OBSERVATION"]
+    observation = event.event_specific_data.asset_observation
+    expected = hashlib.sha256(f"external:{model.base_model}".encode()).hexdigest()
+    assert observation.tags["dagster/data_version"] == expected
+    assert observation.metadata["stored"].value is False
+
+
+def test_schedules_come_from_the_inventory_and_are_off_on_the_twin(shipped: Inventory) -> None:
+    (twin,) = build_training_schedules(shipped, Target.TWIN).schedules
+    (homelab,) = build_training_schedules(shipped, Target.HOMELAB).schedules
+    assert twin.name == "training_sre_runbook"
+    assert twin.cron_schedule == shipped.training_runs[RUN].schedule
+    assert twin.default_status == dg.DefaultScheduleStatus.STOPPED
+    assert homelab.default_status == dg.DefaultScheduleStatus.RUNNING
+
+
+@pytest.mark.slow
+def test_a_failure_inside_the_workflow_surfaces_its_reason(
+    tmp_path: Path, shipped: Inventory
+) -> None:
+    twin = Twin(tmp_path, shipped)
+    (twin.root / "tiny").mkdir()
+    (twin.root / "tiny" / "a.md").write_text("far too short to train on")
+    result = twin.materialize(with_run(shipped, corpus=["tiny/*.md"]), selection=[RUN_KEY])
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    message = failure.step_failure_data.user_failure_data.description
+    assert "TrainingError" in message and "too few" in message and "log.txt" in message
+
+
+class _Log:
+    """Collects what a launcher logs (Dagster's log manager has the same methods)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def info(self, message: str) -> None:
+        self.lines.append(message)
+
+    warning = error = info
+
+
+def test_the_local_child_process_is_killed_when_the_wait_ends(tmp_path: Path) -> None:
+    import os
+    import re
+    import sys
+
+    from homelab_dagster.errors import TrainingError
+
+    launcher = LocalFlyteLauncher(corpus_root=str(tmp_path), work_dir=str(tmp_path), timeout_s=1)
+    log = _Log()
+    command = [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(120)"]
+    with pytest.raises(TrainingError, match="timeout"):
+        launcher._run(command, dict(os.environ), tmp_path, log)
+    assert "started" in log.lines
+    (pid,) = [int(m.group(1)) for line in log.lines if (m := re.search(r"pid (\d+)", line))]
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)

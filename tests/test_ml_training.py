@@ -1,0 +1,130 @@
+"""The training code itself: corpus, digest, tokenizer, the training function, export."""
+
+from __future__ import annotations
+
+import hashlib
+import statistics
+from pathlib import Path
+
+import pytest
+from _ml_support import CPU, tiny_spec, write_corpus
+
+from homelab_dagster.errors import TrainingError
+from homelab_dagster.ml.corpus import resolve_corpus
+from homelab_dagster.ml.digest import directory_digest, tree_digest
+
+
+def test_digest_is_sha256_over_sorted_path_and_file_digests(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "b.txt").write_bytes(b"beta")
+    (tmp_path / "sub" / "a.txt").write_bytes(b"alpha")
+    lines = "".join(
+        f"{path}\0{hashlib.sha256(data).hexdigest()}\n"
+        for path, data in sorted([("b.txt", b"beta"), ("sub/a.txt", b"alpha")])
+    )
+    digest, files, size = directory_digest(tmp_path)
+    assert digest == hashlib.sha256(lines.encode()).hexdigest()
+    assert set(files) == {"b.txt", "sub/a.txt"} and size == 9
+    assert tree_digest(reversed(list(files.items()))) == digest  # order does not matter
+
+
+def test_corpus_digest_follows_content_not_location(tmp_path: Path) -> None:
+    one = resolve_corpus(write_corpus(tmp_path / "one"), ["docs/**/*.md", "README.md"])
+    two = resolve_corpus(write_corpus(tmp_path / "two"), ["docs/**/*.md", "README.md"])
+    assert one.digest == two.digest and one.files
+    (tmp_path / "two" / "docs" / "runbook.md").write_text("Something else entirely.")
+    assert resolve_corpus(tmp_path / "two", ["docs/**/*.md"]).digest != one.digest
+
+
+@pytest.mark.parametrize(
+    ("files", "globs", "message"),
+    [
+        ({}, ["docs/**/*.md"], "match no files"),
+        ({"docs/a.md": "", "docs/b.md": "  \n"}, ["docs/*.md"], "all of them empty"),
+        ({"docs/a.md": "text"}, ["../*.md"], "stay below it"),
+    ],
+)
+def test_empty_corpus_is_a_clear_error(
+    tmp_path: Path, files: dict[str, str], globs: list[str], message: str
+) -> None:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    with pytest.raises(TrainingError, match=message):
+        resolve_corpus(tmp_path, globs)
+
+
+def test_a_corpus_too_short_for_one_block_fails(tmp_path: Path) -> None:
+    from homelab_dagster.ml.data import prepare_dataset
+
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "short.md").write_text("too short")
+    with pytest.raises(TrainingError, match="too few"):
+        prepare_dataset(tmp_path / "c", tmp_path / "d", tiny_spec())
+
+
+@pytest.mark.slow
+def test_training_really_trains_and_exports_loadable_weights(tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from homelab_dagster.ml.train import run_pipeline
+
+    corpus = resolve_corpus(write_corpus(tmp_path / "src"), ["README.md", "docs/**/*.md"])
+    weights, digest, report, evaluation = run_pipeline(
+        corpus.stage(tmp_path / "corpus"), tmp_path / "work", tiny_spec(), CPU
+    )
+    # The loss goes down over the steps (means of the first and last ten, not two samples).
+    assert statistics.mean(report.losses[-10:]) < statistics.mean(report.losses[:10]) - 0.3
+    assert report.final_loss < report.first_loss
+    assert evaluation.eval_loss < report.first_loss and evaluation.eval_tokens > 0
+    # The digest is the files' digest; the files are Hugging Face format.
+    assert directory_digest(weights)[0] == digest
+    names = {p.name for p in weights.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= names
+    model = AutoModelForCausalLM.from_pretrained(weights)
+    tokenizer = AutoTokenizer.from_pretrained(weights)
+    assert sum(p.numel() for p in model.parameters()) == report.parameter_count
+    prompt = tokenizer("When the vllm pod restarts,", return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**prompt, max_new_tokens=8, do_sample=False)
+    assert out.shape[1] == prompt["input_ids"].shape[1] + 8
+    assert isinstance(tokenizer.decode(out[0]), str)
+
+
+@pytest.mark.slow
+def test_fine_tuning_starts_from_a_base_model(tmp_path: Path) -> None:
+    """A base model (here a local directory: the hub is off limits) is fine-tuned, not re-built."""
+    from dataclasses import replace
+
+    from homelab_dagster.ml.train import run_pipeline
+
+    corpus = resolve_corpus(write_corpus(tmp_path / "src"), ["docs/**/*.md"]).stage(tmp_path / "c")
+    base, _, first, _ = run_pipeline(corpus, tmp_path / "base", tiny_spec(steps=40), CPU)
+    tuned = replace(tiny_spec(steps=10, learning_rate=1e-3), base_model=str(base))
+    _, _, report, _ = run_pipeline(corpus, tmp_path / "tuned", tuned, CPU)
+    # It starts where the base model ended, far below a fresh model's first loss.
+    assert report.first_loss < first.first_loss - 0.5
+
+
+def test_seq_len_beyond_the_models_positions_is_refused(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from homelab_dagster.ml.data import prepare_dataset
+
+    spec = tiny_spec()
+    spec = replace(spec, hyperparameters=replace(spec.hyperparameters, seq_len=1024))
+    with pytest.raises(TrainingError, match="n_positions"):
+        prepare_dataset(write_corpus(tmp_path / "c"), tmp_path / "d", spec)
+
+
+def test_training_code_imports_neither_flytekit_nor_dagster() -> None:
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, homelab_dagster.ml.train, homelab_dagster.ml.data;"
+        "print(','.join(m for m in ('flytekit', 'dagster') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""

@@ -1,0 +1,216 @@
+"""The Pulumi resource's own logic: names, passphrase, locks, events, results.
+
+The parts that need the Pulumi CLI run in tests/test_pulumi_stacks.py (with the toolchain)
+and tests/test_clusters_twin.py (against the twin).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from homelab_dagster.errors import StackError, StackLockedError
+from homelab_dagster.settings import Settings, Target
+from resources import _stack_locks
+from resources._stack_result import SECRET_MASK, EventRecorder, StackResult, mask_outputs
+from resources.pulumi import PulumiStacks
+from resources.stacks import build_stack_resources
+
+
+def stacks(tmp_path, **kwargs) -> PulumiStacks:
+    defaults = {
+        "target": "twin",
+        "state_dir": str(tmp_path),
+        "passphrase_file": str(tmp_path / "pulumi" / "passphrase"),
+        "generate_passphrase": True,
+        "use_toolchain": False,
+        "lock_wait_s": 0.5,
+        "lock_poll_s": 0.1,
+    }
+    return PulumiStacks(**(defaults | kwargs))
+
+
+def test_stack_names_follow_the_asset_keys(tmp_path):
+    p = stacks(tmp_path)
+    assert p.stack_name(["cluster", "forge"]) == "twin.cluster.forge"
+    assert p.stack_name(["mesh_link", "studio__forge"]) == "twin.mesh_link.studio__forge"
+    assert p.backend == f"file://{tmp_path}/pulumi/backend"
+    assert p.work_dir("twin.cluster.forge") == tmp_path / "pulumi" / "work" / "twin.cluster.forge"
+
+
+def test_the_target_picks_the_configuration(tmp_path, shipped_inventory):
+    twin = Settings(tmp_path / "homelab.yaml", Target.TWIN, tmp_path)
+    resources = build_stack_resources(twin, shipped_inventory)
+    assert resources["pulumi"].backend_url == f"file://{tmp_path}/pulumi/backend"
+    assert resources["pulumi"].generate_passphrase
+    assert resources["kubernetes"].context("forge") == "twin-forge"
+    assert resources["kubernetes"].kubeconfig == str(tmp_path / "twin" / "kubeconfig")
+    homelab_settings = Settings(tmp_path / "homelab.yaml", Target.HOMELAB, tmp_path)
+    homelab = build_stack_resources(homelab_settings, shipped_inventory)
+    assert homelab["pulumi"].passphrase_file is None
+    assert not homelab["pulumi"].use_toolchain
+    assert homelab["kubernetes"].context("air") == "kind-air"
+    assert homelab["kubernetes"].context("forge") == "forge"
+
+
+def test_the_twin_passphrase_is_generated_once_and_private(tmp_path, monkeypatch):
+    monkeypatch.delenv("PULUMI_CONFIG_PASSPHRASE", raising=False)
+    p = stacks(tmp_path)
+    p._check_passphrase()
+    path = tmp_path / "pulumi" / "passphrase"
+    first = path.read_text()
+    assert len(first.strip()) >= 32
+    assert path.stat().st_mode & 0o777 == 0o600
+    p._check_passphrase()
+    assert path.read_text() == first
+    assert p.env()["PULUMI_CONFIG_PASSPHRASE_FILE"] == str(path)
+    assert first.strip() not in json.dumps(p.env())
+
+
+def test_a_readable_passphrase_file_is_refused(tmp_path, monkeypatch):
+    monkeypatch.delenv("PULUMI_CONFIG_PASSPHRASE", raising=False)
+    path = tmp_path / "pulumi" / "passphrase"
+    path.parent.mkdir()
+    path.write_text("not so secret\n")
+    path.chmod(0o644)
+    with pytest.raises(StackError, match=r"readable by others .*chmod 600"):
+        stacks(tmp_path)._check_passphrase()
+
+
+def test_a_passphrase_variable_that_would_shadow_the_file_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("PULUMI_CONFIG_PASSPHRASE", "x")
+    with pytest.raises(StackError, match="PULUMI_CONFIG_PASSPHRASE is set"):
+        stacks(tmp_path)._check_passphrase()
+
+
+def test_without_a_passphrase_file_the_environment_must_have_one(tmp_path, monkeypatch):
+    for var in ("PULUMI_CONFIG_PASSPHRASE", "PULUMI_CONFIG_PASSPHRASE_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    p = stacks(tmp_path, passphrase_file=None)
+    with pytest.raises(StackError, match="no secrets passphrase"):
+        p._check_passphrase()
+    monkeypatch.setenv("PULUMI_CONFIG_PASSPHRASE_FILE", "/somewhere/else")
+    p._check_passphrase()
+
+
+def write_lock(tmp_path, stack: str, pid: int, host: str | None = None) -> str:
+    lock_dir = tmp_path / "pulumi" / "backend" / ".pulumi" / "locks" / "organization" / "homelab"
+    (lock_dir / stack).mkdir(parents=True, exist_ok=True)
+    path = lock_dir / stack / "4d1f.json"
+    record = {"pid": pid, "username": "ops", "hostname": host or socket.gethostname()}
+    path.write_text(json.dumps(record | {"timestamp": "2026-01-01T00:00:00Z"}))
+    return str(path)
+
+
+def test_a_dead_owners_lock_fails_at_once_with_the_command_that_clears_it(tmp_path, monkeypatch):
+    monkeypatch.delenv("PULUMI_CONFIG_PASSPHRASE", raising=False)
+    dead_pid = 4_000_000  # above pid_max: never a live process
+    path = write_lock(tmp_path, "twin.cluster.forge", dead_pid)
+    p = stacks(tmp_path, lock_wait_s=60)
+    with pytest.raises(StackLockedError) as info:
+        p._wait_for_locks("twin.cluster.forge", deadline=float("inf"), log=logging.getLogger())
+    message = str(info.value)
+    assert f"ops@{socket.gethostname()} (pid {dead_pid}, process gone" in message
+    assert "pulumi cancel --yes --stack twin.cluster.forge" in message
+    assert f"rm {path}" in message
+    assert os.path.exists(path)  # reported, never cleared
+
+
+def test_a_live_owners_lock_is_waited_for_then_named(tmp_path):
+    write_lock(tmp_path, "twin.cluster.air", os.getpid())
+    p = stacks(tmp_path)
+    with pytest.raises(StackLockedError, match=r"locked by ops@.*pid \d+, since .*gave up after"):
+        p._wait_for_locks("twin.cluster.air", time.monotonic() + 0.3, logging.getLogger())
+
+
+def test_locks_of_other_hosts_are_never_judged_dead(tmp_path):
+    write_lock(tmp_path, "twin.cluster.pi", 4_000_000, host="elsewhere")
+    (lock,) = _stack_locks.read_locks(f"file://{tmp_path}/pulumi/backend", "twin.cluster.pi")
+    assert not lock.dead and lock.owner().startswith("ops@elsewhere (pid 4000000, since")
+    assert _stack_locks.read_locks("s3://bucket", "twin.cluster.pi") == []
+
+
+def event(**kinds):
+    fields = dict.fromkeys(
+        [
+            "resource_pre_event",
+            "res_outputs_event",
+            "res_op_failed_event",
+            "diagnostic_event",
+            "summary_event",
+        ]
+    )
+    return SimpleNamespace(**(fields | kinds))
+
+
+def step(op: str, typ: str, name: str, diffs=()):
+    urn = f"urn:pulumi:twin.cluster.forge::homelab::{typ}::{name}"
+    return SimpleNamespace(metadata=SimpleNamespace(op=op, urn=urn, type=typ, diffs=list(diffs)))
+
+
+def test_events_are_logged_resource_by_resource(caplog):
+    caplog.set_level(logging.INFO)
+    recorder = EventRecorder("twin.cluster.forge", "up", logging.getLogger("t"))
+    ns = "kubernetes:core/v1:Namespace"
+    recorder(event(resource_pre_event=step("create", ns, "namespace-ml-training")))
+    recorder(event(res_outputs_event=step("create", ns, "namespace-ml-training")))
+    recorder(
+        event(
+            resource_pre_event=step(
+                "update", "kubernetes:core/v1:NodePatch", "node-a", ["metadata"]
+            )
+        )
+    )
+    recorder(event(resource_pre_event=step("same", ns, "namespace-linkerd")))
+    diag = SimpleNamespace(message="labels: Invalid value: 'x y'\n", severity="error")
+    recorder(event(diagnostic_event=diag))
+    assert caplog.messages[:3] == [
+        f"twin.cluster.forge: creating {ns} namespace-ml-training",
+        f"twin.cluster.forge: created {ns} namespace-ml-training",
+        "twin.cluster.forge: updating kubernetes:core/v1:NodePatch node-a (metadata)",
+    ]
+    assert "namespace-linkerd" not in " ".join(caplog.messages)  # unchanged: debug only
+    assert recorder.reason("stderr tail") == "labels: Invalid value: 'x y'"
+    assert [s.op for s in recorder.steps] == ["create", "update", "same"]
+
+
+def test_a_preview_logs_what_it_would_do(caplog):
+    caplog.set_level(logging.INFO)
+    recorder = EventRecorder("twin.cluster.forge", "preview", logging.getLogger("t"))
+    recorder(
+        event(resource_pre_event=step("delete", "kubernetes:core/v1:Namespace", "namespace-edge"))
+    )
+    assert caplog.messages == [
+        "twin.cluster.forge: would delete kubernetes:core/v1:Namespace namespace-edge"
+    ]
+
+
+def test_results_mask_secrets_and_count_changes():
+    outputs = mask_outputs(
+        {
+            "nodes": SimpleNamespace(value=["a", "b"], secret=False),
+            "kubeconfig": SimpleNamespace(value="apiVersion: v1 token: abc", secret=True),
+        }
+    )
+    assert outputs == {"kubeconfig": SECRET_MASK, "nodes": ["a", "b"]}
+    result = StackResult("up", "twin.cluster.forge", {"same": 20, "create": 2}, 1.5, outputs)
+    metadata = result.metadata()
+    assert metadata["pulumi_changed"] == 2
+    assert metadata["pulumi_stack"] == "twin.cluster.forge"
+    assert "abc" not in json.dumps(metadata["pulumi_outputs"].value)
+    assert set(metadata) == {
+        "pulumi_stack",
+        "pulumi_operation",
+        "pulumi_changes",
+        "pulumi_changed",
+        "pulumi_duration_s",
+        "pulumi_resource_count",
+        "pulumi_outputs",
+        "pulumi_plan",
+    }

@@ -1,0 +1,149 @@
+"""The twin: real control planes, simulated nodes from the inventory, real scheduling."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from homelab_dagster.errors import PortInUseError
+from homelab_dagster.twin import Twin
+
+pytestmark = pytest.mark.twin
+
+
+def _nodes(twin, cluster):
+    from kubernetes import client
+
+    return client.CoreV1Api(twin.client(cluster)).list_node().items
+
+
+def test_forge_has_eight_nodes_three_with_two_a100s(twin):
+    twin.up(["forge", "studio"])
+    nodes = _nodes(twin, "forge")
+    assert len(nodes) == 8
+    gpu_nodes = {
+        n.metadata.name
+        for n in nodes
+        if n.status.allocatable.get("nvidia.com/gpu") == "2"
+        and n.metadata.labels["nvidia.com/gpu.product"] == "NVIDIA-A100-SXM4-40GB"
+    }
+    assert gpu_nodes == {"forge-training-primary", "forge-training-secondary", "forge-inference"}
+    assert all(
+        any(c.type == "Ready" and c.status == "True" for c in n.status.conditions) for n in nodes
+    )
+    assert len(_nodes(twin, "studio")) == 12
+
+
+def test_kubectl_works_against_the_twin_by_hand(twin):
+    twin.up(["forge"])
+    env = {**os.environ, **twin.env()}
+    out = subprocess.run(
+        [str(twin.toolchain.kubectl), "--context", "twin-forge", "get", "nodes", "-o", "name"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert len(out) == 8 and "node/forge-inference" in out
+
+
+def _gpu_pod(name: str, gpus: int) -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name},
+        "spec": {
+            "nodeSelector": {"role": "inference"},
+            "containers": [
+                {
+                    "name": "vllm",
+                    "image": "vllm/vllm-openai",
+                    "resources": {"limits": {"nvidia.com/gpu": str(gpus)}},
+                }
+            ],
+        },
+    }
+
+
+def _wait(predicate, timeout: float = 60.0, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
+def test_the_scheduler_places_two_gpus_and_refuses_three(twin):
+    from kubernetes import client
+
+    twin.up(["forge"])
+    core = client.CoreV1Api(twin.client("forge"))
+    core.create_namespaced_pod("default", _gpu_pod("fits", 2))
+    core.create_namespaced_pod("default", _gpu_pod("too-big", 3))
+    try:
+        fits = _wait(
+            lambda: (
+                (p := core.read_namespaced_pod("fits", "default")).status.phase == "Running" and p
+            )
+        )
+        assert fits, "the 2-GPU pod never reached Running"
+        assert fits.spec.node_name == "forge-inference"
+
+        def refusal():
+            events = core.list_namespaced_event(
+                "default", field_selector="involvedObject.name=too-big"
+            ).items
+            return [e for e in events if e.reason == "FailedScheduling"]
+
+        events = _wait(refusal)
+        assert events, "no FailedScheduling event for the 3-GPU pod"
+        assert "Insufficient nvidia.com/gpu" in events[0].message
+        assert core.read_namespaced_pod("too-big", "default").status.phase == "Pending"
+    finally:
+        for name in ("fits", "too-big"):
+            core.delete_namespaced_pod(name, "default", grace_period_seconds=0)
+
+
+def test_up_is_idempotent_and_restarts_a_killed_control_plane(twin):
+    twin.up(["air"])
+    (before,) = [s for s in twin.status() if s.name == "air"]
+    assert before.running and before.nodes == 4
+    messages: list[str] = []
+    twin.up(["air"], progress=lambda c, m: messages.append(f"{c}: {m}"))
+    assert "air: running" in messages
+    pid = _apiserver_pid(twin, "air")
+    os.kill(pid, signal.SIGKILL)
+    _wait(lambda: not next(s for s in twin.status() if s.name == "air").running, timeout=20)
+    (down,) = [s for s in twin.status() if s.name == "air"]
+    assert not down.running and "not answering" in down.message
+    messages.clear()
+    twin.up(["air"], progress=lambda c, m: messages.append(f"{c}: {m}"))
+    assert "air: not answering: restarting" in messages
+    (after,) = [s for s in twin.status() if s.name == "air"]
+    assert after.running and after.ready_nodes == 4
+
+
+def _apiserver_pid(twin: Twin, cluster: str) -> int:
+    port = twin.api_port(cluster)
+    import psutil
+
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.laddr and conn.laddr.port == port and conn.status == "LISTEN":
+            return conn.pid
+    raise AssertionError(f"nothing listens on {port}")
+
+
+def test_a_taken_port_is_a_clear_error(twin):
+    port = twin.api_port("pi")
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen()
+        expected = rf"'pi' needs 127.0.0.1:{port}.*pid {os.getpid()}"
+        with pytest.raises(PortInUseError, match=expected):
+            twin.up(["pi"])
