@@ -44,8 +44,11 @@ lint: install ## ruff (lint and format) and mypy
 	@$(UV) run ruff format --check .
 	@$(UV) run mypy homelab_dagster resources
 
-bench: install ## Benchmarks (ratios against a baseline measured in the same run)
+bench: tools ## Benchmarks (ratios against a baseline measured in the same run)
 	@$(UV) run python benchmarks/definitions_load.py
+	@$(UV) run python benchmarks/twin_up.py
+	@$(UV) run python benchmarks/pulumi_noop.py
+	@$(UV) run python benchmarks/train_throughput.py
 
 clean: ## Stop and delete the twin, then remove local state
 	-@$(UV) run homelab twin down --purge

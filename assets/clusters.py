@@ -12,7 +12,7 @@ from collections.abc import Iterator, Mapping
 import dagster as dg
 
 from assets._keys import INVENTORY_KEY, cluster_key
-from assets.stacks import StackSpec, fail
+from assets.stacks import StackConfig, StackSpec, fail
 from homelab_dagster.errors import HomelabError, KubernetesError
 from homelab_dagster.inventory import Cluster, Component, Node
 from resources.kubernetes import KubernetesClusters, ObservedNode
@@ -102,22 +102,29 @@ def build_cluster_defs(
         can_subset=True,
     )
     def _cluster(
-        context: dg.AssetExecutionContext, pulumi: PulumiStacks, kubernetes: KubernetesClusters
+        context: dg.AssetExecutionContext,
+        config: StackConfig,
+        pulumi: PulumiStacks,
+        kubernetes: KubernetesClusters,
     ) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
         nodes: list[ObservedNode] | None = None
         if key in context.selected_asset_keys:
-            result, nodes = _provision(context, pulumi, kubernetes)
+            result, nodes = _provision(context, config, pulumi, kubernetes)
             yield result
         yield from _checks(context, kubernetes, nodes)
 
     def _provision(
-        context: dg.AssetExecutionContext, pulumi: PulumiStacks, kubernetes: KubernetesClusters
+        context: dg.AssetExecutionContext,
+        config: StackConfig,
+        pulumi: PulumiStacks,
+        kubernetes: KubernetesClusters,
     ) -> tuple[dg.MaterializeResult, list[ObservedNode]]:
         from infra.cluster import component_plan
 
         stack = pulumi.stack_name(key.path)
         try:
-            result = pulumi.up(stack, spec.program(pulumi, kubernetes), context.log)
+            program = spec.program(pulumi, kubernetes)
+            result = pulumi.up(stack, program, context.log, refresh=config.refresh)
             nodes = kubernetes.nodes(name)
             server = kubernetes.server(name)
         except HomelabError as exc:

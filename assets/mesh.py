@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import dagster as dg
 
 from assets._keys import cluster_key, mesh_link_key
-from assets.stacks import StackSpec, fail
+from assets.stacks import StackConfig, StackSpec, fail
 from homelab_dagster.errors import HomelabError, KubernetesError
 from homelab_dagster.inventory import Mesh, MeshLink
 from infra.mesh import LinkNames
@@ -98,12 +98,16 @@ def build_mesh_link_defs(
         can_subset=True,  # the check also runs alone
     )
     def _mesh_link(
-        context: dg.AssetExecutionContext, pulumi: PulumiStacks, kubernetes: KubernetesClusters
+        context: dg.AssetExecutionContext,
+        config: StackConfig,
+        pulumi: PulumiStacks,
+        kubernetes: KubernetesClusters,
     ) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
         if key in context.selected_asset_keys:
             stack = pulumi.stack_name(key.path)
             try:
-                result = pulumi.up(stack, spec.program(pulumi, kubernetes), context.log)
+                program = spec.program(pulumi, kubernetes)
+                result = pulumi.up(stack, program, context.log, refresh=config.refresh)
                 server = kubernetes.link_server(link.target)
             except HomelabError as exc:
                 raise fail(exc) from exc

@@ -18,31 +18,29 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import dagster as dg
+from pydantic import Field
 
+from homelab_dagster import step_server
 from homelab_dagster.errors import HomelabError
 from homelab_dagster.launch import CLUSTERS_TAG, PREVIEW_JOB, TEARDOWN_JOB
 from resources.kubernetes import KubernetesClusters
 from resources.pulumi import Program, PulumiStacks
 
-__all__ = ["CLUSTERS_TAG", "STACK_EXECUTOR", "StackSpec", "build_stack_jobs", "fail"]
+__all__ = [
+    "CLUSTERS_TAG",
+    "STACK_EXECUTOR",
+    "StackConfig",
+    "StackSpec",
+    "build_stack_jobs",
+    "fail",
+]
 
-# One process per step (one Pulumi program per process). Steps fork from a server that has
-# imported the heavy libraries once, so a step starts in a fraction of a second instead of
-# importing Dagster, Pulumi and the Kubernetes client again (seconds each, on two cores).
-# The code location itself is not preloaded: it reads its settings from the environment.
+# One process per step (one Pulumi program per process), forked from a server that has
+# imported the heavy libraries once (homelab_dagster/step_server.py).
 STACK_EXECUTOR = dg.multiprocess_executor.configured(
     {
         "max_concurrent": 8,
-        "start_method": {
-            "forkserver": {
-                "preload_modules": [
-                    "dagster",
-                    "pulumi.automation",
-                    "pulumi_kubernetes",
-                    "kubernetes.client",
-                ]
-            }
-        },
+        "start_method": {"forkserver": {"preload_modules": list(step_server.PRELOAD)}},
     }
 )
 
@@ -63,6 +61,16 @@ class StackSpec:
     def slug(self) -> str:
         """The key as an op name part: ``cluster_forge``, ``mesh_link_studio__forge``."""
         return "_".join(self.key.path).replace("-", "_")
+
+
+class StackConfig(dg.Config):
+    """Run configuration of an infrastructure asset's materialisation."""
+
+    refresh: bool = Field(
+        default=True,
+        description="Refresh the stack from the cluster before updating, so that changes made "
+        "behind Pulumi's back (drift) are repaired. Off: apply the inventory's changes only.",
+    )
 
 
 def fail(exc: HomelabError) -> dg.Failure:

@@ -135,6 +135,9 @@ def up(
     ] = None,
 ) -> None:
     """Materialise the homelab (or one cluster) on the target, with progress."""
+    from homelab_dagster import step_server
+
+    step_server.warm()  # the steps' fork server imports while this process does
     from homelab_dagster import launch
 
     try:

@@ -14,7 +14,7 @@ import dagster as dg
 import typer
 from dagster import DagsterEventType
 
-from homelab_dagster import launch
+from homelab_dagster import launch, step_server
 from homelab_dagster._output import console, err_console, fail
 from homelab_dagster.errors import HomelabError
 from homelab_dagster.loader import load_inventory
@@ -41,6 +41,7 @@ def _stack_ops(job: dg.JobDefinition, cluster: str | None) -> list[str] | None:
 
 def _run(env: str | None, job: Callable[[], dg.JobDefinition], verb: str) -> str:
     """Run ``job``'s ops for ``env`` on the target; exit 1 on failure. Returns the run id."""
+    step_server.warm()  # its imports overlap with ours
     try:
         settings = Settings.from_env()
         inventory = load_inventory(settings.inventory_path).inventory

@@ -80,7 +80,7 @@ def plan_selection(inventory: Inventory, cluster: str | None = None) -> Plan:
     if cluster is not None:
         links = [lk for lk in inventory.mesh.links if cluster in {lk.source, lk.target}]
         clusters = sorted({cluster} | {c for lk in links for c in (lk.source, lk.target)})
-        wanted = {mesh_link_path(lk.source, lk.target) for lk in links}
+        wanted: set[tuple[str, ...]] = {mesh_link_path(lk.source, lk.target) for lk in links}
         # A link needs both its clusters' base state (their linkerd-multicluster namespace).
         wanted |= {("homelab_inventory",), *(("cluster", c) for c in clusters)}
         keys = {k for k in keys if tuple(k.path) in wanted}

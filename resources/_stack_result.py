@@ -205,8 +205,9 @@ class EventRecorder:
             self._log.error(f"{self._stack}: {message}")
         elif diag.severity == "warning" and not _AMBIENT_PLUGIN.search(message):
             self._log.warning(f"{self._stack}: {message}")
-        else:  # progress notes ("[1/3] Finding Pods..."), the twin's plugin found on PATH
-            self._log.debug(f"{self._stack}: {message}")
+        elif diag.severity != "debug":  # progress notes ("[1/3] Finding Pods..."), the
+            self._log.debug(f"{self._stack}: {message}")  # twin's plugin found on PATH
+        # "debug": the SDK's own tracing (a few per resource), never worth an event
 
     def reason(self, stderr: str) -> str:
         """Pulumi's reason for a failure: its error diagnostics, else the tail of its stderr."""
