@@ -4,7 +4,9 @@ On a twin of the shipped inventory (in a temporary state directory), the five cl
 are brought up once; then, alternating, in the same run:
 
 - **graph**: the ``up`` job materialising the five ``cluster/*`` assets (nothing changed),
-  through Dagster's multiprocess executor, as ``homelab up`` runs it (checks included);
+  through Dagster's multiprocess executor, as ``homelab up`` runs it (checks included), in a
+  fresh process each time; by default each stack refreshes first (drift repair), and
+  **graph_no_refresh** runs with ``refresh: false`` (what ``pulumi up`` does);
 - **shell up**: ``pulumi up --yes --stack twin.cluster.<c>`` for the five stacks one after
   another, from a shell, as the owner's ``make up`` did;
 - **shell preview**: ``pulumi preview --stack twin.cluster.<c>``, the same way.
@@ -73,12 +75,13 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the twin and its state")
     parser.add_argument("--port-base", type=int, default=23443)
     parser.add_argument("--run-graph", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--no-refresh", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run_graph:  # the child of _timed_graph: the environment is set already
         from homelab_dagster import step_server
 
         step_server.warm()  # as `homelab up` does
-        print(json.dumps(_graph()))
+        print(json.dumps(_graph(refresh=not args.no_refresh)))
         return 0
 
     state = Path(tempfile.mkdtemp(prefix="homelab-bench-"))
@@ -110,13 +113,19 @@ def main() -> int:
             **_pulumi_env(),
             "PATH": f"{shell / 'bin'}{os.pathsep}{_pulumi_env()['PATH']}",
         }
-        times: dict[str, list[float]] = {"graph": [], "shell_up": [], "shell_preview": []}
+        times: dict[str, list[float]] = {
+            "graph": [],
+            "graph_no_refresh": [],
+            "shell_up": [],
+            "shell_preview": [],
+        }
         stack_seconds: list[float] = []
         for i in range(args.repeat):
             print(f"round {i + 1}/{args.repeat}", flush=True)
             seconds, per_stack = _timed_graph()
             times["graph"].append(seconds)
             stack_seconds.append(sum(per_stack))
+            times["graph_no_refresh"].append(_timed_graph(refresh=False)[0])
             times["shell_up"].append(_shell(shell, env, "up --yes"))
             times["shell_preview"].append(_shell(shell, env, "preview"))
         report = _report(times, stack_seconds, first)
@@ -131,7 +140,7 @@ def main() -> int:
     return 0
 
 
-def _graph() -> tuple[bool, list[float]]:
+def _graph(refresh: bool = True) -> tuple[bool, list[float]]:
     import dagster as dg
 
     from assets import cluster_key
@@ -142,7 +151,10 @@ def _graph() -> tuple[bool, list[float]]:
             dg.reconstructable(launch.up_job),
             instance=instance,
             asset_selection=[cluster_key(c) for c in CLUSTERS],
-            run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
+            run_config={
+                "loggers": {"console": {"config": {"log_level": "WARNING"}}},
+                "ops": {f"cluster__{c}": {"config": {"refresh": refresh}} for c in CLUSTERS},
+            },
         )
         if not result.success:
             raise SystemExit(f"the up job failed (run {result.run_id})")
@@ -159,11 +171,12 @@ def _graph() -> tuple[bool, list[float]]:
     return any(changed), durations
 
 
-def _timed_graph() -> tuple[float, list[float]]:
+def _timed_graph(refresh: bool = True) -> tuple[float, list[float]]:
     """One graph run in a fresh process, as ``homelab up`` (or a run worker) starts one."""
+    flags = ["--run-graph"] + ([] if refresh else ["--no-refresh"])
     start = time.perf_counter()
     out = subprocess.run(
-        [sys.executable, __file__, "--run-graph"], check=True, capture_output=True, text=True
+        [sys.executable, __file__, *flags], check=True, capture_output=True, text=True
     )
     seconds = time.perf_counter() - start
     changed, durations = json.loads(out.stdout.strip().splitlines()[-1])
@@ -225,6 +238,12 @@ def _report(
         "median_s": median,
         "graph_speedup_vs_shell_up": round(median["shell_up"] / median["graph"], 2),
         "graph_vs_shell_preview": round(median["graph"] / median["shell_preview"], 2),
+        "graph_no_refresh_speedup_vs_shell_up": round(
+            median["shell_up"] / median["graph_no_refresh"], 2
+        ),
+        "graph_no_refresh_vs_shell_preview": round(
+            median["graph_no_refresh"] / median["shell_preview"], 2
+        ),
         "sum_of_stack_noop_up_s (inside the graph, median)": round(
             statistics.median(stack_seconds), 2
         ),

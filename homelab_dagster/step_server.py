@@ -7,6 +7,10 @@ two cores. The ``up``, ``preview`` and ``teardown`` jobs therefore start steps w
 it. :func:`warm` starts that server right away, so that its imports overlap with the
 caller's own (the CLI calls it before it imports Dagster); the executor then finds it
 running and uses it. Nothing here imports a heavy module.
+
+The steps inherit the server's environment, the one of the process that started it: a
+process that runs several jobs under different ``HOMELAB_*`` settings (a test session)
+must run each in a process of its own.
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ import multiprocessing.forkserver
 
 __all__ = ["PRELOAD", "warm"]
 
-# Libraries only: the code location reads its settings from the environment, so each step
-# loads it itself. A name that fails to import is skipped by the server.
+# The server is started by (and with the environment of) the process that runs the job, so
+# the code location it preloads reads the run's settings. A name that fails to import is
+# skipped by the server.
 PRELOAD = [
     "dagster",
     "dagster._core.storage.sqlite_storage",  # the instance: sqlalchemy, alembic
@@ -26,7 +31,7 @@ PRELOAD = [
     "pulumi_kubernetes.core.v1",  # the SDK's modules: 1 s together
     "pulumi_kubernetes.rbac.v1",
     "pulumi_kubernetes.scheduling.v1",
-    "homelab_dagster.loader",
+    "homelab_dagster.definitions",  # the code location, loaded once for every step
 ]
 
 

@@ -332,8 +332,10 @@ def _toolchain() -> tuple[dict[str, str], str, str]:
 
     try:
         tools = toolchain.ensure_toolchain(build=False)
-    except toolchain.ToolchainError as exc:
-        raise ToolchainError(f"{exc} (the twin's Pulumi comes from its toolchain)") from exc
+    except ToolchainError as exc:
+        raise ToolchainError(
+            exc.tool, f"{exc.reason} (the twin's Pulumi comes from its toolchain)"
+        ) from exc
     env = {k: v for k, v in tools.env().items() if k == "PATH" or k.startswith("PULUMI_")}
     return env, str(tools.pulumi), str(tools.versions["tools"]["pulumi"]["version"])
 
