@@ -8,7 +8,7 @@ UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 export HOMELAB_STATE_DIR ?= $(CURDIR)/.homelab
 export DAGSTER_HOME ?= $(HOMELAB_STATE_DIR)/dagster
 
-.PHONY: help uv install system-deps tools twin up dev test lint bench clean
+.PHONY: help uv install system-deps tools twin up preview dev test lint bench clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -32,6 +32,9 @@ twin: tools ## Start the twin (every cluster of the inventory)
 
 up: tools ## The main job on the twin (ENV=<cluster> for one cluster)
 	@$(UV) run homelab up $(if $(ENV),--env $(ENV))
+
+preview: tools ## What Pulumi would change, per resource (ENV=<cluster> for one cluster)
+	@$(UV) run homelab preview $(if $(ENV),--env $(ENV))
 
 dev: install ## The Dagster UI and daemon on http://127.0.0.1:3000
 	@$(UV) run homelab dev

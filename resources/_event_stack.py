@@ -109,8 +109,10 @@ def open_stack(
     env: dict[str, str],
     backend: str,
     command: PulumiCommand,
+    create: bool = True,
 ) -> EventStack:
-    """Create or select stack ``name`` of ``project`` with the inline ``program``."""
+    """Select stack ``name`` of ``project`` with the inline ``program`` (creating it if
+    missing and ``create``; else ``StackNotFoundError``)."""
     settings = ProjectSettings(
         name=project, runtime="python", main=work_dir, backend=ProjectBackend(url=backend)
     )
@@ -123,5 +125,6 @@ def open_stack(
         project_settings=settings,
         pulumi_command=command,
     )
-    # Stack.create_or_select builds a plain Stack; the mode is what it passes.
-    return EventStack(name, workspace, StackInitMode.CREATE_OR_SELECT)
+    # Stack.create_or_select and Stack.select build a plain Stack; the mode is what they pass.
+    mode = StackInitMode.CREATE_OR_SELECT if create else StackInitMode.SELECT
+    return EventStack(name, workspace, mode)

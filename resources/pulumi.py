@@ -136,13 +136,19 @@ class PulumiStacks(dg.ConfigurableResource):
     def destroy(self, stack: str, log: Log, *, remove: bool = False) -> StackResult:
         """Delete every resource of ``stack`` (``remove``: then the stack and its history)."""
 
+        from pulumi import automation as auto
+
         def call(s: EventStack, rec: EventRecorder) -> Any:
             result = s.destroy(on_event=rec, color="never")
             if remove:
                 s.workspace.remove_stack(s.name)
             return result
 
-        return self._run("destroy", stack, _empty_program, log, call)
+        try:
+            return self._run("destroy", stack, _empty_program, log, call, create=False)
+        except auto.StackNotFoundError:
+            log.info(f"{stack}: no such stack, nothing to destroy")
+            return StackResult("destroy", stack, {}, 0.0)
 
     def outputs(self, stack: str) -> dict[str, Any]:
         """The stack's outputs, secret ones masked (empty for a stack never brought up)."""
@@ -150,7 +156,11 @@ class PulumiStacks(dg.ConfigurableResource):
 
         with PROGRAM_LOCK:
             try:
-                return mask_outputs(self._stack(stack, _empty_program).masked_outputs())
+                return mask_outputs(
+                    self._stack(stack, _empty_program, create=False).masked_outputs()
+                )
+            except auto.StackNotFoundError:
+                return {}
             except auto.CommandError as exc:
                 raise StackError(f"cannot read the outputs of {stack}: {_tail(exc)}") from exc
 
@@ -168,7 +178,7 @@ class PulumiStacks(dg.ConfigurableResource):
             "PULUMI_DISABLE_AUTOMATIC_PLUGIN_ACQUISITION": "true",
         }
         if self.use_toolchain:
-            env |= _toolchain()[0]
+            env |= _toolchain(env["PULUMI_HOME"])[0]
         if self.passphrase_file:
             env["PULUMI_CONFIG_PASSPHRASE_FILE"] = str(self._passphrase_path())
         return env
@@ -182,6 +192,8 @@ class PulumiStacks(dg.ConfigurableResource):
         program: Program,
         log: Log,
         call: Callable[[EventStack, EventRecorder], Any],
+        *,
+        create: bool = True,
     ) -> StackResult:
         from pulumi import automation as auto
 
@@ -189,7 +201,7 @@ class PulumiStacks(dg.ConfigurableResource):
             log.info(f"{stack_name}: waiting for another Pulumi program in this process")
             PROGRAM_LOCK.acquire()
         try:
-            stack = self._stack(stack_name, program)
+            stack = self._stack(stack_name, program, create=create)
             deadline = time.monotonic() + self.lock_wait_s
             while True:
                 self._wait_for_locks(stack_name, deadline, log)
@@ -251,7 +263,9 @@ class PulumiStacks(dg.ConfigurableResource):
         outputs = mask_outputs(getattr(raw, "outputs", None) or {})
         return StackResult(operation, stack, changes, seconds, outputs, recorder.steps)
 
-    def _stack(self, name: str, program: Program) -> EventStack:
+    def _stack(self, name: str, program: Program, *, create: bool = True) -> EventStack:
+        """Stack ``name`` (created if missing, unless ``create`` is False: then
+        ``auto.StackNotFoundError`` passes through)."""
         from pulumi import automation as auto
 
         from resources._event_stack import open_stack
@@ -272,8 +286,15 @@ class PulumiStacks(dg.ConfigurableResource):
                 work_dir=str(work_dir),
                 env=env,
                 backend=self.backend,
-                command=_command(*_toolchain()[1:]) if self.use_toolchain else _command(None, None),
+                command=(
+                    _command(*_toolchain(env["PULUMI_HOME"])[1:])
+                    if self.use_toolchain
+                    else _command(None, None)
+                ),
+                create=create,
             )
+        except auto.StackNotFoundError:
+            raise  # only when not creating: the caller knows what a missing stack means
         except auto.CommandError as exc:
             raise StackError(f"cannot create or select stack {name}: {_tail(exc)}") from exc
 
@@ -325,9 +346,10 @@ def _write_new_passphrase(path: Path) -> None:
 
 
 @functools.cache
-def _toolchain() -> tuple[dict[str, str], str, str]:
-    """PATH (pulumi, the provider plugin) and Pulumi's variables from the twin's toolchain,
-    its pulumi binary and that binary's (verified) version."""
+def _toolchain(pulumi_home: str) -> tuple[dict[str, str], str, str]:
+    """PATH and Pulumi's variables from the twin's toolchain (its Kubernetes provider linked
+    into ``pulumi_home``'s plugin cache, where the engine finds it by version), its pulumi
+    binary and that binary's (verified) version."""
     from infra import toolchain
 
     try:
@@ -336,7 +358,9 @@ def _toolchain() -> tuple[dict[str, str], str, str]:
         raise ToolchainError(
             exc.tool, f"{exc.reason} (the twin's Pulumi comes from its toolchain)"
         ) from exc
-    env = {k: v for k, v in tools.env().items() if k == "PATH" or k.startswith("PULUMI_")}
+    Path(pulumi_home).mkdir(mode=0o700, parents=True, exist_ok=True)
+    variables = tools.env(pulumi_home=pulumi_home).items()
+    env = {k: v for k, v in variables if k == "PATH" or k.startswith("PULUMI_")}
     return env, str(tools.pulumi), str(tools.versions["tools"]["pulumi"]["version"])
 
 

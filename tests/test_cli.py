@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 from typer.testing import CliRunner
 
@@ -56,19 +60,30 @@ def test_usage_error_exits_2():
 
 
 @pytest.mark.twin
-def test_up_materialises_one_cluster_on_the_twin(project_root, tmp_path, monkeypatch, toolchain):
-    monkeypatch.setenv("HOMELAB_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
-    monkeypatch.setenv("HOMELAB_TWIN_PORT_BASE", "28443")
-    monkeypatch.chdir(project_root)
+def test_up_materialises_one_cluster_on_the_twin(project_root, tmp_path, toolchain):
+    # A subprocess, as a person runs it: the code location it loads reads this environment.
+    env = {
+        **os.environ,
+        "HOMELAB_STATE_DIR": str(tmp_path / "state"),
+        "DAGSTER_HOME": str(tmp_path / "dagster"),
+        "HOMELAB_TWIN_PORT_BASE": "28443",
+    }
+    homelab = [sys.executable, "-m", "homelab_dagster"]
     try:
-        result = runner.invoke(app, ["up", "--env", "air"])
-        assert result.exit_code == 0, result.output
-        assert "twin air: ready" in result.output
-        assert "materialised" in result.output and "cluster/air" in result.output
+        result = subprocess.run(
+            [*homelab, "up", "--env", "air"],
+            cwd=project_root,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, output[-3000:]
+        assert "twin air: ready" in output
+        assert "materialised" in output and "cluster/air" in output
         assert (tmp_path / "dagster" / "dagster.yaml").exists()
     finally:
-        runner.invoke(app, ["twin", "down", "--purge"])
+        subprocess.run([*homelab, "twin", "down", "--purge"], cwd=project_root, env=env)
 
 
 def test_up_unknown_cluster_exits_2(project_root, monkeypatch):

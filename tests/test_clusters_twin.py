@@ -34,7 +34,7 @@ def infra(twin, shipped_inventory, tmp_path_factory):
 
 def materialize(defs: dg.Definitions, resources, **kwargs) -> dg.ExecuteInProcessResult:
     return dg.materialize(
-        [*defs.assets, *defs.asset_checks], resources=resources, raise_on_error=False, **kwargs
+        list(defs.assets or []), resources=resources, raise_on_error=False, **kwargs
     )
 
 
@@ -170,7 +170,7 @@ def test_studio_reaches_forges_exported_services_until_the_token_is_deleted(
     while True:
         (broken,) = checks_of(
             dg.materialize(
-                [*defs.assets, *defs.asset_checks],
+                list(defs.assets or []),
                 resources=infra,
                 selection=dg.AssetSelection.checks_for_assets(defs.assets[0]),
                 raise_on_error=False,
@@ -204,6 +204,11 @@ def test_input_pulumi_rejects_fails_with_its_reason_and_leaves_the_stack_usable(
 
     pulumi = infra["pulumi"]
     assert pulumi.locks("twin.cluster.forge") == []
+    (checkpoint,) = (pulumi.root / "backend" / ".pulumi" / "stacks").rglob(
+        "twin.cluster.forge.json"
+    )
+    latest = json.loads(checkpoint.read_text())["checkpoint"]["latest"]
+    assert not latest.get("pending_operations")
     good = materialize(cluster_defs(shipped_inventory, "forge"), infra)
     assert good.success
     assert checks_of(good)["nodes_match_inventory"].passed

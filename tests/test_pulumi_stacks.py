@@ -144,3 +144,11 @@ def test_a_failing_program_fails_with_its_reason_and_leaves_the_stack_unlocked(s
         stacks.up("test.broken", broken, log, refresh=False)
     assert stacks.locks("test.broken") == []
     assert stacks.up("test.broken", exporting(ok=True), log, refresh=False).outputs == {"ok": True}
+
+
+def test_a_stack_never_brought_up_has_no_outputs_and_nothing_to_destroy(stacks):
+    log = logging.getLogger("test")
+    assert stacks.outputs("test.never") == {}
+    result = stacks.destroy("test.never", log)
+    assert result.changes == {} and result.changed == 0
+    assert not list((stacks.root / "backend").rglob("test.never.json"))  # not created either

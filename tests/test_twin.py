@@ -139,11 +139,13 @@ def _apiserver_pid(twin: Twin, cluster: str) -> int:
     raise AssertionError(f"nothing listens on {port}")
 
 
-def test_a_taken_port_is_a_clear_error(twin):
-    port = twin.api_port("pi")
+def test_a_taken_port_is_a_clear_error(twin, tmp_path):
+    # A twin of its own, whose clusters were never started: the session twin may run pi.
+    fresh = Twin(twin.inventory, tmp_path, twin.toolchain, api_port_base=29443)
+    port = fresh.ports("pi")["etcdPort"]
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", port))
         squatter.listen()
-        expected = rf"'pi' needs 127.0.0.1:{port}.*pid {os.getpid()}"
+        expected = rf"'pi' needs 127.0.0.1:{port} \(its etcd\).*pid {os.getpid()}"
         with pytest.raises(PortInUseError, match=expected):
-            twin.up(["pi"])
+            fresh.up(["pi"])
