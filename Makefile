@@ -5,8 +5,6 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 ENV ?=
 UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
-export HOMELAB_STATE_DIR ?= $(CURDIR)/.homelab
-export DAGSTER_HOME ?= $(HOMELAB_STATE_DIR)/dagster
 
 .PHONY: help uv install system-deps tools twin up preview dev test lint bench clean
 
@@ -55,4 +53,4 @@ bench: tools ## Benchmarks (ratios against a baseline measured in the same run)
 
 clean: ## Stop and delete the twin, then remove local state
 	-@$(UV) run homelab twin down --purge
-	rm -rf $(HOMELAB_STATE_DIR)
+	rm -rf .homelab

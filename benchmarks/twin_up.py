@@ -7,7 +7,7 @@ Measures, in one run, with a cached toolchain and a fresh state directory:
   - rss:    resident memory of every process of the twin, summed.
 Targets (issue: the twin): all five up in under 60 s warm, under 3 GiB resident together.
 
-    uv run python benchmarks/twin_up.py [--port-base 46443]
+    uv run python benchmarks/twin_up.py [--port-base 24443]
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def _timed(label: str, fn) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--port-base", type=int, default=46443)
+    parser.add_argument("--port-base", type=int, default=24443)
     options = parser.parse_args()
     inventory = load_inventory(ROOT / "homelab.yaml").inventory
     toolchain = ensure_toolchain(build=False)

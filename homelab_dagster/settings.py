@@ -69,9 +69,12 @@ class Settings:
         inventory = Path(env.get("HOMELAB_INVENTORY") or root / "homelab.yaml")
         state_dir = Path(env.get("HOMELAB_STATE_DIR") or root / ".homelab")
         raw_port = env.get("HOMELAB_TWIN_PORT_BASE", "16443")
-        if not raw_port.isdigit() or not 1024 <= int(raw_port) <= 65000:
+        # Below 32768: the kernel hands out ports above it for outgoing connections, and
+        # one of those can take a twin process's port between the check and the bind.
+        if not raw_port.isdigit() or not 1024 <= int(raw_port) <= 32000:
             raise SettingsError(
-                f"HOMELAB_TWIN_PORT_BASE={raw_port!r} is not a port between 1024 and 65000"
+                f"HOMELAB_TWIN_PORT_BASE={raw_port!r} is not a port between 1024 and 32000 "
+                "(ports above 32768 are the kernel's ephemeral range)"
             )
         return cls(
             inventory_path=inventory.resolve(),

@@ -35,6 +35,7 @@ __all__ = ["DEFAULT_API_PORT_BASE", "ClusterStatus", "Twin", "context_name"]
 DEFAULT_API_PORT_BASE = 16443
 _CREATE_TIMEOUT_S = 180
 _READY_TIMEOUT_S = 90
+_PORTS_FREED_S = 20
 # kwokctl's options naming each process's port, in the order of the ports in a block.
 _PORT_OPTIONS = (
     "kubeApiserverPort",
@@ -168,7 +169,7 @@ class Twin:
                 return
             report(name, "not answering: restarting")
             self._kwokctl("stop", "cluster", "--name", name, check=False)
-            self._check_ports(name)
+            self._check_ports(name, wait_s=_PORTS_FREED_S)  # stopped processes exit async
             self._kwokctl("start", "cluster", "--name", name, "--timeout", f"{_CREATE_TIMEOUT_S}s")
             self._wait_healthy(name)
             return
@@ -231,19 +232,18 @@ class Twin:
             return False
         return True
 
-    def _check_ports(self, name: str) -> None:
+    def _check_ports(self, name: str, *, wait_s: float = 0.0) -> None:
+        deadline = time.monotonic() + wait_s
         for option, port in self.ports(name).items():
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    probe.bind(("127.0.0.1", port))
-                except OSError:
-                    what = option.removesuffix("Port")
-                    raise PortInUseError(
-                        f"twin cluster {name!r} needs 127.0.0.1:{port} (its {what}), but "
-                        f"another process holds it{_holder(port)}; stop it, or choose other "
-                        "ports with HOMELAB_TWIN_PORT_BASE"
-                    ) from None
+            while not _bindable(port) and time.monotonic() < deadline:
+                time.sleep(0.25)
+            if not _bindable(port):
+                what = option.removesuffix("Port")
+                raise PortInUseError(
+                    f"twin cluster {name!r} needs 127.0.0.1:{port} (its {what}), but "
+                    f"another process holds it{_holder(port)}; stop it, or choose other "
+                    "ports with HOMELAB_TWIN_PORT_BASE"
+                )
 
     # ------------------------------------------------------------------ kwokctl
 
@@ -311,6 +311,17 @@ class Twin:
         fd = os.open(self.kubeconfig, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             yaml.safe_dump(merged, f)
+
+
+def _bindable(port: int) -> bool:
+    """Whether a listener could bind 127.0.0.1:``port`` now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 @functools.cache
