@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from homelab_dagster._output import console, err_console, fail
+from homelab_dagster._output import console, err_console, fail, load_for
 from homelab_dagster.cli_stacks import down, preview
 from homelab_dagster.cli_twin import start_twin, twin_app
 from homelab_dagster.errors import HomelabError
@@ -140,15 +140,7 @@ def up(
     step_server.warm()  # the steps' fork server imports while this process does
     from homelab_dagster import launch
 
-    try:
-        settings = Settings.from_env()
-        inventory = load_inventory(settings.inventory_path).inventory
-    except HomelabError as exc:
-        raise fail(exc) from exc
-    if env is not None and env not in inventory.clusters:
-        known = ", ".join(inventory.clusters)
-        err_console.print(f"[bold red]error:[/] unknown cluster {env!r} (clusters: {known})")
-        raise typer.Exit(code=2)
+    settings, inventory = load_for(env)
     plan = launch.plan_selection(inventory, env)
     console.print(f"target [bold]{settings.target.value}[/], inventory {settings.inventory_path}")
     if settings.target is Target.TWIN:

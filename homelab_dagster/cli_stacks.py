@@ -15,10 +15,9 @@ import typer
 from dagster import DagsterEventType
 
 from homelab_dagster import launch, step_server
-from homelab_dagster._output import console, err_console, fail
+from homelab_dagster._output import console, err_console, fail, load_for
 from homelab_dagster.errors import HomelabError
-from homelab_dagster.loader import load_inventory
-from homelab_dagster.settings import Settings, Target
+from homelab_dagster.settings import Target
 
 __all__ = ["down", "preview"]
 
@@ -42,15 +41,7 @@ def _stack_ops(job: dg.JobDefinition, cluster: str | None) -> list[str] | None:
 def _run(env: str | None, job: Callable[[], dg.JobDefinition], verb: str) -> str:
     """Run ``job``'s ops for ``env`` on the target; exit 1 on failure. Returns the run id."""
     step_server.warm()  # its imports overlap with ours
-    try:
-        settings = Settings.from_env()
-        inventory = load_inventory(settings.inventory_path).inventory
-    except HomelabError as exc:
-        raise fail(exc) from exc
-    if env is not None and env not in inventory.clusters:
-        known = ", ".join(inventory.clusters)
-        err_console.print(f"[bold red]error:[/] unknown cluster {env!r} (clusters: {known})")
-        raise typer.Exit(code=2)
+    settings, inventory = load_for(env)
     ops = _stack_ops(job(), env)
     console.print(f"target [bold]{settings.target.value}[/], {verb} {env or 'every stack'}")
     if settings.target is Target.TWIN:
