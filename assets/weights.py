@@ -17,6 +17,7 @@ base model's id; nothing is downloaded.
 import hashlib
 import re
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import dagster as dg
@@ -65,6 +66,33 @@ def _value(event: dg.EventLogEntry, name: str) -> object:
     return entry.value if entry is not None else None
 
 
+def _version_metadata(
+    version: WeightsVersion,
+    *,
+    source_run: str,
+    metrics: Mapping[str, float],
+    new: bool,
+    promoted: bool,
+    current: WeightsVersion | None,
+    versions: list[WeightsVersion],
+) -> dict[str, Any]:
+    """The metadata a ``model_weights`` materialisation records (docs/metadata.md)."""
+    return {
+        "digest": version.digest,
+        "weights_uri": version.uri,
+        "size_bytes": version.size_bytes,
+        "parameter_count": version.parameter_count or 0,
+        "source_run": source_run,
+        "execution_id": version.execution_id or "",
+        **metrics,
+        "new_version": new,
+        "promoted": promoted,
+        "current_digest": current.digest if current else "",
+        "version_count": len(versions),
+        "versions": dg.MetadataValue.md(_history_table(versions, current)),
+    }
+
+
 def _history_table(versions: list[WeightsVersion], current: WeightsVersion | None) -> str:
     rows = ["| digest | created | run | eval loss | current |", "|---|---|---|---|---|"]
     for v in reversed(versions):
@@ -105,17 +133,16 @@ def _rollback(
     return dg.MaterializeResult(
         data_version=dg.DataVersion(version.digest),
         metadata={
-            "digest": version.digest,
-            "weights_uri": version.uri,
-            "size_bytes": version.size_bytes,
-            "source_run": version.source_run or "",
-            **version.metrics,
+            **_version_metadata(
+                version,
+                source_run=version.source_run or "",
+                metrics=version.metrics,
+                new=False,
+                promoted=True,
+                current=version,
+                versions=versions,
+            ),
             "rolled_back_from": before.digest if before else "",
-            "new_version": False,
-            "promoted": True,
-            "current_digest": version.digest,
-            "version_count": len(versions),
-            "versions": dg.MetadataValue.md(_history_table(versions, version)),
         },
         check_results=[
             dg.AssetCheckResult(
@@ -256,20 +283,15 @@ def build_model_weights_defs(
         )
         return dg.MaterializeResult(
             data_version=dg.DataVersion(version.digest),
-            metadata={
-                "digest": version.digest,
-                "weights_uri": version.uri,
-                "size_bytes": version.size_bytes,
-                "parameter_count": version.parameter_count or 0,
-                "source_run": run,
-                "execution_id": version.execution_id or "",
-                **{k: v for k, v in metrics.items()},
-                "new_version": new,
-                "promoted": promoted,
-                "current_digest": current.digest if current else "",
-                "version_count": len(versions),
-                "versions": dg.MetadataValue.md(_history_table(versions, current)),
-            },
+            metadata=_version_metadata(
+                version,
+                source_run=run,
+                metrics=metrics,
+                new=new,
+                promoted=promoted,
+                current=current,
+                versions=versions,
+            ),
             check_results=[
                 dg.AssetCheckResult(
                     check_name=CHECK_NAME,

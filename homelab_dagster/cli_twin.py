@@ -63,8 +63,9 @@ def twin_down(
     purge: Annotated[bool, typer.Option(help="Delete the clusters and their data.")] = False,
 ) -> None:
     """Stop the twin's clusters (and nothing else)."""
+    twin = _open_or_exit()
     try:
-        stopped = open_twin(build=False).down(clusters, purge=purge)
+        stopped = twin.down(clusters, purge=purge)
     except HomelabError as exc:
         raise fail(exc) from exc
     verb = "deleted" if purge else "stopped"
@@ -74,22 +75,24 @@ def twin_down(
 @twin_app.command("status")
 def twin_status() -> None:
     """Each cluster's API server, nodes, GPU capacity and health."""
-    try:
-        twin = open_twin(build=False)
-    except HomelabError as exc:
-        raise fail(exc) from exc
+    twin = _open_or_exit()
     console.print(_status_table(twin))
 
 
 @twin_app.command("env")
 def twin_env() -> None:
     """`export` lines for a shell: eval "$(homelab twin env)", then kubectl and pulumi work."""
-    try:
-        twin = open_twin(build=False)
-    except HomelabError as exc:
-        raise fail(exc) from exc
+    twin = _open_or_exit()
     for key, value in sorted(twin.env().items()):
         print(f"export {key}={shlex.quote(value)}")
+
+
+def _open_or_exit() -> Twin:
+    """The twin, without building tools; a core error becomes a message and exit 1."""
+    try:
+        return open_twin(build=False)
+    except HomelabError as exc:
+        raise fail(exc) from exc
 
 
 def _status_table(twin: Twin) -> Table:

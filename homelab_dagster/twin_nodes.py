@@ -19,6 +19,7 @@ __all__ = [
     "ObservedNode",
     "node_manifest",
     "observe",
+    "observed_node",
     "reconcile",
     "wait_ready",
 ]
@@ -68,13 +69,25 @@ def node_manifest(node: Node) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class ObservedNode:
-    """A node as the API server reports it."""
+    """A node as its API server reports it (twin or homelab alike)."""
 
     name: str
     ready: bool
     gpus: int
     labels: dict[str, str]
-    fake: bool
+    taints: tuple[tuple[str, str, str], ...]
+
+
+def observed_node(node: Any) -> ObservedNode:
+    """An :class:`ObservedNode` from the Kubernetes client's ``V1Node``."""
+    conditions = node.status.conditions or []
+    return ObservedNode(
+        name=node.metadata.name,
+        ready=any(c.type == "Ready" and c.status == "True" for c in conditions),
+        gpus=int((node.status.allocatable or {}).get(GPU_RESOURCE, "0")),
+        labels=dict(node.metadata.labels or {}),
+        taints=tuple((t.key, t.value or "", t.effect) for t in node.spec.taints or []),
+    )
 
 
 def observe(api_client: Any) -> list[ObservedNode]:
@@ -82,18 +95,7 @@ def observe(api_client: Any) -> list[ObservedNode]:
     from kubernetes import client
 
     nodes = client.CoreV1Api(api_client).list_node(_request_timeout=10).items
-    return [
-        ObservedNode(
-            name=n.metadata.name,
-            ready=any(
-                c.type == "Ready" and c.status == "True" for c in (n.status.conditions or [])
-            ),
-            gpus=int((n.status.allocatable or {}).get(GPU_RESOURCE, "0")),
-            labels=dict(n.metadata.labels or {}),
-            fake=(n.metadata.annotations or {}).get(FAKE_ANNOTATION) == "fake",
-        )
-        for n in nodes
-    ]
+    return [observed_node(n) for n in nodes]
 
 
 def reconcile(api_client: Any, nodes: list[Node]) -> str:

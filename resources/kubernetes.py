@@ -21,10 +21,10 @@ import yaml
 from pydantic import Field
 
 from homelab_dagster.errors import KubernetesError
+from homelab_dagster.twin_nodes import ObservedNode, observed_node
 
 __all__ = ["ClusterAccess", "KubernetesClusters", "ObservedNode", "ServiceRef"]
 
-GPU_RESOURCE = "nvidia.com/gpu"
 # What an API status means for a caller holding a token (a mesh link, a check).
 _STATUS_MEANS = {
     401: "the API server rejects the credentials: the token was deleted, revoked or expired",
@@ -40,17 +40,6 @@ class ClusterAccess:
     kubeconfig: str
     context: str
     server: str
-
-
-@dataclass(frozen=True)
-class ObservedNode:
-    """A node as its API server reports it."""
-
-    name: str
-    ready: bool
-    gpus: int
-    labels: dict[str, str]
-    taints: tuple[tuple[str, str, str], ...]
 
 
 @dataclass(frozen=True)
@@ -138,7 +127,7 @@ class KubernetesClusters(dg.ConfigurableResource):
         items = self._call(
             cluster, "list nodes", client.CoreV1Api(self.api_client(cluster)).list_node
         )
-        return [_observed_node(n) for n in items.items]
+        return [observed_node(n) for n in items.items]
 
     def namespaces(self, cluster: str) -> set[str]:
         """Names of the namespaces of ``cluster``."""
@@ -264,15 +253,4 @@ def service_ref(service: Any) -> ServiceRef:
         service.metadata.name,
         dict(service.metadata.labels or {}),
         ports,
-    )
-
-
-def _observed_node(node: Any) -> ObservedNode:
-    conditions = node.status.conditions or []
-    return ObservedNode(
-        name=node.metadata.name,
-        ready=any(c.type == "Ready" and c.status == "True" for c in conditions),
-        gpus=int((node.status.allocatable or {}).get(GPU_RESOURCE, "0")),
-        labels=dict(node.metadata.labels or {}),
-        taints=tuple((t.key, t.value or "", t.effect) for t in node.spec.taints or []),
     )
