@@ -14,8 +14,8 @@ help: ## List the targets
 uv: ## Install uv if it is missing
 	@command -v uv >/dev/null 2>&1 || test -x $(HOME)/.local/bin/uv || python3 -m pip install --user --quiet uv
 
-install: uv ## Create the environment from the lock file (with the ML extra)
-	@$(UV) sync --locked --extra ml
+install: uv ## Create the environment from the lock file (with the ML extra), bytecode compiled
+	@$(UV) sync --locked --extra ml --compile-bytecode
 
 system-deps: ## Debian packages the twin needs (etcd); as root, or prints the command
 	@command -v etcd >/dev/null 2>&1 || { \

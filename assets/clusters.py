@@ -130,12 +130,11 @@ def build_cluster_defs(
         except HomelabError as exc:
             raise fail(exc) from exc
         plans = component_plan(cluster, components or {}, pulumi.target)
-        for plan in plans:
-            if not plan.install:
-                context.log.info(f"{name}: component {plan.name} skipped: {plan.reason}")
-        context.log.info(
+        skipped = [p.name for p in plans if not p.install]
+        context.log.info(  # one line (each is an event to store); the reasons are in metadata
             f"{stack}: {result.changed} change(s) in {result.duration_s:.1f} s "
             f"({result.resource_count} resources)"
+            + (f"; components skipped: {', '.join(skipped)}" if skipped else "")
         )
         metadata = {
             **result.metadata(),

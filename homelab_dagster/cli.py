@@ -6,6 +6,7 @@ stderr and exit code 1; usage errors exit 2 (typer's convention).
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -19,8 +20,9 @@ from homelab_dagster.errors import HomelabError
 from homelab_dagster.inventory import Inventory
 from homelab_dagster.loader import load_inventory
 from homelab_dagster.settings import Settings, Target
+from homelab_dagster.shutdown import end_process
 
-__all__ = ["app"]
+__all__ = ["app", "main"]
 
 app = typer.Typer(
     name="homelab",
@@ -123,8 +125,18 @@ def show(file: InventoryArg = None) -> None:
 
 
 def main() -> None:
-    """Entry point for ``python -m homelab_dagster``."""
-    app()
+    """The ``homelab`` command (and ``python -m homelab_dagster``): runs ``app``, then ends the
+    process without the interpreter's teardown (:mod:`homelab_dagster.shutdown`)."""
+    try:
+        app()
+    except SystemExit as exc:
+        code = exc.code
+    else:
+        code = 0
+    if isinstance(code, str):  # sys.exit("message")
+        print(code, file=sys.stderr)
+        code = 1
+    end_process(code or 0)
 
 
 @app.command()

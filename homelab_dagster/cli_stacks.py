@@ -8,16 +8,17 @@ selects the stacks of one cluster and of the mesh links that touch it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import dagster as dg
 import typer
-from dagster import DagsterEventType
 
-from homelab_dagster import launch, step_server
+from homelab_dagster import step_server
 from homelab_dagster._output import console, err_console, fail, load_for
 from homelab_dagster.errors import HomelabError
 from homelab_dagster.settings import Target
+
+if TYPE_CHECKING:  # Dagster is imported once the steps' fork server has started (step_server)
+    import dagster as dg
 
 __all__ = ["down", "preview"]
 
@@ -29,6 +30,8 @@ EnvOption = Annotated[
 
 def _stack_ops(job: dg.JobDefinition, cluster: str | None) -> list[str] | None:
     """The job's ops touching ``cluster`` (all when None)."""
+    from homelab_dagster import launch
+
     if cluster is None:
         return None
     return [
@@ -40,7 +43,8 @@ def _stack_ops(job: dg.JobDefinition, cluster: str | None) -> list[str] | None:
 
 def _run(env: str | None, job: Callable[[], dg.JobDefinition], verb: str) -> str:
     """Run ``job``'s ops for ``env`` on the target; exit 1 on failure. Returns the run id."""
-    step_server.warm()  # its imports overlap with ours
+    from homelab_dagster import launch
+
     settings, inventory = load_for(env)
     ops = _stack_ops(job(), env)
     console.print(f"target [bold]{settings.target.value}[/], {verb} {env or 'every stack'}")
@@ -65,8 +69,12 @@ def _run(env: str | None, job: Callable[[], dg.JobDefinition], verb: str) -> str
 
 
 def _observations(run_id: str) -> list[dg.AssetObservation]:
+    import dagster as dg
+
     with dg.DagsterInstance.get() as instance:
-        records = instance.get_records_for_run(run_id, of_type=DagsterEventType.ASSET_OBSERVATION)
+        records = instance.get_records_for_run(
+            run_id, of_type=dg.DagsterEventType.ASSET_OBSERVATION
+        )
         return [
             r.event_log_entry.dagster_event.event_specific_data.asset_observation  # type: ignore[union-attr]
             for r in records.records
@@ -76,6 +84,9 @@ def _observations(run_id: str) -> list[dg.AssetObservation]:
 
 def preview(env: EnvOption = None) -> None:
     """What materialising would change, stack by stack and resource by resource."""
+    step_server.warm()  # first: its imports overlap with ours
+    from homelab_dagster import launch
+
     run_id = _run(env, launch.preview_job, "previewing")
     for observation in sorted(_observations(run_id), key=lambda o: o.asset_key.to_user_string()):
         plan = observation.metadata.get("pulumi_plan")
@@ -95,5 +106,8 @@ def down(
     what = f"the stacks of {env} and its mesh links" if env else "every stack"
     if not yes and not typer.confirm(f"Destroy {what}?"):
         raise typer.Exit(code=1)
+    step_server.warm()  # first: its imports overlap with ours
+    from homelab_dagster import launch
+
     run_id = _run(env, launch.teardown_job, "destroying")
     console.print(f"[green]✓[/] destroyed {what} (run {run_id})")

@@ -14,15 +14,18 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import dagster as dg
 from dagster import DagsterEventType
-from rich.console import Console
-from rich.live import Live
-from rich.table import Table
 
 from homelab_dagster.inventory import Inventory
 from homelab_dagster.settings import Settings
+
+if TYPE_CHECKING:  # rich is imported where the display is drawn: the steps' processes, which
+    # import this module for its job names, never draw it
+    from rich.console import Console
+    from rich.table import Table
 
 __all__ = [
     "Plan",
@@ -184,6 +187,8 @@ class _Follower(threading.Thread):
     def run(self) -> None:
         run_id = None
         cursor = None
+        from rich.live import Live
+
         with Live(self._table(), console=self._console, refresh_per_second=4) as live:
             while True:
                 stopping = self._stopped.is_set()
@@ -220,6 +225,8 @@ class _Follower(threading.Thread):
             self.failures[step] = error.message.strip() if error else "failed"
 
     def _table(self) -> Table:
+        from rich.table import Table
+
         table = Table(title="materialising", title_justify="left", expand=False)
         table.add_column("step")
         table.add_column("status")

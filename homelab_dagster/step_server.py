@@ -24,14 +24,16 @@ __all__ = ["PRELOAD", "warm"]
 # the code location it preloads reads the run's settings. A name that fails to import is
 # skipped by the server.
 PRELOAD = [
+    "homelab_dagster._preload_begin",  # no garbage collection while importing
     "dagster",
     "dagster._core.storage.sqlite_storage",  # the instance: sqlalchemy, alembic
-    "kubernetes.client",  # 1.7 s to import on the two-core machine
+    "kubernetes.client",
     "pulumi.automation",
-    "pulumi_kubernetes.core.v1",  # the SDK's modules: 1 s together
+    "pulumi_kubernetes.core.v1",
     "pulumi_kubernetes.rbac.v1",
     "pulumi_kubernetes.scheduling.v1",
     "homelab_dagster.definitions",  # the code location, loaded once for every step
+    "homelab_dagster._preload_end",  # freeze the preloaded objects; end without teardown
 ]
 
 

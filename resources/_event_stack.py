@@ -60,9 +60,24 @@ class KnownPulumi(PulumiCommand):
 
 
 class EventStack(Stack):
-    """A Stack that reads an operation's outputs and summary from its recorded events."""
+    """A Stack that reads an operation's outputs and summary from its recorded events.
+
+    ``known``: the stack exists already, so it is not selected. Selecting runs the CLI once
+    (``pulumi stack select``) only to check that; every command of a Stack names its stack
+    (``--stack``) anyway.
+    """
 
     recorder: EventRecorder | None = None
+
+    def __init__(
+        self, name: str, workspace: LocalWorkspace, mode: StackInitMode, *, known: bool = False
+    ) -> None:
+        if not known:
+            super().__init__(name, workspace, mode)
+            return
+        self.name = name
+        self.workspace = workspace
+        self._mode = mode
 
     def outputs(self) -> dict[str, OutputValue]:
         recorded = self.recorder.stack_outputs if self.recorder else None
@@ -110,9 +125,11 @@ def open_stack(
     backend: str,
     command: PulumiCommand,
     create: bool = True,
+    known: bool = False,
 ) -> EventStack:
     """Select stack ``name`` of ``project`` with the inline ``program`` (creating it if
-    missing and ``create``; else ``StackNotFoundError``)."""
+    missing and ``create``; else ``StackNotFoundError``). ``known``: it exists (its state is in
+    the backend, its settings in ``work_dir``), so it is used without selecting it."""
     settings = ProjectSettings(
         name=project, runtime="python", main=work_dir, backend=ProjectBackend(url=backend)
     )
@@ -127,4 +144,4 @@ def open_stack(
     )
     # Stack.create_or_select and Stack.select build a plain Stack; the mode is what they pass.
     mode = StackInitMode.CREATE_OR_SELECT if create else StackInitMode.SELECT
-    return EventStack(name, workspace, mode)
+    return EventStack(name, workspace, mode, known=known)

@@ -1,4 +1,4 @@
-"""Who holds a stack's lock, and whether that process is still alive.
+"""Who holds a stack's lock, and whether that process is still alive; whether a stack exists.
 
 Pulumi's file (DIY) backend takes a lock per update: a file
 ``<backend>/.pulumi/locks/<org>/<project>/<stack>/<id>.json`` holding the owner's pid, user,
@@ -6,6 +6,9 @@ host and start time. A lock whose process has died (same host, pid gone) stays u
 removes it: :func:`describe` says how, and nothing here ever removes one.
 Other backends (Pulumi Cloud, S3, ...) report their lock only through the CLI's error, which
 the caller passes on as it is.
+
+The same backend keeps each stack's state in ``<backend>/.pulumi/stacks/<project>/<stack>.json``
+(``.json.gz`` when compressed): :func:`stack_recorded` looks for it.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-__all__ = ["StackLock", "describe", "file_backend_root", "read_locks"]
+__all__ = ["StackLock", "describe", "file_backend_root", "read_locks", "stack_recorded"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,15 @@ def file_backend_root(backend_url: str) -> Path | None:
     if parsed.scheme != "file":
         return None
     return Path(unquote(parsed.netloc + parsed.path)).expanduser()
+
+
+def stack_recorded(backend_url: str, project: str, stack: str) -> bool | None:
+    """Whether a file backend holds ``stack`` of ``project``; None for other backends."""
+    root = file_backend_root(backend_url)
+    if root is None:
+        return None
+    stacks = root / ".pulumi" / "stacks" / project
+    return any((stacks / f"{stack}{suffix}").is_file() for suffix in (".json", ".json.gz"))
 
 
 def read_locks(backend_url: str, stack: str) -> list[StackLock]:

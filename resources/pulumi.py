@@ -278,6 +278,12 @@ class PulumiStacks(dg.ConfigurableResource):
             backend_root.mkdir(parents=True, exist_ok=True)
         env = self.env()
         self._check_passphrase()
+        # A stack whose state and settings (its passphrase salt) are both here needs no
+        # selecting: that would run the CLI once more only to find it.
+        known = bool(
+            _stack_locks.stack_recorded(self.backend, PROJECT, name)
+            and (work_dir / f"Pulumi.{name}.yaml").is_file()
+        )
         try:
             return open_stack(
                 name,
@@ -292,6 +298,7 @@ class PulumiStacks(dg.ConfigurableResource):
                     else _command(None, None)
                 ),
                 create=create,
+                known=known,
             )
         except auto.StackNotFoundError:
             raise  # only when not creating: the caller knows what a missing stack means

@@ -91,3 +91,35 @@ def test_up_unknown_cluster_exits_2(project_root, monkeypatch):
     result = runner.invoke(app, ["up", "--env", "mars"])
     assert result.exit_code == 2
     assert "unknown cluster 'mars'" in result.output
+
+
+def _homelab(*args: str, cwd) -> subprocess.CompletedProcess[str]:
+    """The real entry point (``python -m homelab_dagster``), as a person runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "homelab_dagster", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_the_command_keeps_its_exit_codes_and_output(project_root, tmp_path):
+    # The entry point ends the process without the interpreter's teardown: codes and the
+    # flushed output must be what the commands said.
+    ok = _homelab("validate", cwd=project_root)
+    assert ok.returncode == 0 and "is valid" in ok.stdout
+    missing = _homelab("validate", str(tmp_path / "nope.yaml"), cwd=project_root)
+    assert missing.returncode == 1
+    assert "cannot read the inventory" in missing.stderr + missing.stdout
+    unknown = _homelab("nosuch", cwd=project_root)
+    assert unknown.returncode == 2 and "No such command" in unknown.stderr
+
+
+def test_importing_the_cli_leaves_dagster_for_after_the_fork_server_starts(project_root):
+    # `homelab up` starts the steps' fork server before it imports Dagster, so that the
+    # server's imports overlap with its own (homelab_dagster/step_server.py).
+    probe = "import sys, homelab_dagster.cli; print('dagster' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=project_root, capture_output=True, text=True
+    )
+    assert result.stdout.strip() == "False", result.stderr

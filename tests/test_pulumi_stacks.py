@@ -152,3 +152,40 @@ def test_a_stack_never_brought_up_has_no_outputs_and_nothing_to_destroy(stacks):
     result = stacks.destroy("test.never", log)
     assert result.changes == {} and result.changed == 0
     assert not list((stacks.root / "backend").rglob("test.never.json"))  # not created either
+
+
+def test_a_recorded_stack_is_used_without_selecting_it(tmp_path, toolchain, monkeypatch):
+    # Selecting a stack costs a CLI run only to find it: a stack whose state and settings are
+    # both here is used as it is (every command names its stack). A `pulumi` on PATH that
+    # records its arguments shows which commands ran.
+    monkeypatch.delenv("PULUMI_CONFIG_PASSPHRASE", raising=False)
+    calls = tmp_path / "calls"
+    shim = tmp_path / "bin" / "pulumi"
+    shim.parent.mkdir()
+    shim.write_text(f'#!/bin/sh\necho "$*" >> {calls}\nexec {toolchain.pulumi} "$@"\n')
+    shim.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{shim.parent}{os.pathsep}{os.environ['PATH']}")
+    stacks = PulumiStacks(
+        target="test",
+        state_dir=str(tmp_path),
+        passphrase_file=str(tmp_path / "pulumi" / "passphrase"),
+        generate_passphrase=True,
+        use_toolchain=False,  # the `pulumi` on PATH: the recording one
+    )
+    log = logging.getLogger("test")
+
+    def commands() -> list[str]:
+        ran = calls.read_text().splitlines() if calls.exists() else []
+        calls.unlink(missing_ok=True)
+        return [" ".join(c.split()[:3]) for c in ran if "version" not in c]
+
+    stacks.up("test.known", exporting(a=1), log, refresh=False)
+    assert any("stack select" in c for c in commands())  # new: selected (and created)
+    stacks.up("test.known", exporting(a=2), log, refresh=False)
+    assert commands() == ["--non-interactive up --yes"]
+    stacks.preview("test.known", exporting(a=2), log)
+    assert commands() == ["--non-interactive preview --color"]
+    # Settings gone: selected again (the CLI restores them from the state), never guessed.
+    (stacks.work_dir("test.known") / "Pulumi.test.known.yaml").unlink()
+    assert stacks.up("test.known", exporting(a=2), log, refresh=False).changed == 0
+    assert any("stack select" in c for c in commands())
