@@ -149,10 +149,10 @@ def up(
     """Materialise the homelab (or one cluster) on the target, with progress."""
     from homelab_dagster import step_server
 
-    step_server.warm()  # the steps' fork server imports while this process does
+    settings, inventory = load_for(env)
+    step_server.warm(settings.steps_log)  # the steps' fork server imports while we do
     from homelab_dagster import launch
 
-    settings, inventory = load_for(env)
     plan = launch.plan_selection(inventory, env)
     console.print(f"target [bold]{settings.target.value}[/], inventory {settings.inventory_path}")
     if settings.target is Target.TWIN:
@@ -169,6 +169,7 @@ def up(
     names = ", ".join(k.to_user_string() for k in plan.selected)
     if not outcome.success:
         err_console.print(f"[bold red]run {outcome.run_id} failed[/] (materialising {names})")
+        err_console.print(f"  what the steps printed themselves: {settings.steps_log}")
         raise typer.Exit(code=1)
     console.print(f"[green]✓[/] materialised {names} (run {outcome.run_id})")
     console.print("  see them in the UI: make dev, then http://127.0.0.1:3000")

@@ -41,11 +41,19 @@ def _stack_ops(job: dg.JobDefinition, cluster: str | None) -> list[str] | None:
     ]
 
 
-def _run(env: str | None, job: Callable[[], dg.JobDefinition], verb: str) -> str:
-    """Run ``job``'s ops for ``env`` on the target; exit 1 on failure. Returns the run id."""
+def _run(env: str | None, job_name: str, verb: str) -> str:
+    """Run the ops of job ``job_name`` (``preview``, ``teardown``) for ``env`` on the target;
+    exit 1 on failure. Returns the run id. Dagster is imported once the steps'
+    fork server has started, so that its imports overlap with ours (homelab_dagster/step_server.py).
+    """
+    settings, inventory = load_for(env)
+    step_server.warm(settings.steps_log)
     from homelab_dagster import launch
 
-    settings, inventory = load_for(env)
+    job: Callable[[], dg.JobDefinition] = {
+        launch.PREVIEW_JOB: launch.preview_job,
+        launch.TEARDOWN_JOB: launch.teardown_job,
+    }[job_name]
     ops = _stack_ops(job(), env)
     console.print(f"target [bold]{settings.target.value}[/], {verb} {env or 'every stack'}")
     if settings.target is Target.TWIN:
@@ -57,13 +65,14 @@ def _run(env: str | None, job: Callable[[], dg.JobDefinition], verb: str) -> str
         except HomelabError as exc:
             raise fail(exc) from exc
     outcome = launch.materialize(
-        None, settings=settings, console=console, job=job, op_selection=ops
+        None, settings=settings, console=console, job=job, op_selection=ops, title=verb
     )
     console.print()
     for step, message in outcome.failures.items():
         err_console.print(f"[red]✗ {step}[/]: {message}", highlight=False, soft_wrap=True)
     if not outcome.success:
         err_console.print(f"[bold red]run {outcome.run_id} failed[/]")
+        err_console.print(f"  what the steps printed themselves: {settings.steps_log}")
         raise typer.Exit(code=1)
     return outcome.run_id
 
@@ -84,10 +93,7 @@ def _observations(run_id: str) -> list[dg.AssetObservation]:
 
 def preview(env: EnvOption = None) -> None:
     """What materialising would change, stack by stack and resource by resource."""
-    step_server.warm()  # first: its imports overlap with ours
-    from homelab_dagster import launch
-
-    run_id = _run(env, launch.preview_job, "previewing")
+    run_id = _run(env, "preview", "previewing")
     for observation in sorted(_observations(run_id), key=lambda o: o.asset_key.to_user_string()):
         plan = observation.metadata.get("pulumi_plan")
         changed = observation.metadata.get("pulumi_changed")
@@ -106,8 +112,5 @@ def down(
     what = f"the stacks of {env} and its mesh links" if env else "every stack"
     if not yes and not typer.confirm(f"Destroy {what}?"):
         raise typer.Exit(code=1)
-    step_server.warm()  # first: its imports overlap with ours
-    from homelab_dagster import launch
-
-    run_id = _run(env, launch.teardown_job, "destroying")
+    run_id = _run(env, "teardown", "destroying")
     console.print(f"[green]✓[/] destroyed {what} (run {run_id})")

@@ -136,16 +136,17 @@ def materialize(
     console: Console,
     job: Callable[[], dg.JobDefinition] = up_job,
     op_selection: Sequence[str] | None = None,
+    title: str = "materialising",
 ) -> RunOutcome:
     """Materialise ``selection`` (all assets when None), showing progress on ``console``.
 
     ``job``/``op_selection``: run another job of the code location (``preview_job``,
-    ``teardown_job``), all its ops or those named.
+    ``teardown_job``), all its ops or those named. ``title``: the progress table's.
     """
     ensure_dagster_home(settings)
     invocation = uuid.uuid4().hex
     with dg.DagsterInstance.get() as instance:
-        follower = _Follower(instance, invocation, console)
+        follower = _Follower(instance, invocation, console, title)
         follower.start()
         try:
             result = dg.execute_job(
@@ -169,8 +170,11 @@ def materialize(
 class _Follower(threading.Thread):
     """Follows a run's events and redraws a table of steps until stopped."""
 
-    def __init__(self, instance: dg.DagsterInstance, invocation: str, console: Console) -> None:
+    def __init__(
+        self, instance: dg.DagsterInstance, invocation: str, console: Console, title: str
+    ) -> None:
         super().__init__(daemon=True)
+        self._title = title
         self._instance = instance
         self._invocation = invocation
         self._console = console
@@ -227,7 +231,7 @@ class _Follower(threading.Thread):
     def _table(self) -> Table:
         from rich.table import Table
 
-        table = Table(title="materialising", title_justify="left", expand=False)
+        table = Table(title=self._title, title_justify="left", expand=False)
         table.add_column("step")
         table.add_column("status")
         table.add_column("time", justify="right")

@@ -49,6 +49,11 @@ class Settings:
     state_dir: Path
     twin_port_base: int = 16443
 
+    @property
+    def steps_log(self) -> Path:
+        """Where the CLI's runs send what their steps print themselves (step_server.py)."""
+        return self.state_dir / "logs" / "steps.log"
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Settings from ``HOMELAB_*`` variables (``os.environ`` by default).

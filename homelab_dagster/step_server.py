@@ -11,14 +11,24 @@ running and uses it. Nothing here imports a heavy module.
 The steps inherit the server's environment, the one of the process that started it: a
 process that runs several jobs under different ``HOMELAB_*`` settings (a test session)
 must run each in a process of its own.
+
+The server and its steps write to the caller's stdout and stderr unless :func:`warm` is given a
+file: the CLI gives one (``<state>/logs/steps.log``), so that what the steps print themselves
+(Dagster's DEBUG line as each starts, what a crashing step says before it dies) never breaks
+the progress display. What a step logs through Dagster is in the run's event log either way.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import multiprocessing.forkserver
+import os
+from pathlib import Path
 
-__all__ = ["PRELOAD", "warm"]
+__all__ = ["OUTPUT_VAR", "PRELOAD", "warm"]
+
+# Where the server sends its stdout and stderr, and so its steps' (read by _preload_begin).
+OUTPUT_VAR = "HOMELAB_STEP_OUTPUT"
 
 # The server is started by (and with the environment of) the process that runs the job, so
 # the code location it preloads reads the run's settings. A name that fails to import is
@@ -37,7 +47,13 @@ PRELOAD = [
 ]
 
 
-def warm() -> None:
-    """Start the fork server with :data:`PRELOAD` (in the background; returns at once)."""
+def warm(output: Path | None = None) -> None:
+    """Start the fork server with :data:`PRELOAD` (in the background; returns at once).
+
+    ``output``: the file (appended to) that the server and its steps write their stdout and
+    stderr to; None: this process's.
+    """
+    if output is not None:
+        os.environ[OUTPUT_VAR] = str(output)
     multiprocessing.get_context("forkserver").set_forkserver_preload(PRELOAD)
     multiprocessing.forkserver.ensure_running()

@@ -82,6 +82,10 @@ def test_up_materialises_one_cluster_on_the_twin(project_root, tmp_path, toolcha
         assert "twin air: ready" in output
         assert "materialised" in output and "cluster/air" in output
         assert (tmp_path / "dagster" / "dagster.yaml").exists()
+        # What the steps print themselves goes to a file, not through the progress display.
+        assert "STEP_WORKER_STARTED" not in output
+        steps_log = tmp_path / "state" / "logs" / "steps.log"
+        assert 'Executing step "cluster__air"' in steps_log.read_text()
     finally:
         subprocess.run([*homelab, "twin", "down", "--purge"], cwd=project_root, env=env)
 
