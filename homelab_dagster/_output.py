@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import typer
 from rich.console import Console
 
@@ -10,7 +12,10 @@ from homelab_dagster.inventory import Inventory
 from homelab_dagster.loader import load_inventory
 from homelab_dagster.settings import Settings
 
-__all__ = ["console", "err_console", "fail", "load_for"]
+if TYPE_CHECKING:
+    from homelab_dagster.launch import RunOutcome
+
+__all__ = ["console", "err_console", "exit_if_failed", "fail", "load_for"]
 
 console = Console()
 err_console = Console(stderr=True)
@@ -43,3 +48,17 @@ def load_for(env: str | None) -> tuple[Settings, Inventory]:
         err_console.print(f"[bold red]error:[/] unknown cluster {env!r} (clusters: {known})")
         raise typer.Exit(code=2)
     return settings, inventory
+
+
+def exit_if_failed(outcome: RunOutcome, settings: Settings, doing: str = "") -> None:
+    """Print each failed step's message; if the run failed, say so and exit 1. ``doing``: what
+    the run was doing, for the last line."""
+    console.print()
+    for step, message in outcome.failures.items():
+        err_console.print(f"[red]✗ {step}[/]: {message}", highlight=False, soft_wrap=True)
+    if not outcome.success:
+        err_console.print(
+            f"[bold red]run {outcome.run_id} failed[/]{f' ({doing})' if doing else ''}"
+        )
+        err_console.print(f"  what the steps printed themselves: {settings.steps_log}")
+        raise typer.Exit(code=1)

@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from homelab_dagster._output import console, err_console, fail, load_for
+from homelab_dagster._output import console, exit_if_failed, fail, load_for
 from homelab_dagster.cli_stacks import down, preview
 from homelab_dagster.cli_twin import start_twin, twin_app
 from homelab_dagster.errors import HomelabError
@@ -163,14 +163,8 @@ def up(
     for key in plan.pending:
         console.print(f"  [dim]skipped {key.to_user_string()}: not built yet[/]")
     outcome = launch.materialize(plan.selected, settings=settings, console=console)
-    console.print()
-    for step, message in outcome.failures.items():
-        err_console.print(f"[red]✗ {step}[/]: {message}", highlight=False, soft_wrap=True)
     names = ", ".join(k.to_user_string() for k in plan.selected)
-    if not outcome.success:
-        err_console.print(f"[bold red]run {outcome.run_id} failed[/] (materialising {names})")
-        err_console.print(f"  what the steps printed themselves: {settings.steps_log}")
-        raise typer.Exit(code=1)
+    exit_if_failed(outcome, settings, f"materialising {names}")
     console.print(f"[green]✓[/] materialised {names} (run {outcome.run_id})")
     console.print("  see them in the UI: make dev, then http://127.0.0.1:3000")
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from homelab_dagster import step_server
-from homelab_dagster._output import console, err_console, fail, load_for
+from homelab_dagster._output import console, exit_if_failed, fail, load_for
 from homelab_dagster.errors import HomelabError
 from homelab_dagster.settings import Target
 
@@ -67,13 +67,7 @@ def _run(env: str | None, job_name: str, verb: str) -> str:
     outcome = launch.materialize(
         None, settings=settings, console=console, job=job, op_selection=ops, title=verb
     )
-    console.print()
-    for step, message in outcome.failures.items():
-        err_console.print(f"[red]✗ {step}[/]: {message}", highlight=False, soft_wrap=True)
-    if not outcome.success:
-        err_console.print(f"[bold red]run {outcome.run_id} failed[/]")
-        err_console.print(f"  what the steps printed themselves: {settings.steps_log}")
-        raise typer.Exit(code=1)
+    exit_if_failed(outcome, settings)
     return outcome.run_id
 
 

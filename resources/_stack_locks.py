@@ -65,11 +65,12 @@ def file_backend_root(backend_url: str) -> Path | None:
     return Path(unquote(parsed.netloc + parsed.path)).expanduser()
 
 
-def stack_recorded(backend_url: str, project: str, stack: str) -> bool | None:
-    """Whether a file backend holds ``stack`` of ``project``; None for other backends."""
+def stack_recorded(backend_url: str, project: str, stack: str) -> bool:
+    """Whether a file backend holds ``stack`` of ``project`` (False for other backends: only
+    the CLI can tell there)."""
     root = file_backend_root(backend_url)
     if root is None:
-        return None
+        return False
     stacks = root / ".pulumi" / "stacks" / project
     return any((stacks / f"{stack}{suffix}").is_file() for suffix in (".json", ".json.gz"))
 

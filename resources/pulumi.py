@@ -280,7 +280,7 @@ class PulumiStacks(dg.ConfigurableResource):
         self._check_passphrase()
         # A stack whose state and settings (its passphrase salt) are both here needs no
         # selecting: that would run the CLI once more only to find it.
-        known = bool(
+        known = (
             _stack_locks.stack_recorded(self.backend, PROJECT, name)
             and (work_dir / f"Pulumi.{name}.yaml").is_file()
         )

@@ -127,3 +127,22 @@ def test_importing_the_cli_leaves_dagster_for_after_the_fork_server_starts(proje
         [sys.executable, "-c", probe], cwd=project_root, capture_output=True, text=True
     )
     assert result.stdout.strip() == "False", result.stderr
+
+
+def test_a_failed_run_names_each_failure_and_the_steps_log(tmp_path, capsys):
+    import typer
+
+    from homelab_dagster._output import exit_if_failed
+    from homelab_dagster.launch import RunOutcome
+    from homelab_dagster.settings import Settings
+
+    settings = Settings.from_env({"HOMELAB_STATE_DIR": str(tmp_path)})
+    failed = RunOutcome("r1", False, {"cluster__air": "failed"}, {"cluster__air": "stack locked"})
+    with pytest.raises(typer.Exit) as exited:
+        exit_if_failed(failed, settings, "materialising cluster/air")
+    assert exited.value.exit_code == 1
+    err = capsys.readouterr().err
+    assert "cluster__air" in err and "stack locked" in err
+    assert "run r1 failed (materialising cluster/air)" in err
+    assert str(settings.steps_log) in err.replace("\n", "")
+    exit_if_failed(RunOutcome("r2", True), settings)  # a run that succeeded: no exit
