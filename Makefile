@@ -6,7 +6,7 @@ SHELL := /bin/bash
 ENV ?=
 UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 
-.PHONY: help uv install system-deps tools twin up preview dev test lint bench clean
+.PHONY: help uv install system-deps tools twin up preview dev screenshots test lint bench clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -17,10 +17,31 @@ uv: ## Install uv if it is missing
 install: uv ## Create the environment from the lock file (with the ML extra), bytecode compiled
 	@$(UV) sync --locked --extra ml --compile-bytecode
 
-system-deps: ## Debian packages the twin needs (etcd); as root, or prints the command
-	@command -v etcd >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq etcd-server >/dev/null; \
-	  else echo "the twin needs etcd: sudo apt-get install etcd-server"; exit 1; fi; }
+# etcd for the control planes; containerd, runc, the CNI plugins and iptables for the twin's real
+# nodes (docs/twin.md: without them every node is a KWOK node); busybox-static for their test image.
+SYSTEM_PACKAGES := etcd-server containerd runc containernetworking-plugins iptables busybox-static
+# For the tests of Dagster's PostgreSQL storage and of the UI in a browser (no browser download).
+TEST_PACKAGES := postgresql chromium chromium-driver
+
+system-deps: ## Debian packages the twin needs (etcd, containerd, runc, CNI plugins, iptables); as root, or prints the command
+	@if ! command -v dpkg-query >/dev/null 2>&1; then \
+	  command -v etcd >/dev/null 2>&1 || { echo "the twin needs etcd (and, for real nodes: containerd, runc, CNI plugins, iptables)"; exit 1; }; \
+	else \
+	  missing=""; for p in $(SYSTEM_PACKAGES); do \
+	    dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; done; \
+	  if [ -n "$$missing" ]; then \
+	    if [ "$$(id -u)" = 0 ]; then echo "installing$$missing"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq$$missing >/dev/null; \
+	    else echo "the twin needs Debian packages; run: sudo apt-get install -y$$missing"; \
+	      case "$$missing" in *etcd-server*) exit 1;; esac; \
+	      echo "(only real nodes need the others, and real nodes need root: the twin runs every node as a KWOK node)"; fi; \
+	  fi; \
+	fi
+	@# PostgreSQL (tests/test_postgres.py) and Chromium with its driver (tests/test_ui.py, make screenshots).
+	@command -v dpkg-query >/dev/null 2>&1 || exit 0; missing=""; for p in $(TEST_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; done; \
+	if [ -z "$$missing" ]; then :; elif [ "$$(id -u)" = 0 ]; then echo "installing$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq$$missing >/dev/null; \
+	else echo "the PostgreSQL and browser tests skip without:$$missing (sudo apt-get install -y$$missing)"; fi
 
 tools: install system-deps ## Build the twin's Go toolchain into ~/.cache (cold: about 35 min)
 	@$(UV) run python -m infra.toolchain
@@ -34,16 +55,20 @@ up: tools ## The main job on the twin (ENV=<cluster> for one cluster)
 preview: tools ## What Pulumi would change, per resource (ENV=<cluster> for one cluster)
 	@$(UV) run homelab preview $(if $(ENV),--env $(ENV))
 
-dev: install ## The Dagster UI and daemon on http://127.0.0.1:3000
-	@$(UV) run homelab dev
+dev: install ## The Dagster UI and daemon (`dg dev`) on http://127.0.0.1:3000 (PORT=<port>); Ctrl-C stops it
+	@$(UV) run homelab dev $(if $(PORT),--port $(PORT))
+
+screenshots: install ## Regenerate docs/images/*.png (docs/ui.md) from the UI tests in a browser
+	@HOMELAB_UI_SCREENSHOTS=$(CURDIR)/docs/images $(UV) run pytest -p no:cacheprovider -q tests/test_ui.py
 
 test: tools ## All tests
 	@$(UV) run pytest
 
-lint: install ## ruff (lint and format) and mypy
+lint: install ## ruff (lint and format), mypy, and the layers (import-linter)
 	@$(UV) run ruff check .
 	@$(UV) run ruff format --check .
 	@$(UV) run mypy homelab_dagster resources
+	@$(UV) run lint-imports --no-cache
 
 bench: tools ## Benchmarks (ratios against a baseline measured in the same run)
 	@$(UV) run python benchmarks/definitions_load.py

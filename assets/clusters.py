@@ -3,8 +3,9 @@
 Materialising runs ``pulumi up`` (with a refresh first, so drift made behind Pulumi's back
 is repaired) on the stack ``<target>.cluster.<cluster>`` with the program of
 :mod:`infra.cluster`, and records what it did and what the cluster is (docs/metadata.md).
-Three blocking checks compare the live cluster with the inventory, one invariant each:
-``nodes_ready``, ``nodes_match_inventory`` and ``namespaces_present``.
+Three blocking checks compare the live cluster with the inventory, one invariant each
+(the rules are :mod:`homelab_dagster.checks`): ``nodes_ready``, ``nodes_match_inventory``
+and ``namespaces_present``.
 """
 
 from collections.abc import Iterator, Mapping
@@ -12,20 +13,22 @@ from collections.abc import Iterator, Mapping
 import dagster as dg
 
 from assets._keys import INVENTORY_KEY, cluster_key
-from assets.stacks import StackConfig, StackSpec, fail
+from assets._stack import STACK_STEP_TAGS, StackConfig, StackSpec, check_result, step_failure
+from homelab_dagster import checks
 from homelab_dagster.errors import HomelabError, KubernetesError
-from homelab_dagster.inventory import Cluster, Component, Node
-from resources.kubernetes import KubernetesClusters, ObservedNode
+from homelab_dagster.inventory import Cluster, Component
+from homelab_dagster.twin_nodes import ObservedNode
+from infra.cluster import cluster_program, component_plan
+from resources.kubernetes import KubernetesClusters
 from resources.pulumi import Program, PulumiStacks
 
-__all__ = [
-    "build_cluster_defs",
-    "cluster_stack",
-    "namespaces_present",
-    "nodes_match_inventory",
-    "nodes_ready",
-]
+__all__ = ["build_cluster_defs", "cluster_stack"]
 
+_CHECKS = {
+    "nodes_ready": "Every node of the inventory exists and is Ready.",
+    "nodes_match_inventory": "Node count, labels, taints and GPU capacity are the inventory's.",
+    "namespaces_present": "Every namespace the inventory declares exists.",
+}
 _NODE_CHECKS = {"nodes_ready", "nodes_match_inventory"}
 
 
@@ -35,14 +38,14 @@ def cluster_stack(
     """The stack of cluster ``name``: its key and how to build its program."""
 
     def program(pulumi: PulumiStacks, kubernetes: KubernetesClusters) -> Program:
-        from infra.cluster import cluster_program
-
         access = kubernetes.access(name)
         return cluster_program(
             name,
             cluster,
             components or {},
-            target=pulumi.target,
+            cluster_identifier=f"{pulumi.target}.{name}",
+            install_charts=pulumi.install_charts,
+            charts_note=pulumi.charts_note,
             kubeconfig=access.kubeconfig,
             context=access.context,
         )
@@ -54,9 +57,8 @@ def build_cluster_defs(
     name: str, cluster: Cluster, components: Mapping[str, Component] | None = None
 ) -> dg.Definitions:
     """The asset of cluster ``name`` and its checks (``components``: the inventory's)."""
-    spec = cluster_stack(name, cluster, components)
-    key = spec.key
-    expected = cluster.expanded_nodes()
+    entry = _ClusterEntry(name, cluster, dict(components or {}))
+    key = entry.spec.key
 
     @dg.multi_asset(
         name="__".join(key.path),
@@ -67,39 +69,24 @@ def build_cluster_defs(
                 group_name="clusters",
                 kinds={"pulumi", "kubernetes"},
                 description=f"{name}: {cluster.purpose} ({cluster.distribution.value}, "
-                f"{len(expected)} nodes).",
+                f"{len(cluster.expanded_nodes())} nodes).",
                 metadata={
                     "distribution": cluster.distribution.value,
                     "kubernetes_version": cluster.kubernetes_version,
-                    "nodes": len(expected),
+                    "nodes": len(cluster.expanded_nodes()),
                     "gpus": cluster.gpu_total(),
                 },
                 skippable=True,
             )
         ],
         check_specs=[
-            dg.AssetCheckSpec(
-                "nodes_ready",
-                asset=key,
-                blocking=True,
-                description="Every node of the inventory exists and is Ready.",
-            ),
-            dg.AssetCheckSpec(
-                "nodes_match_inventory",
-                asset=key,
-                blocking=True,
-                description="Node count, labels, taints and GPU capacity are the inventory's.",
-            ),
-            dg.AssetCheckSpec(
-                "namespaces_present",
-                asset=key,
-                blocking=True,
-                description="Every namespace the inventory declares exists.",
-            ),
+            dg.AssetCheckSpec(check, asset=key, blocking=True, description=text)
+            for check, text in _CHECKS.items()
         ],
         # Checks run in the materialisation's own step (one process, one read of the
         # cluster), and can also run alone: select only them.
         can_subset=True,
+        op_tags=STACK_STEP_TAGS,
     )
     def _cluster(
         context: dg.AssetExecutionContext,
@@ -109,29 +96,44 @@ def build_cluster_defs(
     ) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
         nodes: list[ObservedNode] | None = None
         if key in context.selected_asset_keys:
-            result, nodes = _provision(context, config, pulumi, kubernetes)
+            try:
+                result, nodes = entry.provision(context.log, config, pulumi, kubernetes)
+            except HomelabError as exc:
+                raise step_failure(exc) from exc
             yield result
-        yield from _checks(context, kubernetes, nodes)
+        selected = {k.name for k in context.selected_asset_check_keys}
+        yield from entry.check_results(selected, kubernetes, nodes)
 
-    def _provision(
-        context: dg.AssetExecutionContext,
+    return dg.Definitions(assets=[_cluster])
+
+
+class _ClusterEntry:
+    """One inventory cluster, as its asset provisions and checks it."""
+
+    def __init__(self, name: str, cluster: Cluster, components: dict[str, Component]) -> None:
+        self.name = name
+        self.cluster = cluster
+        self.components = components
+        self.spec = cluster_stack(name, cluster, components)
+
+    def provision(
+        self,
+        log: dg.DagsterLogManager,
         config: StackConfig,
         pulumi: PulumiStacks,
         kubernetes: KubernetesClusters,
     ) -> tuple[dg.MaterializeResult, list[ObservedNode]]:
-        from infra.cluster import component_plan
-
-        stack = pulumi.stack_name(key.path)
-        try:
-            program = spec.program(pulumi, kubernetes)
-            result = pulumi.up(stack, program, context.log, refresh=config.refresh)
-            nodes = kubernetes.nodes(name)
-            server = kubernetes.server(name)
-        except HomelabError as exc:
-            raise fail(exc) from exc
-        plans = component_plan(cluster, components or {}, pulumi.target)
+        """``pulumi up`` of the cluster's stack: its materialisation, and the nodes after it."""
+        stack = pulumi.stack_name(self.spec.key.path)
+        program = self.spec.program(pulumi, kubernetes)
+        result = pulumi.up(stack, program, log, refresh=config.refresh)
+        nodes = kubernetes.nodes(self.name)
+        server = kubernetes.server(self.name)
+        plans = component_plan(
+            self.cluster, self.components, install=pulumi.install_charts, note=pulumi.charts_note
+        )
         skipped = [p.name for p in plans if not p.install]
-        context.log.info(  # one line (each is an event to store); the reasons are in metadata
+        log.info(  # one line (each is an event to store); the reasons are in metadata
             f"{stack}: {result.changed} change(s) in {result.duration_s:.1f} s "
             f"({result.resource_count} resources)"
             + (f"; components skipped: {', '.join(skipped)}" if skipped else "")
@@ -146,98 +148,28 @@ def build_cluster_defs(
                 {p.name: p.reason for p in plans if not p.install}
             ),
         }
-        return dg.MaterializeResult(asset_key=key, metadata=metadata), nodes
+        return dg.MaterializeResult(asset_key=self.spec.key, metadata=metadata), nodes
 
-    def _checks(
-        context: dg.AssetExecutionContext,
-        kubernetes: KubernetesClusters,
-        nodes: list[ObservedNode] | None,
+    def check_results(
+        self, selected: set[str], kubernetes: KubernetesClusters, nodes: list[ObservedNode] | None
     ) -> Iterator[dg.AssetCheckResult]:
-        selected = {k.name for k in context.selected_asset_check_keys}
+        """The ``selected`` checks, on ``nodes`` when the materialisation read them already."""
+        key = self.spec.key
         try:
             if nodes is None and selected & _NODE_CHECKS:
-                nodes = kubernetes.nodes(name)
-            namespaces = kubernetes.namespaces(name) if "namespaces_present" in selected else set()
+                nodes = kubernetes.nodes(self.name)
+            live = kubernetes.namespaces(self.name) if "namespaces_present" in selected else set()
         except KubernetesError as exc:
             for check in sorted(selected):
-                yield dg.AssetCheckResult(
-                    asset_key=key, check_name=check, passed=False, description=str(exc)
-                )
+                yield check_result(key, check, checks.Verdict(False, str(exc)))
             return
-        if "nodes_ready" in selected:
-            yield nodes_ready(expected, nodes or [])
-        if "nodes_match_inventory" in selected:
-            yield nodes_match_inventory(cluster, nodes or [])
-        if "namespaces_present" in selected:
-            yield namespaces_present(cluster, namespaces)
-
-    return dg.Definitions(assets=[_cluster])
-
-
-def nodes_ready(expected: list[Node], observed: list[ObservedNode]) -> dg.AssetCheckResult:
-    """Every expected node exists and is Ready."""
-    live = {n.name: n for n in observed}
-    missing = sorted(n.name for n in expected if n.name not in live)
-    not_ready = sorted(n.name for n in expected if n.name in live and not live[n.name].ready)
-    problems = [f"missing: {', '.join(missing)}"] * bool(missing)
-    problems += [f"not Ready: {', '.join(not_ready)}"] * bool(not_ready)
-    return dg.AssetCheckResult(
-        check_name="nodes_ready",
-        passed=not problems,
-        description="; ".join(problems) or f"{len(expected)} nodes Ready",
-        metadata={
-            "expected_ready": len(expected),
-            "observed_ready": len(expected) - len(missing) - len(not_ready),
-            "missing": missing,
-            "not_ready": not_ready,
-        },
-    )
-
-
-def nodes_match_inventory(cluster: Cluster, observed: list[ObservedNode]) -> dg.AssetCheckResult:
-    """The node count, and each node's labels, taints and GPU capacity, are the inventory's."""
-    expected = cluster.expanded_nodes()
-    live = {n.name: n for n in observed}
-    problems = []
-    if len(live) != len(expected):
-        problems.append(f"{len(live)} nodes, the inventory has {len(expected)}")
-    for node in expected:
-        found = live.get(node.name)
-        if found is None:
-            problems.append(f"{node.name}: missing")
-            continue
-        wrong = sorted(k for k, v in node.labels.items() if found.labels.get(k) != v)
-        if wrong:
-            problems.append(f"{node.name}: labels {', '.join(wrong)} differ")
-        taints = {(t.key, t.value, t.effect) for t in node.taints}
-        if not taints <= set(found.taints):
-            problems.append(f"{node.name}: taints {sorted(taints - set(found.taints))} missing")
-        if found.gpus != node.gpus:
-            problems.append(f"{node.name}: {found.gpus} GPUs, the inventory has {node.gpus}")
-    return dg.AssetCheckResult(
-        check_name="nodes_match_inventory",
-        passed=not problems,
-        description="; ".join(problems) or "nodes match the inventory",
-        metadata={
-            "expected_nodes": len(expected),
-            "observed_nodes": len(live),
-            "expected_gpus": cluster.gpu_total(),
-            "observed_gpus": sum(n.gpus for n in live.values()),
-            "problems": problems,
-        },
-    )
-
-
-def namespaces_present(cluster: Cluster, live: set[str]) -> dg.AssetCheckResult:
-    """Every namespace the inventory declares exists."""
-    missing = sorted(set(cluster.namespaces) - live)
-    return dg.AssetCheckResult(
-        check_name="namespaces_present",
-        passed=not missing,
-        description=f"missing: {', '.join(missing)}" if missing else "all namespaces present",
-        metadata={
-            "expected": sorted(cluster.namespaces),
-            "observed": sorted(live & set(cluster.namespaces)),
-            "missing": missing,
-        },
-    )
+        verdicts = {
+            "nodes_ready": lambda: checks.nodes_ready(self.cluster.expanded_nodes(), nodes or []),
+            "nodes_match_inventory": lambda: checks.nodes_match_inventory(
+                self.cluster, nodes or []
+            ),
+            "namespaces_present": lambda: checks.namespaces_present(self.cluster, live),
+        }
+        for check in _CHECKS:
+            if check in selected:
+                yield check_result(key, check, verdicts[check]())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dagster as dg
 
 from assets._keys import cluster_key, endpoint_key, model_weights_key
-from assets._pending import PENDING_TAGS, not_built_yet
+from assets._stack import PENDING_TAGS, not_built_yet
 from homelab_dagster.inventory import Endpoint
 
 __all__ = ["build_endpoint_defs"]

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import dagster as dg
 
-from assets.clusters import build_cluster_defs, cluster_stack
+from assets.clusters import build_cluster_defs
 from assets.endpoints import build_endpoint_defs
-from assets.mesh import build_mesh_link_defs, mesh_link_stack
-from assets.stacks import build_stack_jobs
+from assets.mesh import build_mesh_link_defs
 from assets.training import build_training_run_defs
 from assets.weights import build_model_weights_defs
 from homelab_dagster.inventory import Inventory, TrainingRun
 
-__all__ = ["build_homelab_defs", "build_stack_job_defs"]
+__all__ = ["build_homelab_defs"]
 
 
 def build_homelab_defs(inventory: Inventory) -> dg.Definitions:
@@ -40,17 +39,6 @@ def build_homelab_defs(inventory: Inventory) -> dg.Definitions:
             for name, m in inventory.models.items()
         ),
         *(build_endpoint_defs(name, e) for name, e in inventory.endpoints.items()),
-    )
-
-
-def build_stack_job_defs(inventory: Inventory) -> dg.Definitions:
-    """The ``preview`` and ``teardown`` jobs over every infrastructure stack of ``inventory``."""
-    return build_stack_jobs(
-        [cluster_stack(name, c, inventory.components) for name, c in inventory.clusters.items()],
-        [
-            mesh_link_stack(link, inventory.mesh, _namespaces(inventory, link.source))
-            for link in inventory.mesh.links
-        ],
     )
 
 

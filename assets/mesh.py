@@ -5,7 +5,7 @@ Materialising reads the services ``to`` exports, then runs ``pulumi up`` on the 
 token on ``to``, the credentials and the mirrors on ``from``). The blocking check
 ``link_works`` proves the link the way Linkerd's service mirror would use it: with the
 credentials stored on ``from``, it lists ``to``'s exported services over the network and
-compares them with the mirrors on ``from``.
+compares them with the mirrors on ``from`` (the rule: :func:`homelab_dagster.checks.link_mirrored`).
 """
 
 from collections.abc import Iterator
@@ -13,10 +13,20 @@ from collections.abc import Iterator
 import dagster as dg
 
 from assets._keys import cluster_key, mesh_link_key
-from assets.stacks import StackConfig, StackSpec, fail
+from assets._stack import STACK_STEP_TAGS, StackConfig, StackSpec, check_result, step_failure
+from homelab_dagster import checks
 from homelab_dagster.errors import HomelabError, KubernetesError
 from homelab_dagster.inventory import Mesh, MeshLink
-from infra.mesh import LinkNames
+from infra.mesh import (
+    CREDENTIALS_KEY,
+    LINK_NAMESPACE,
+    MIRROR_CLUSTER_LABEL,
+    MIRRORED_LABEL,
+    ExportedService,
+    LinkEnds,
+    LinkNames,
+    mesh_link_program,
+)
 from resources.kubernetes import KubernetesClusters
 from resources.pulumi import Program, PulumiStacks
 
@@ -34,22 +44,24 @@ def mesh_link_stack(
     mesh = mesh or Mesh()
 
     def program(pulumi: PulumiStacks, kubernetes: KubernetesClusters) -> Program:
-        from infra.mesh import ExportedService, mesh_link_program
-
         exported = [
             ExportedService(s.namespace, s.name, tuple(_mirror_ports(s.ports)))
             for s in kubernetes.services(link.target, _export_selector(mesh))
         ]
         source, target = kubernetes.access(link.source), kubernetes.access(link.target)
-        return mesh_link_program(
-            link,
-            target=pulumi.target,
-            export_label=mesh.export_label,
-            exported=exported,
-            from_namespaces=source_namespaces,
+        ends = LinkEnds(
             from_access=(source.kubeconfig, source.context),
             to_access=(target.kubeconfig, target.context),
             to_server=kubernetes.link_server(link.target),
+            identity_prefix=pulumi.target,
+        )
+        return mesh_link_program(
+            link,
+            ends,
+            export_label=mesh.export_label,
+            exported=exported,
+            from_namespaces=source_namespaces,
+            linkerd_link=pulumi.linkerd_link,
         )
 
     return StackSpec(
@@ -96,6 +108,7 @@ def build_mesh_link_defs(
             )
         ],
         can_subset=True,  # the check also runs alone
+        op_tags=STACK_STEP_TAGS,
     )
     def _mesh_link(
         context: dg.AssetExecutionContext,
@@ -104,81 +117,69 @@ def build_mesh_link_defs(
         kubernetes: KubernetesClusters,
     ) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
         if key in context.selected_asset_keys:
-            stack = pulumi.stack_name(key.path)
             try:
-                program = spec.program(pulumi, kubernetes)
-                result = pulumi.up(stack, program, context.log, refresh=config.refresh)
-                server = kubernetes.link_server(link.target)
+                yield _provision(context.log, spec, link, config, pulumi, kubernetes)
             except HomelabError as exc:
-                raise fail(exc) from exc
-            yield dg.MaterializeResult(
-                asset_key=key,
-                metadata={
-                    **result.metadata(),
-                    "api_server": dg.MetadataValue.url(server),
-                    "exported_services": result.outputs.get("exported", []),
-                    "mirrored_services": result.outputs.get("mirrors", []),
-                    "credentials_secret": result.outputs.get("credentials_secret", ""),
-                },
-            )
+                raise step_failure(exc) from exc
         if context.selected_asset_check_keys:
             yield link_works(link, mesh, kubernetes)
 
     return dg.Definitions(assets=[_mesh_link])
 
 
+def _provision(
+    log: dg.DagsterLogManager,
+    spec: StackSpec,
+    link: MeshLink,
+    config: StackConfig,
+    pulumi: PulumiStacks,
+    kubernetes: KubernetesClusters,
+) -> dg.MaterializeResult:
+    """``pulumi up`` of the link's stack, and what it records."""
+    stack = pulumi.stack_name(spec.key.path)
+    result = pulumi.up(stack, spec.program(pulumi, kubernetes), log, refresh=config.refresh)
+    return dg.MaterializeResult(
+        asset_key=spec.key,
+        metadata={
+            **result.metadata(),
+            "api_server": dg.MetadataValue.url(kubernetes.link_server(link.target)),
+            "exported_services": result.outputs.get("exported", []),
+            "mirrored_services": result.outputs.get("mirrors", []),
+            "credentials_secret": result.outputs.get("credentials_secret", ""),
+        },
+    )
+
+
 def link_works(link: MeshLink, mesh: Mesh, kubernetes: KubernetesClusters) -> dg.AssetCheckResult:
     """With the credentials stored on ``from``, list ``to``'s exported services over the
     network, and compare them with the mirrors on ``from``."""
-    from infra.mesh import CREDENTIALS_KEY, LINK_NAMESPACE, MIRROR_CLUSTER_LABEL, MIRRORED_LABEL
-
     names = LinkNames(link)
     key = mesh_link_key(link.source, link.target)
     where = f"{link.source}'s Secret {LINK_NAMESPACE}/{names.credentials_secret}"
     broken = f"the mesh link {link.source} -> {link.target} is broken"
-
-    def failed(why: str) -> dg.AssetCheckResult:
-        return dg.AssetCheckResult(
-            asset_key=key, check_name="link_works", passed=False, description=f"{broken}: {why}"
-        )
-
     try:
         credentials = kubernetes.secret_value(
             link.source, LINK_NAMESPACE, names.credentials_secret, CREDENTIALS_KEY
         )
         if credentials is None:
-            return failed(f"{where} is missing (materialise {key.to_user_string()})")
+            why = f"{where} is missing (materialise {key.to_user_string()})"
+            return check_result(key, "link_works", checks.Verdict(False, f"{broken}: {why}"))
         remote = kubernetes.services_with_credentials(
             link.target, credentials, _export_selector(mesh)
         )
-    except KubernetesError as exc:
-        return failed(f"{exc} (using {where})")
-    try:
         mirrors = kubernetes.services(
             link.source, f"{MIRROR_CLUSTER_LABEL}={link.target},{MIRRORED_LABEL}=true"
         )
     except KubernetesError as exc:
-        return failed(str(exc))
-    expected = sorted(f"{s.namespace}/{names.mirror(s.name)}" for s in remote)
-    observed = sorted(s.ref for s in mirrors)
-    missing = sorted(set(expected) - set(observed))
-    stale = sorted(set(observed) - set(expected))
-    problems = [f"mirrors missing: {', '.join(missing)}"] * bool(missing)
-    problems += [f"mirrors of services no longer exported: {', '.join(stale)}"] * bool(stale)
-    return dg.AssetCheckResult(
-        asset_key=key,
-        check_name="link_works",
-        passed=not problems,
-        description=(
-            f"{broken}: {'; '.join(problems)} (materialise {key.to_user_string()})"
-            if problems
-            else f"{len(remote)} exported service(s) reachable and mirrored"
-        ),
-        metadata={
-            "exported_services": sorted(s.ref for s in remote),
-            "expected_mirrors": expected,
-            "observed_mirrors": observed,
-            "missing": missing,
-            "stale": stale,
-        },
+        return check_result(
+            key, "link_works", checks.Verdict(False, f"{broken}: {exc} (using {where})")
+        )
+    verdict = checks.link_mirrored(
+        exported=[s.ref for s in remote],
+        expected=[f"{s.namespace}/{names.mirror(s.name)}" for s in remote],
+        observed=[s.ref for s in mirrors],
     )
+    if not verdict.passed:
+        description = f"{broken}: {verdict.description} (materialise {key.to_user_string()})"
+        verdict = checks.Verdict(False, description, verdict.metadata)
+    return check_result(key, "link_works", verdict)

@@ -18,8 +18,9 @@ from homelab_dagster.errors import TrainingError, WeightsError
 from homelab_dagster.inventory import Cluster, Model, TrainingRun
 from homelab_dagster.ml.corpus import resolve_corpus
 from homelab_dagster.ml.spec import code_version, fingerprint
+from homelab_dagster.weights import WeightsVersion
 from resources.flyte import FlyteLauncher, GpuRequest, TrainingLaunch, TrainingOutcome
-from resources.weights import WeightsStore, WeightsVersion
+from resources.weights import WeightsStore
 
 __all__ = ["build_training_run_defs", "gpu_request"]
 

@@ -1,31 +1,46 @@
-"""The code location: the inventory's asset graph, its checks, jobs, sensors and resources."""
+"""The code location: the inventory's asset graph, its checks, jobs, schedules and resources.
+
+:func:`build_definitions` assembles them for given settings and inventory (the tests call
+it); ``defs`` is that assembly for the environment's settings, which ``workspace.yaml``, the
+UI, the daemon and the CLI load. Nothing here decides anything: the factories are in
+``assets/`` and ``sensors/``, and the deployment (resources, executor, capabilities) is
+chosen in :mod:`resources.deployment`.
+"""
 
 import dagster as dg
 
-from assets import build_homelab_defs, build_inventory_defs, build_stack_job_defs
-from assets.stacks import STACK_EXECUTOR
-from homelab_dagster.launch import UP_JOB
+from assets import build_homelab_defs, build_inventory_defs, build_jobs
+from homelab_dagster.inventory import Inventory
 from homelab_dagster.loader import inventory_or_none
 from homelab_dagster.settings import Settings
-from resources.ml import build_ml_resources
-from resources.stacks import build_stack_resources
+from resources.deployment import build_deployment
+from sensors.git import build_git_sensor
 from sensors.training import build_training_schedules
 
-settings = Settings.from_env()
-inventory = inventory_or_none(settings.inventory_path)
+__all__ = ["build_definitions", "defs", "job"]
 
-defs = dg.Definitions.merge(
-    build_inventory_defs(settings.inventory_path),
-    build_homelab_defs(inventory) if inventory else dg.Definitions(),
-    build_stack_job_defs(inventory) if inventory else dg.Definitions(),
-    dg.Definitions(
-        jobs=[
-            dg.define_asset_job(
-                UP_JOB, selection=dg.AssetSelection.all(), executor_def=STACK_EXECUTOR
-            )
-        ]
-    ),
-    build_training_schedules(inventory, settings.target) if inventory else dg.Definitions(),
-    dg.Definitions(resources=build_ml_resources(settings, inventory)),
-    dg.Definitions(resources=build_stack_resources(settings, inventory)),
-)
+
+def build_definitions(settings: Settings, inventory: Inventory | None) -> dg.Definitions:
+    """Everything the code location holds, for ``settings`` and ``inventory`` (None when the
+    inventory is invalid: then only its asset, whose check reports the problems)."""
+    deployment = build_deployment(settings, inventory)
+    return dg.Definitions.merge(
+        build_inventory_defs(settings.inventory_path),
+        build_homelab_defs(inventory) if inventory else dg.Definitions(),
+        build_jobs(inventory),
+        build_training_schedules(inventory, running=deployment.schedules_running)
+        if inventory
+        else dg.Definitions(),
+        build_git_sensor(running=deployment.git_sensor_running),
+        dg.Definitions(resources=deployment.resources, executor=deployment.executor),
+    )
+
+
+_settings = Settings.from_env()
+defs = build_definitions(_settings, inventory_or_none(_settings.inventory_path))
+
+
+def job(name: str) -> dg.JobDefinition:
+    """Job ``name`` of ``defs``: how a run started from Python finds it again in the step
+    processes (``dg.build_reconstructable_job("homelab_dagster.definitions", "job", (name,))``)."""
+    return defs.resolve_job_def(name)

@@ -10,13 +10,18 @@ an asset check) turn these into messages for people.
     ├── SettingsError           an environment setting is malformed
     ├── ToolchainError          a tool of the twin could not be found, built or verified
     ├── TwinError               a twin control plane could not be started or reached
-    │   └── PortInUseError      a port the twin needs is taken by another process
+    │   ├── PortInUseError      a port the twin needs is taken by another process
+    │   ├── RealNodeError       a real twin node (kubelet, containerd) failed to start or stop
+    │   └── RealNodesUnavailable  real nodes cannot run here; they fall back to KWOK nodes
     ├── StackError              a Pulumi operation failed
-    │   └── StackLockedError    another update holds the stack's lock
+    │   ├── StackLockedError    another update holds the stack's lock
+    │   └── StackStateError     the stack's state file is damaged or missing (restore it)
     ├── KubernetesError         a cluster's API could not be reached or refused a request
     ├── TrainingError           a training run could not be launched or failed
     ├── WeightsError            a weights version could not be stored or found
-    └── EndpointError           an endpoint could not be deployed or does not serve
+    ├── EndpointError           an endpoint could not be deployed or does not serve
+    ├── GitError                the watched repository is unreachable, corrupt or lacks the branch
+    └── StaleCodeLocationError  a commit needs assets the loaded code location does not hold
 """
 
 from __future__ import annotations
@@ -25,14 +30,19 @@ from dataclasses import dataclass
 
 __all__ = [
     "EndpointError",
+    "GitError",
     "HomelabError",
     "InventoryError",
     "KubernetesError",
     "PortInUseError",
     "Problem",
+    "RealNodeError",
+    "RealNodesUnavailable",
     "SettingsError",
     "StackError",
     "StackLockedError",
+    "StackStateError",
+    "StaleCodeLocationError",
     "ToolchainError",
     "TrainingError",
     "TwinError",
@@ -93,12 +103,37 @@ class PortInUseError(TwinError):
     """A loopback port the twin needs is already taken by another process."""
 
 
+class RealNodeError(TwinError):
+    """A real node of the twin (its kubelet or containerd) did not start, or did not stop."""
+
+
+class RealNodesUnavailable(TwinError):
+    """Real nodes cannot run on this machine; the twin runs ``nodes`` as KWOK nodes instead.
+
+    Not raised by ``Twin.up`` (the twin still comes up): it is what ``Twin.real_fallback``
+    holds, and what a check that needs a real node skips or fails with. ``reason`` says why
+    (not Linux, not root, a missing package or tool) and how to fix it.
+    """
+
+    def __init__(self, nodes: list[str], reason: str) -> None:
+        self.nodes = list(nodes)
+        self.reason = reason
+        names = ", ".join(self.nodes) or "none"
+        super().__init__(f"real twin nodes run as KWOK nodes ({names}): {reason}")
+
+
 class StackError(HomelabError):
     """A Pulumi stack operation failed; the message carries the engine's reason."""
 
 
 class StackLockedError(StackError):
     """Another update holds the stack's lock (possibly a dead process's)."""
+
+
+class StackStateError(StackError):
+    """A stack's state in the backend cannot be read (damaged) or is gone while its history
+    says it existed: nothing was changed. The message names the file and the command that
+    restores it from Pulumi's own backups (``homelab repair state <stack>``)."""
 
 
 class KubernetesError(HomelabError):
@@ -115,3 +150,13 @@ class WeightsError(HomelabError):
 
 class EndpointError(HomelabError):
     """An endpoint could not be deployed, or does not serve what it should."""
+
+
+class GitError(HomelabError):
+    """The watched repository could not be reached or read: an unreachable remote, a corrupt
+    mirror, a missing branch or file, or no ``git`` command. The message carries git's reason."""
+
+
+class StaleCodeLocationError(HomelabError):
+    """A commit selects assets that the loaded code location does not define (its inventory is
+    older than the commit's): reload the code location; nothing is skipped meanwhile."""

@@ -84,6 +84,18 @@ class Taint(_Strict):
         description="What the scheduler does with pods that do not tolerate it."
     )
 
+    def manifest(self) -> dict[str, str]:
+        """The taint as the Node API writes it: ``key``, ``effect``, and ``value`` when set.
+
+        The one place a taint is serialised (the twin's nodes, the cluster program's node
+        patches, and the comparison of a live node with the inventory all use it).
+        """
+        return {
+            "key": self.key,
+            **({"value": self.value} if self.value else {}),
+            "effect": self.effect,
+        }
+
 
 class GpuSpec(_Strict):
     """The GPUs of one node: how many and which product (the device plugin's label value)."""
@@ -108,6 +120,11 @@ class NodePool(_Strict):
         default_factory=dict, description="More labels: tier, resource-profile, criticality."
     )
     taints: list[Taint] = Field(default_factory=list, description="Node taints.")
+    twin: Literal["fake", "real"] = Field(
+        default="fake",
+        description="How the twin runs it: fake (a KWOK node) or real (a real kubelet and "
+        "containerd on the machine running the twin; only the first node of a pool).",
+    )
 
 
 class Node(BaseModel):
@@ -123,6 +140,7 @@ class Node(BaseModel):
     gpu_product: str | None
     labels: dict[str, str]
     taints: list[Taint]
+    twin: Literal["fake", "real"] = "fake"
 
 
 class Network(_Strict):
@@ -190,6 +208,8 @@ class Cluster(_Strict):
                         gpu_product=pool.gpu.product if pool.gpu else None,
                         labels=labels,
                         taints=list(pool.taints),
+                        # A pool of several nodes: only its first runs real on the twin.
+                        twin=pool.twin if i == 1 else "fake",
                     )
                 )
         return nodes
@@ -332,6 +352,16 @@ class Ml(_Strict):
     weights_bucket: str = Field(default="ml-models", description="MinIO bucket of the weights.")
 
 
+class Orchestrator(_Strict):
+    """Where Dagster itself runs on the homelab: its runs and steps are pods there."""
+
+    cluster: Name = Field(default="studio", description="The cluster running Dagster.")
+    namespace: Name = Field(default="dagster", description="The namespace of its pods.")
+    node_role: str = Field(
+        default="platform", description="The role of the nodes its run and step pods run on."
+    )
+
+
 class Inventory(_Strict):
     """The whole homelab."""
 
@@ -346,6 +376,9 @@ class Inventory(_Strict):
     )
     mesh: Mesh = Field(default_factory=Mesh, description="The multicluster mesh.")
     ml: Ml = Field(default_factory=Ml, description="Flyte and weights settings.")
+    orchestrator: Orchestrator = Field(
+        default_factory=Orchestrator, description="Where Dagster's runs and steps run."
+    )
     models: dict[ModelName, Model] = Field(default_factory=dict, description="Models, by name.")
     training_runs: dict[Name, TrainingRun] = Field(
         default_factory=dict, description="Training runs, by name."

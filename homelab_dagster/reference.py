@@ -33,6 +33,7 @@ _MODELS: list[tuple[str, type[BaseModel]]] = [
     ("mesh", inv.Mesh),
     ("mesh.links[]", inv.MeshLink),
     ("ml", inv.Ml),
+    ("orchestrator", inv.Orchestrator),
     ("models.<name>", inv.Model),
     ("models.<name>.architecture", inv.ModelArchitecture),
     ("training_runs.<name>", inv.TrainingRun),

@@ -200,6 +200,43 @@ def _models(inv: Inventory) -> Iterator[Finding]:
             yield ("models", name, "base_model"), "an external model needs base_model (what it is)"
 
 
+def _orchestrator(inv: Inventory) -> Iterator[Finding]:
+    where = inv.orchestrator
+    cluster = inv.clusters.get(where.cluster)
+    if cluster is None:
+        yield ("orchestrator", "cluster"), f"unknown cluster {where.cluster!r}"
+        return
+    if not any(n.role == where.node_role for n in cluster.expanded_nodes()):
+        yield (
+            ("orchestrator", "node_role"),
+            f"cluster {where.cluster!r} has no node with role {where.node_role!r} "
+            "for Dagster's pods",
+        )
+
+
+# Real twin nodes (``twin: real``): each runs a kubelet and containerd on the one machine that
+# runs the twin (about 150 MiB and their share of its CPUs, besides the pods), and takes one
+# of the two spare ports of its cluster's port block for its address (homelab_dagster.twin_real).
+MAX_REAL_NODES = 2
+
+
+def _real_nodes(inv: Inventory) -> Iterator[Finding]:
+    real = 0
+    for name, cluster in inv.clusters.items():
+        for i, pool in enumerate(cluster.nodes):
+            if pool.twin != "real":
+                continue
+            real += 1
+            if real > MAX_REAL_NODES:
+                yield (
+                    ("clusters", name, "nodes", i, "twin"),
+                    f"at most {MAX_REAL_NODES} nodes may be real on the twin (this is real node "
+                    f"number {real}): each runs a kubelet and containerd on the one machine that "
+                    "runs the twin, whose 2 cores and memory also hold five control planes; "
+                    "leave the others fake (KWOK nodes)",
+                )
+
+
 RULES: tuple[Callable[[Inventory], Iterator[Finding]], ...] = (
     _networks_disjoint,
     _node_ports,
@@ -209,6 +246,8 @@ RULES: tuple[Callable[[Inventory], Iterator[Finding]], ...] = (
     _models,
     _training_runs,
     _endpoints,
+    _orchestrator,
+    _real_nodes,
 )
 
 

@@ -6,6 +6,9 @@
 | ``HOMELAB_TARGET``    | ``twin``                         | ``twin`` or ``homelab``: which world  |
 | ``HOMELAB_STATE_DIR`` | ``<project>/.homelab``           | twin clusters, Pulumi state, weights  |
 | ``HOMELAB_TWIN_PORT_BASE`` | ``16443``                   | the twin's first API server port      |
+| ``HOMELAB_GIT_REPO``  | ``<project>`` (this checkout)    | the Git sensor's repo: path or URL  |
+| ``HOMELAB_GIT_BRANCH`` | the repository's ``HEAD`` branch | the branch the Git sensor watches   |
+| ``HOMELAB_DAGSTER_POSTGRES_URL`` | unset: SQLite files    | Dagster's storage in PostgreSQL     |
 
 ``<project>`` is the directory holding ``pyproject.toml`` above the current directory,
 or the current directory itself. The target is chosen here and nowhere else.
@@ -21,7 +24,11 @@ from pathlib import Path
 
 from homelab_dagster.errors import SettingsError
 
-__all__ = ["Settings", "Target", "project_root"]
+__all__ = ["DAGSTER_POSTGRES_URL_VAR", "Settings", "Target", "project_root"]
+
+DAGSTER_POSTGRES_URL_VAR = "HOMELAB_DAGSTER_POSTGRES_URL"
+"""The variable holding the Dagster instance's PostgreSQL URL (password included)."""
+_PSYCOPG2 = "postgresql+psycopg2://"
 
 
 class Target(StrEnum):
@@ -48,10 +55,16 @@ class Settings:
     target: Target
     state_dir: Path
     twin_port_base: int = 16443
+    git_repo: str | None = None  # None: the project's own checkout
+    git_branch: str | None = None  # None: the repository's current (HEAD) branch
+    # HOMELAB_DAGSTER_POSTGRES_URL is set: the Dagster instance stores runs, events and
+    # schedules in PostgreSQL. Only the switch is kept: the URL (and its password) is read
+    # by Dagster itself from the environment when the instance loads (cli/launch.py).
+    dagster_postgres: bool = False
 
     @property
     def steps_log(self) -> Path:
-        """Where the CLI's runs send what their steps print themselves (step_server.py)."""
+        """Where the CLI's runs send what their steps print themselves (cli/output.py)."""
         return self.state_dir / "logs" / "steps.log"
 
     @classmethod
@@ -81,9 +94,20 @@ class Settings:
                 f"HOMELAB_TWIN_PORT_BASE={raw_port!r} is not a port between 1024 and 32000 "
                 "(ports above 32768 are the kernel's ephemeral range)"
             )
+        postgres_url = env.get(DAGSTER_POSTGRES_URL_VAR, "")
+        # dagster-postgres talks through psycopg2; SQLAlchemy 2.1 takes a bare postgresql://
+        # for psycopg 3, which is not installed. (The URL is not echoed: it holds a password.)
+        if postgres_url and not postgres_url.startswith(_PSYCOPG2):
+            raise SettingsError(
+                f"{DAGSTER_POSTGRES_URL_VAR} must start with {_PSYCOPG2} "
+                f"({_PSYCOPG2}USER:PASSWORD@HOST:PORT/DATABASE)"
+            )
         return cls(
             inventory_path=inventory.resolve(),
             target=target,
             state_dir=state_dir.resolve(),
             twin_port_base=int(raw_port),
+            git_repo=env.get("HOMELAB_GIT_REPO") or None,
+            git_branch=env.get("HOMELAB_GIT_BRANCH") or None,
+            dagster_postgres=bool(postgres_url),
         )

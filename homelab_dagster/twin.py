@@ -4,7 +4,10 @@ Each cluster is started by ``kwokctl --runtime binary`` (etcd, kube-apiserver,
 kube-controller-manager, kube-scheduler and the KWOK controller as local processes, every
 binary a local path) on its own loopback port. Its nodes are KWOK fake nodes made from the
 inventory: names, labels, taints and capacity, ``nvidia.com/gpu`` included, so the real
-scheduler places (or refuses) work as it would on the homelab.
+scheduler places (or refuses) work as it would on the homelab. Nodes the inventory marks
+``twin: real`` run a real kubelet and containerd instead (:mod:`homelab_dagster.twin_real`),
+where the machine allows it (Linux, root, the packages); elsewhere they are KWOK nodes too,
+and the twin says so once (:attr:`Twin.real_fallback`).
 
 State lives under ``<state dir>/twin``: kwokctl's work directory and one kubeconfig with a
 context ``twin-<cluster>`` per cluster (mode 0600: it holds client keys).
@@ -12,25 +15,30 @@ context ``twin-<cluster>`` per cluster (mode 0600: it holds client keys).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
+import logging
 import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 
-from homelab_dagster import twin_nodes
-from homelab_dagster.errors import PortInUseError, TwinError
+from homelab_dagster import twin_nodes, twin_real
+from homelab_dagster.errors import PortInUseError, RealNodesUnavailable, TwinError
 from homelab_dagster.inventory import Inventory
+from homelab_dagster.twin_real import RealNodes, RealNodeStatus
 
-__all__ = ["DEFAULT_API_PORT_BASE", "ClusterStatus", "Twin", "context_name"]
+__all__ = ["DEFAULT_API_PORT_BASE", "ClusterStatus", "Twin", "TwinTools", "context_name"]
 
 DEFAULT_API_PORT_BASE = 16443
 _CREATE_TIMEOUT_S = 180
@@ -45,7 +53,12 @@ _PORT_OPTIONS = (
     "kubeSchedulerPort",
     "kwokControllerPort",
 )
-_PORT_BLOCK = 8
+_PORT_BLOCK = 8  # offsets 6 and 7: the cluster's real nodes (homelab_dagster.twin_real)
+# kwok-controller manages only the fake nodes (the annotation twin_nodes puts on them), never
+# a real node's; the API server reaches kubelets by their address, with the admin certificate
+# (which the real kubelets' client CA accepts). Set on every cluster, real nodes or not.
+_FAKE_SELECTOR = f"{twin_nodes.FAKE_ANNOTATION}=fake"
+_log = logging.getLogger(__name__)
 
 
 def context_name(cluster: str) -> str:
@@ -65,9 +78,28 @@ class ClusterStatus:
     ready_nodes: int
     gpus: int
     message: str = ""
+    real: tuple[RealNodeStatus, ...] = ()  # the cluster's real nodes (kubelet, containerd)
 
 
 Progress = Callable[[str, str], None]
+
+
+class TwinTools(Protocol):
+    """What the twin needs of its toolchain (:class:`infra.toolchain.Toolchain` is one; the CLI
+    builds it and hands it over, so the core never imports ``infra/``)."""
+
+    kwokctl: Path
+    kubelet: Path | None  # None: not built, and every node stays a KWOK node
+    pause: Path | None
+    versions: dict[str, Any]
+
+    def env(self) -> dict[str, str]:
+        """The variables kwokctl and kubectl need (PATH, KWOK_* versions)."""
+        ...
+
+    def kwokctl_create_args(self, name: str, kubeconfig: Path | str) -> list[str]:
+        """``kwokctl create cluster`` with every binary given as a local path."""
+        ...
 
 
 class Twin:
@@ -77,7 +109,7 @@ class Twin:
         self,
         inventory: Inventory,
         state_dir: Path,
-        toolchain: Any,
+        toolchain: TwinTools,
         *,
         api_port_base: int = DEFAULT_API_PORT_BASE,
     ) -> None:
@@ -87,6 +119,15 @@ class Twin:
         self.api_port_base = api_port_base
         self.workdir = self.root / "kwok"
         self.kubeconfig = self.root / "kubeconfig"
+        self.real = RealNodes(
+            inventory,
+            self.root / "real",
+            toolchain,
+            block_port=self.api_port,
+            kubeconfig=self._kubelet_credentials,
+        )
+        # Why the inventory's real nodes run as KWOK nodes, when they do (set by up()).
+        self.real_fallback: RealNodesUnavailable | None = None
 
     # ------------------------------------------------------------------ public
 
@@ -114,21 +155,37 @@ class Twin:
     def up(self, clusters: Iterable[str] | None = None, progress: Progress | None = None) -> None:
         """Start what is missing, restart what crashed, reconcile nodes to the inventory.
 
+        Real nodes start (or restart: a killed kubelet or containerd) after their control
+        plane; where they cannot run, they are KWOK nodes, and ``real_fallback`` says why
+        (reported once, through ``progress`` and the log).
+
         Raises:
             PortInUseError: a cluster's API port is taken by another process.
             TwinError: a control plane did not start; the message has kwokctl's reason.
+            RealNodeError: a real node's containerd or kubelet did not start.
         """
         names = self._select(clusters)
         report = progress or (lambda _c, _m: None)
         self.root.mkdir(parents=True, exist_ok=True)
+        with self._exclusive(names, report):
+            self._up(names, report)
+
+    def _up(self, names: list[str], report: Progress) -> None:
         with ThreadPoolExecutor(max_workers=len(names) or 1) as pool:
             for _ in pool.map(lambda name: self._up_one(name, report), names):
                 pass
         self._write_kubeconfig()
+        real = self._real_plan(names, report)
         for name in names:
             report(name, "reconciling nodes")
             api = self.client(name)
-            changes = twin_nodes.reconcile(api, self.inventory.clusters[name].expanded_nodes())
+            nodes = self.inventory.clusters[name].expanded_nodes()
+            if not real[name] and self.real_nodes(name):
+                self.real.stop(name)  # ran real before, fell back now: its kubelet must go
+            changes = twin_nodes.reconcile(api, nodes, real=real[name])
+            if real[name]:
+                for done in self.real.up(name, api, report):
+                    report(name, f"real node {done}")
             if not twin_nodes.wait_ready(api, timeout_s=_READY_TIMEOUT_S):
                 raise TwinError(
                     f"twin cluster {name!r}: nodes not Ready after {_READY_TIMEOUT_S}s "
@@ -137,20 +194,51 @@ class Twin:
             report(name, f"ready ({changes})")
 
     def down(self, clusters: Iterable[str] | None = None, *, purge: bool = False) -> list[str]:
-        """Stop the twin's clusters (``purge``: delete them and their data). Returns their names."""
+        """Stop the twin's clusters (``purge``: delete them and their data). Returns their names.
+
+        Real nodes stop first; their host changes (addresses, bridges, mounts, cgroups,
+        iptables chains, sysctls) are undone either way, their data kept unless ``purge``.
+        """
         stopped = []
-        for name in self._select(clusters):
-            if not self._exists(name):
-                continue
-            self._kwokctl("delete" if purge else "stop", "cluster", "--name", name)
-            stopped.append(name)
-        if purge and not self._existing():
-            shutil.rmtree(self.root, ignore_errors=True)
+        names = self._select(clusters)
+        with self._exclusive(names, lambda _c, _m: None):
+            for name in names:
+                self.real.stop(name, purge=purge)
+                if not self._exists(name):
+                    continue
+                self._kwokctl("delete" if purge else "stop", "cluster", "--name", name)
+                stopped.append(name)
+            if purge and not self._existing():
+                shutil.rmtree(self.root, ignore_errors=True)
         return stopped
 
+    @contextlib.contextmanager
+    def _exclusive(self, names: list[str], report: Progress) -> Iterator[None]:
+        """Hold the twin's lock (``<state dir>/twin.lock``, beside the twin's directory) while
+        its clusters are started or stopped: a second process working on the same state
+        (another `homelab up`, a test) waits for the first, and never starts a control plane
+        twice or reads a half-written kubeconfig."""
+        self.root.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.root.parent / "twin.lock", "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                for name in names:
+                    report(name, "waiting for another process starting or stopping the twin")
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
     def status(self) -> list[ClusterStatus]:
-        """Each inventory cluster: its server, whether it answers, its nodes and GPUs."""
+        """Each inventory cluster: its server, whether it answers, its nodes and GPUs.
+
+        A cluster's real nodes (those that ran here) are listed in ``real``, with their
+        processes; ``message`` names a real node whose kubelet or containerd is down.
+        """
         return [self._status(name) for name in self.inventory.clusters]
+
+    def real_nodes(self, cluster: str) -> list[twin_real.RealNodeSpec]:
+        """The real nodes of ``cluster`` as this twin runs them (empty where they fell back)."""
+        return [s for s in self.real.specs(cluster) if s.dir.is_dir()]
 
     def client(self, cluster: str) -> Any:
         """A Kubernetes API client for ``cluster``'s context (imported lazily: it is heavy)."""
@@ -195,11 +283,17 @@ class Twin:
         context = context_name(name)
         if not self._exists(name):
             return ClusterStatus(name, context, server, False, 0, 0, 0, "not created")
+        real_here = bool(self.real_nodes(name))
         try:
-            nodes = twin_nodes.observe(self.client(name))
+            api = self.client(name)
+            nodes = twin_nodes.observe(api)
         except _unreachable_errors() as exc:
             reason = type(exc).__name__
-            return ClusterStatus(name, context, server, False, 0, 0, 0, f"not answering ({reason})")
+            real = tuple(self.real.status(name, None)) if real_here else ()
+            return ClusterStatus(
+                name, context, server, False, 0, 0, 0, f"not answering ({reason})", real
+            )
+        real = tuple(self.real.status(name, api)) if real_here else ()
         return ClusterStatus(
             name,
             context,
@@ -208,7 +302,62 @@ class Twin:
             len(nodes),
             sum(1 for n in nodes if n.ready),
             sum(n.gpus for n in nodes),
+            "; ".join(f"real node {r.name}: {r.message}" for r in real if r.message),
+            real,
         )
+
+    # ------------------------------------------------------------------ real nodes
+
+    def _real_plan(self, names: list[str], report: Progress) -> dict[str, set[str]]:
+        """Per cluster, the nodes that run real now; records (and says once) what fell back."""
+        wanted = {n: {x.name for x in twin_real.real_nodes_of(self.inventory, n)} for n in names}
+        reason = twin_real.unavailable(self.toolchain) if any(wanted.values()) else None
+        plan: dict[str, set[str]] = {}
+        fell: list[str] = []
+        reasons: list[str] = []
+        for name in names:
+            if not wanted[name]:
+                plan[name] = set()
+                continue
+            why = reason or self._cluster_lacks_real_support(name)
+            plan[name] = set() if why else wanted[name]
+            if why:
+                fell += sorted(wanted[name])
+                if why not in reasons:
+                    reasons.append(why)
+        if not fell:
+            self.real_fallback = None
+            return plan
+        fallback = RealNodesUnavailable(fell, "; ".join(reasons))
+        if self.real_fallback is None or str(self.real_fallback) != str(fallback):
+            _log.warning("%s", fallback)  # once per twin and reason, not on every up
+            for name in names:
+                if wanted[name] and not plan[name]:
+                    report(name, f"real nodes run as KWOK nodes: {fallback.reason}")
+        self.real_fallback = fallback
+        return plan
+
+    def _cluster_lacks_real_support(self, name: str) -> str | None:
+        """Why ``name``'s control plane cannot take a real node (made before they existed)."""
+        saved = self.workdir / "clusters" / name / "kwok.yaml"
+        try:
+            text = saved.read_text()
+        except OSError:
+            return None
+        if "manage-nodes-with-annotation-selector" not in text:
+            return (
+                f"cluster {name!r} was created before the twin had real nodes (its KWOK "
+                f"controller manages every node): recreate it with `homelab twin down --purge "
+                f"{name}` and `homelab twin up {name}`"
+            )
+        return None
+
+    def _kubelet_credentials(self, name: str) -> dict[str, Any]:
+        """The cluster's CA file and a kubeconfig for a real node's kubelet (admin access)."""
+        cluster_dir = self.workdir / "clusters" / name
+        config = yaml.safe_load((cluster_dir / "kubeconfig.yaml").read_text())
+        config["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{self.api_port(name)}"
+        return {"ca_file": str(cluster_dir / "pki" / "ca.crt"), "kubeconfig": config}
 
     def _wait_healthy(self, name: str) -> None:
         deadline = time.monotonic() + _READY_TIMEOUT_S
@@ -259,11 +408,35 @@ class Twin:
         return result
 
     def _write_kwok_config(self, name: str) -> Path:
-        """kwokctl's configuration for ``name``: loopback only, and the cluster's ports."""
+        """kwokctl's configuration for ``name``: loopback only, the cluster's ports, and what
+        real nodes need (kwokctl 0.8.0 panics on ``--extra-args`` in some positions, so these
+        go through ``componentsPatches``)."""
+        pki = self.workdir / "clusters" / name / "pki"
+
+        def args(**values: str) -> list[dict[str, str]]:
+            return [{"key": k.replace("_", "-"), "value": v} for k, v in values.items()]
+
         config = {
             "apiVersion": "config.kwok.x-k8s.io/v1alpha1",
             "kind": "KwokctlConfiguration",
             "options": {"bindAddress": "127.0.0.1", **self.ports(name)},
+            "componentsPatches": [
+                {
+                    "name": "kwok-controller",
+                    "extraArgs": args(
+                        manage_all_nodes="false",
+                        manage_nodes_with_annotation_selector=_FAKE_SELECTOR,
+                    ),
+                },
+                {
+                    "name": "kube-apiserver",
+                    "extraArgs": args(
+                        kubelet_preferred_address_types="InternalIP,Hostname",
+                        kubelet_client_certificate=str(pki / "admin.crt"),
+                        kubelet_client_key=str(pki / "admin.key"),
+                    ),
+                },
+            ],
         }
         path = self.root / f"kwokctl-{name}.yaml"
         path.write_text(yaml.safe_dump(config))
@@ -308,9 +481,17 @@ class Twin:
             )
         if merged["contexts"]:
             merged["current-context"] = merged["contexts"][0]["name"]
-        fd = os.open(self.kubeconfig, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            yaml.safe_dump(merged, f)
+        # Written beside it, then renamed over it: a process reading the kubeconfig at the
+        # same time (another `homelab up` on the same state) sees the old file or the new one,
+        # never a half-written one.
+        fd, partial = tempfile.mkstemp(dir=self.kubeconfig.parent, prefix=".kubeconfig-")
+        try:
+            with os.fdopen(fd, "w") as f:  # mkstemp makes it 0600
+                yaml.safe_dump(merged, f)
+            os.replace(partial, self.kubeconfig)
+        except BaseException:
+            Path(partial).unlink(missing_ok=True)
+            raise
 
 
 def _bindable(port: int) -> bool:

@@ -8,10 +8,11 @@ pods, ``nvidia.com/gpu``) is what the real kube-scheduler fits pods against.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from homelab_dagster.inventory import Node
+from homelab_dagster.inventory import Node, Taint
 
 __all__ = [
     "FAKE_ANNOTATION",
@@ -52,12 +53,7 @@ def node_manifest(node: Node) -> dict[str, Any]:
             "labels": labels,
         },
         "spec": {
-            "taints": [
-                {"key": t.key, "value": t.value, "effect": t.effect}
-                if t.value
-                else {"key": t.key, "effect": t.effect}
-                for t in node.taints
-            ]
+            "taints": [t.manifest() for t in node.taints]
         },
         "status": {
             "capacity": capacity,
@@ -98,22 +94,37 @@ def observe(api_client: Any) -> list[ObservedNode]:
     return [observed_node(n) for n in nodes]
 
 
-def reconcile(api_client: Any, nodes: list[Node]) -> str:
+def _is_fake(node: Any) -> bool:
+    return (node.metadata.annotations or {}).get(FAKE_ANNOTATION) == "fake"
+
+
+def reconcile(api_client: Any, nodes: list[Node], real: Iterable[str] = ()) -> str:
     """Make the cluster's fake nodes exactly ``nodes``; returns a summary of the changes.
 
     Missing nodes are created; existing ones get the inventory's labels, taints and capacity
     back (labels the inventory does not declare are kept: other tools may add them); fake
     nodes the inventory no longer has are deleted. Nodes that are not fake are left alone.
+
+    ``real`` names the nodes that run as real nodes (a kubelet registers them): they are not
+    created here, and a fake node of that name is deleted so that the kubelet can register.
+    A node the inventory marks ``twin: real`` that runs fake now (real nodes cannot run here)
+    replaces the Node a kubelet left behind.
     """
     from kubernetes import client
 
     core = client.CoreV1Api(api_client)
     existing = {n.metadata.name: n for n in core.list_node(_request_timeout=10).items}
     created = updated = deleted = 0
+    real = set(real)
+    nodes = [n for n in nodes if n.name not in real]
     wanted = {n.name for n in nodes}
     for node in nodes:
         manifest = node_manifest(node)
         current = existing.get(node.name)
+        if current is not None and node.twin == "real" and not _is_fake(current):
+            core.delete_node(node.name)  # a real node's leftover: it runs fake now
+            deleted += 1
+            current = None
         if current is None:
             core.create_node(manifest)
             core.patch_node_status(node.name, {"status": manifest["status"]})
@@ -121,7 +132,7 @@ def reconcile(api_client: Any, nodes: list[Node]) -> str:
             continue
         labels = current.metadata.labels or {}
         taints = [
-            {k: v for k, v in (("key", t.key), ("value", t.value), ("effect", t.effect)) if v}
+            Taint(key=t.key, value=t.value or "", effect=t.effect).manifest()
             for t in current.spec.taints or []
         ]
         capacity = dict(current.status.capacity or {})
@@ -138,8 +149,7 @@ def reconcile(api_client: Any, nodes: list[Node]) -> str:
             core.patch_node_status(node.name, {"status": manifest["status"]})
             updated += 1
     for name, current in existing.items():
-        fake = (current.metadata.annotations or {}).get(FAKE_ANNOTATION) == "fake"
-        if fake and name not in wanted:
+        if _is_fake(current) and name not in wanted:
             core.delete_node(name)
             deleted += 1
     return f"{len(nodes)} nodes: {created} created, {updated} updated, {deleted} deleted"

@@ -8,9 +8,9 @@ It declares a cluster's base state, from its inventory entry:
   and a teardown leaves them in place (``retain_on_delete``);
 - on GPU clusters, a PriorityClass for GPU work;
 - a ResourceQuota in each namespace the inventory gives ``quotas`` for;
-- the third-party components as Helm releases, on the homelab target only. The twin cannot
-  reach chart repositories, so there they are skipped, and :func:`component_plan` says so
-  (the asset records each skipped component and why).
+- the third-party components as Helm releases, where the deployment can reach chart
+  repositories (the homelab; the twin cannot). Where it cannot, they are skipped, and
+  :func:`component_plan` says so (the asset records each skipped component and why).
 
 :func:`cluster_program` returns a zero-argument function: the inline program.
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from homelab_dagster.inventory import Cluster, Component, Node
 
@@ -41,7 +42,7 @@ _FORCE = {"pulumi.com/patchForce": "true"}
 
 @dataclass(frozen=True)
 class ComponentPlan:
-    """What the stack does with one third-party component on this target."""
+    """What the stack does with one third-party component in this deployment."""
 
     name: str
     chart: str
@@ -53,30 +54,22 @@ class ComponentPlan:
 
 
 def component_plan(
-    cluster: Cluster, components: Mapping[str, Component], target: str
+    cluster: Cluster, components: Mapping[str, Component], *, install: bool, note: str = ""
 ) -> list[ComponentPlan]:
-    """Each of ``cluster``'s components: installed (homelab) or skipped, with the reason (twin)."""
-    plans = []
-    for name in cluster.components:
-        spec = components[name]
-        skip = target == "twin"
-        plans.append(
-            ComponentPlan(
-                name=name,
-                chart=spec.chart,
-                version=spec.version,
-                repository=spec.repository,
-                namespace=spec.namespace,
-                install=not skip,
-                reason=(
-                    f"the twin cannot reach the chart repository {spec.repository}; "
-                    "installed on the homelab target"
-                    if skip
-                    else ""
-                ),
-            )
+    """Each of ``cluster``'s components: installed, or (``install`` False) skipped with the
+    deployment's ``note`` and the chart repository as the reason."""
+    return [
+        ComponentPlan(
+            name=name,
+            chart=components[name].chart,
+            version=components[name].version,
+            repository=components[name].repository,
+            namespace=components[name].namespace,
+            install=install,
+            reason="" if install else f"{note} (chart repository {components[name].repository})",
         )
-    return plans
+        for name in cluster.components
+    ]
 
 
 def _node_patch_args(node: Node) -> tuple[dict[str, object], dict[str, object] | None]:
@@ -88,11 +81,7 @@ def _node_patch_args(node: Node) -> tuple[dict[str, object], dict[str, object] |
     metadata = {"name": node.name, "labels": dict(node.labels), "annotations": dict(_FORCE)}
     if not node.taints:
         return metadata, None
-    taints = [
-        {"key": t.key, "effect": t.effect, **({"value": t.value} if t.value else {})}
-        for t in node.taints
-    ]
-    return metadata, {"taints": taints}
+    return metadata, {"taints": [t.manifest() for t in node.taints]}
 
 
 def cluster_program(
@@ -100,15 +89,21 @@ def cluster_program(
     cluster: Cluster,
     components: Mapping[str, Component],
     *,
-    target: str,
+    cluster_identifier: str,
+    install_charts: bool,
+    charts_note: str = "",
     kubeconfig: str,
     context: str,
 ) -> Callable[[], None]:
-    """The inline program of cluster ``name``, reached through ``kubeconfig``/``context``."""
-    plans = component_plan(cluster, components, target)
+    """The inline program of cluster ``name``, reached through ``kubeconfig``/``context``.
+
+    ``cluster_identifier``: the provider's identity of the cluster (the same whatever file
+    reaches it); ``install_charts``: whether the components' Helm releases are declared
+    (where chart repositories are reachable), else each is skipped with ``charts_note``.
+    """
+    plans = component_plan(cluster, components, install=install_charts, note=charts_note)
 
     def program() -> None:
-        import pulumi
         import pulumi_kubernetes as k8s
 
         provider = k8s.Provider(
@@ -116,73 +111,115 @@ def cluster_program(
             kubeconfig=kubeconfig,
             context=context,
             # The cluster is the same whatever file reaches it: never replace on a new path.
-            cluster_identifier=f"{target}.{name}",
+            cluster_identifier=cluster_identifier,
             enable_server_side_apply=True,
         )
-        opts = pulumi.ResourceOptions(provider=provider)
-        namespaces = {
-            ns: k8s.core.v1.Namespace(
-                f"namespace-{ns}", metadata={"name": ns, "labels": MANAGED_BY}, opts=opts
-            )
-            for ns in cluster.namespaces
-        }
-        nodes = cluster.expanded_nodes()
-        for node in nodes:
-            metadata, spec = _node_patch_args(node)
-            # Retained on delete: tearing the stack down must not strip the nodes' identity
-            # (their role and GPU labels are what every workload is scheduled by).
-            k8s.core.v1.NodePatch(
-                f"node-{node.name}",
-                metadata=metadata,
-                spec=spec,
-                opts=pulumi.ResourceOptions(provider=provider, retain_on_delete=True),
-            )
-        if cluster.gpu_total():
-            k8s.scheduling.v1.PriorityClass(
-                "gpu-priority",
-                metadata={"name": GPU_PRIORITY_CLASS, "labels": MANAGED_BY},
-                value=100000,
-                global_default=False,
-                preemption_policy="PreemptLowerPriority",
-                description="GPU training and inference on this cluster.",
-                opts=opts,
-            )
-        for ns, hard in cluster.quotas.items():
-            k8s.core.v1.ResourceQuota(
-                f"quota-{ns}",
-                metadata={"name": QUOTA_NAME, "namespace": ns, "labels": MANAGED_BY},
-                spec={"hard": dict(hard)},
-                opts=pulumi.ResourceOptions(provider=provider, depends_on=[namespaces[ns]]),
-            )
-        previous: list[pulumi.Resource] = []
-        for plan in plans:
-            if not plan.install:
-                continue
-            spec = components[plan.name]
-            owner = namespaces.get(plan.namespace)
-            # In the inventory's order, one after the other: CRDs before what uses them.
-            previous = [
-                k8s.helm.v3.Release(
-                    f"component-{plan.name}",
-                    name=plan.name,
-                    chart=spec.chart,
-                    version=spec.version,
-                    namespace=spec.namespace,
-                    create_namespace=owner is None,
-                    repository_opts={"repo": spec.repository},
-                    values=dict(spec.values),
-                    opts=pulumi.ResourceOptions(
-                        provider=provider,
-                        depends_on=[*previous, *([owner] if owner is not None else [])],
-                    ),
-                )
-            ]
-        pulumi.export("namespaces", sorted(cluster.namespaces))
-        pulumi.export("nodes", [n.name for n in nodes])
-        pulumi.export("gpu_priority_class", GPU_PRIORITY_CLASS if cluster.gpu_total() else None)
-        pulumi.export("quotas", {ns: dict(hard) for ns, hard in cluster.quotas.items()})
-        pulumi.export(
-            "components", {p.name: "installed" if p.install else "skipped" for p in plans}
-        )
+        namespaces = _namespaces(cluster, provider)
+        _node_patches(cluster, provider)
+        _gpu_priority_class(cluster, provider)
+        _quotas(cluster, provider, namespaces)
+        _releases(plans, components, provider, namespaces)
+        _exports(cluster, plans)
 
     return program
+
+
+def _namespaces(cluster: Cluster, provider: Any) -> dict[str, Any]:
+    import pulumi
+    import pulumi_kubernetes as k8s
+
+    opts = pulumi.ResourceOptions(provider=provider)
+    return {
+        ns: k8s.core.v1.Namespace(
+            f"namespace-{ns}", metadata={"name": ns, "labels": MANAGED_BY}, opts=opts
+        )
+        for ns in cluster.namespaces
+    }
+
+
+def _node_patches(cluster: Cluster, provider: Any) -> None:
+    import pulumi
+    import pulumi_kubernetes as k8s
+
+    for node in cluster.expanded_nodes():
+        metadata, spec = _node_patch_args(node)
+        # Retained on delete: tearing the stack down must not strip the nodes' identity
+        # (their role and GPU labels are what every workload is scheduled by).
+        k8s.core.v1.NodePatch(
+            f"node-{node.name}",
+            metadata=metadata,
+            spec=spec,
+            opts=pulumi.ResourceOptions(provider=provider, retain_on_delete=True),
+        )
+
+
+def _gpu_priority_class(cluster: Cluster, provider: Any) -> None:
+    import pulumi
+    import pulumi_kubernetes as k8s
+
+    if cluster.gpu_total():
+        k8s.scheduling.v1.PriorityClass(
+            "gpu-priority",
+            metadata={"name": GPU_PRIORITY_CLASS, "labels": MANAGED_BY},
+            value=100000,
+            global_default=False,
+            preemption_policy="PreemptLowerPriority",
+            description="GPU training and inference on this cluster.",
+            opts=pulumi.ResourceOptions(provider=provider),
+        )
+
+
+def _quotas(cluster: Cluster, provider: Any, namespaces: Mapping[str, Any]) -> None:
+    import pulumi
+    import pulumi_kubernetes as k8s
+
+    for ns, hard in cluster.quotas.items():
+        k8s.core.v1.ResourceQuota(
+            f"quota-{ns}",
+            metadata={"name": QUOTA_NAME, "namespace": ns, "labels": MANAGED_BY},
+            spec={"hard": dict(hard)},
+            opts=pulumi.ResourceOptions(provider=provider, depends_on=[namespaces[ns]]),
+        )
+
+
+def _releases(
+    plans: list[ComponentPlan],
+    components: Mapping[str, Component],
+    provider: Any,
+    namespaces: Mapping[str, Any],
+) -> None:
+    """The components to install as Helm releases, in the inventory's order, one after the
+    other (CRDs before what uses them)."""
+    import pulumi
+    import pulumi_kubernetes as k8s
+
+    previous: list[pulumi.Resource] = []
+    for plan in (p for p in plans if p.install):
+        spec = components[plan.name]
+        owner = namespaces.get(plan.namespace)
+        previous = [
+            k8s.helm.v3.Release(
+                f"component-{plan.name}",
+                name=plan.name,
+                chart=spec.chart,
+                version=spec.version,
+                namespace=spec.namespace,
+                create_namespace=owner is None,
+                repository_opts={"repo": spec.repository},
+                values=dict(spec.values),
+                opts=pulumi.ResourceOptions(
+                    provider=provider,
+                    depends_on=[*previous, *([owner] if owner is not None else [])],
+                ),
+            )
+        ]
+
+
+def _exports(cluster: Cluster, plans: list[ComponentPlan]) -> None:
+    import pulumi
+
+    pulumi.export("namespaces", sorted(cluster.namespaces))
+    pulumi.export("nodes", [n.name for n in cluster.expanded_nodes()])
+    pulumi.export("gpu_priority_class", GPU_PRIORITY_CLASS if cluster.gpu_total() else None)
+    pulumi.export("quotas", {ns: dict(hard) for ns, hard in cluster.quotas.items()})
+    pulumi.export("components", {p.name: "installed" if p.install else "skipped" for p in plans})

@@ -1,5 +1,6 @@
 """The twin's toolchain: Pulumi CLI, Kubernetes control plane, KWOK, the Pulumi Kubernetes
-provider plugin and etcd, pinned in infra/tools/versions.toml.
+provider plugin and etcd, pinned in infra/tools/versions.toml; and, for the twin's real nodes,
+the kubelet and the pause binary (optional: without them every twin node is a KWOK node).
 
 Go tools are built from their modules through the Go module proxy (release downloads are not
 reachable) into ${XDG_CACHE_HOME:-~/.cache}/homelab-dagster/tools/<name>-<version>/bin/, so a
@@ -30,9 +31,17 @@ from infra.tools import build_steps as steps
 
 VERSIONS_FILE = Path(__file__).resolve().parent / "tools" / "versions.toml"
 # pulumi first: the provider plugin is verified by `pulumi package get-schema <plugin>`.
-BUILD_ORDER = ("pulumi", "kubernetes", "kwok", "pulumi-kubernetes")
+# kubelet after kubernetes: it reuses that build's Go cache (the same module).
+BUILD_ORDER = ("pulumi", "kubernetes", "kwok", "pulumi-kubernetes", "kubelet", "pause")
 # Cold build minutes measured on the 2-core machine (docs/toolchain.md), for the warning only.
-COLD_MINUTES = {"pulumi": 6, "kubernetes": 7, "kwok": 3, "pulumi-kubernetes": 10}
+COLD_MINUTES = {
+    "pulumi": 6,
+    "kubernetes": 7,
+    "kwok": 3,
+    "pulumi-kubernetes": 10,
+    "kubelet": 3,
+    "pause": 1,
+}
 
 
 def load_versions(path: Path = VERSIONS_FILE) -> dict[str, Any]:
@@ -61,6 +70,9 @@ class Toolchain:
     pulumi_kubernetes: Path  # the plugin binary pulumi-resource-kubernetes
     pulumi_python: Path | None  # pulumi-resource-pulumi-python, for Python dynamic providers
     bin_dirs: list[Path]
+    # Real nodes only (optional tools: None when not built, and every twin node is a KWOK node).
+    kubelet: Path | None = None
+    pause: Path | None = None
     versions: dict[str, Any] = field(repr=False, default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)  # tool -> "PATH" | "cached" | "built"
 
@@ -266,6 +278,10 @@ def ensure_toolchain(
         if name == "pulumi" and name in found:
             pulumi = found[name]["pulumi"]
 
+    if not build:  # the real nodes' tools are optional: the twin falls back to KWOK nodes
+        for name in [n for n in todo if tools[n].get("optional")]:
+            todo.remove(name)
+            sources[name] = "missing"
     if todo and not build:
         raise ToolchainError(
             ", ".join(todo),
@@ -310,9 +326,17 @@ def ensure_toolchain(
     except steps.StepError as e:
         raise ToolchainError(e.tool, e.reason) from e
     sources["etcd"] = "PATH"
-    bin_dirs = list(dict.fromkeys(p.parent for bins in found.values() for p in bins.values()))
+    bin_dirs = list(
+        dict.fromkeys(
+            p.parent
+            for name, bins in found.items()
+            if not tools[name].get("optional")  # the twin runs them by path, never from PATH
+            for p in bins.values()
+        )
+    )
     bin_dirs.append(plugin.parent)
     k = found["kubernetes"]
+    optional = {b: p for n in ("kubelet", "pause") for b, p in found.get(n, {}).items()}
     return Toolchain(
         pulumi=found["pulumi"]["pulumi"],
         kube_apiserver=k["kube-apiserver"],
@@ -325,6 +349,8 @@ def ensure_toolchain(
         pulumi_kubernetes=found["pulumi-kubernetes"]["pulumi-resource-kubernetes"],
         pulumi_python=plugin,
         bin_dirs=bin_dirs,
+        kubelet=optional.get("kubelet"),
+        pause=optional.get("pause"),
         versions=versions,
         sources=sources,
     )
@@ -346,6 +372,8 @@ def _report(console: Any, versions: dict, tc: Toolchain | None, error: Exception
             if b == "pulumi-resource-kubernetes" and tc:
                 path = tc.pulumi_kubernetes
             src = tc.sources.get(name, "") if tc else "[red]missing"
+            if src == "missing":
+                src = "[yellow]missing: real nodes fall back to KWOK nodes"
             table.add_row(b, spec["version"], src, str(path or ""))
     if tc and tc.pulumi_python:
         table.add_row("pulumi-resource-pulumi-python", "-", "written", str(tc.pulumi_python))

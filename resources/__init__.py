@@ -1,7 +1,7 @@
-"""Dagster resources, one per external system; ``stacks`` and ``ml`` configure them per target.
+"""Dagster resources, one per external system; ``deployment`` configures them per target.
 
 Modules are imported by name (``from resources.pulumi import PulumiStacks``): importing the
 package imports none of them.
 """
 
-__all__ = ["flyte", "kubernetes", "ml", "pulumi", "stacks", "weights"]
+__all__ = ["deployment", "flyte", "git", "kubernetes", "pulumi", "weights"]

@@ -1,4 +1,4 @@
-"""Who holds a stack's lock, and whether that process is still alive; whether a stack exists.
+"""Who holds a stack's lock, and whether that process is still alive.
 
 Pulumi's file (DIY) backend takes a lock per update: a file
 ``<backend>/.pulumi/locks/<org>/<project>/<stack>/<id>.json`` holding the owner's pid, user,
@@ -7,8 +7,14 @@ removes it: :func:`describe` says how, and nothing here ever removes one.
 Other backends (Pulumi Cloud, S3, ...) report their lock only through the CLI's error, which
 the caller passes on as it is.
 
-The same backend keeps each stack's state in ``<backend>/.pulumi/stacks/<project>/<stack>.json``
-(``.json.gz`` when compressed): :func:`stack_recorded` looks for it.
+The same backend keeps each stack's state, and Pulumi's own copies of it, which
+:class:`StateFiles` finds (a stack damaged or deleted by hand is restored from them)::
+
+    <backend>/.pulumi/stacks/<project>/<stack>.json            the state
+    <backend>/.pulumi/history/<project>/<stack>/*.checkpoint.json  the state after each update
+    <backend>/.pulumi/backups/<project>/<stack>/<stack>.<ns>.json  a copy after each save
+
+Pulumi never prunes them; ``pulumi stack rm`` deletes the history and keeps the backups.
 """
 
 from __future__ import annotations
@@ -16,11 +22,13 @@ from __future__ import annotations
 import json
 import os
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlparse
 
-__all__ = ["StackLock", "describe", "file_backend_root", "read_locks", "stack_recorded"]
+__all__ = ["StackLock", "StateFiles", "describe", "file_backend_root", "read_locks", "state_files"]
 
 
 @dataclass(frozen=True)
@@ -65,16 +73,6 @@ def file_backend_root(backend_url: str) -> Path | None:
     return Path(unquote(parsed.netloc + parsed.path)).expanduser()
 
 
-def stack_recorded(backend_url: str, project: str, stack: str) -> bool:
-    """Whether a file backend holds ``stack`` of ``project`` (False for other backends: only
-    the CLI can tell there)."""
-    root = file_backend_root(backend_url)
-    if root is None:
-        return False
-    stacks = root / ".pulumi" / "stacks" / project
-    return any((stacks / f"{stack}{suffix}").is_file() for suffix in (".json", ".json.gz"))
-
-
 def read_locks(backend_url: str, stack: str) -> list[StackLock]:
     """The locks on ``stack`` in a file backend (none for other backends or when unlocked)."""
     root = file_backend_root(backend_url)
@@ -112,3 +110,77 @@ def describe(stack: str, locks: list[StackLock], work_dir: Path, backend_url: st
         f"with `cd {work_dir} && PULUMI_BACKEND_URL={backend_url} pulumi cancel --yes --stack "
         f"{stack}`, or remove the lock file: rm {files}"
     )
+
+
+@dataclass(frozen=True)
+class StateFiles:
+    """Where a file backend keeps one stack's state, its history and its backups."""
+
+    stack: str
+    file: Path
+    history: Path
+    backups: Path
+
+    def updates(self) -> int:
+        """How many updates the history records (0: never updated, or removed with
+        ``pulumi stack rm``)."""
+        return len(list(self.history.glob("*.checkpoint.json")))
+
+    def missing(self) -> bool:
+        """True when the state file is gone although the history says the stack exists."""
+        return not self.file.exists() and self.updates() > 0
+
+    def damaged(self) -> bool:
+        """True when the state file exists but is not a readable checkpoint."""
+        return self.file.exists() and _checkpoint(self.file, self.stack) is None
+
+    def pending_operations(self) -> list[str]:
+        """The operations an interrupted update left in the state, by name
+        (``creating kubernetes:core/v1:Namespace namespace-edge``); empty if unreadable."""
+        deployment = _checkpoint(self.file, self.stack) if self.file.exists() else None
+        pending = (deployment or {}).get("pending_operations") or []
+        named = []
+        for op in pending:
+            resource = op.get("resource", {}) if isinstance(op, dict) else {}
+            urn = str(resource.get("urn", "?"))
+            named.append(
+                f"{op.get('type', '?')} {resource.get('type', '?')} {urn.rsplit('::', 1)[-1]}"
+            )
+        return named
+
+    def newest_copy(self) -> tuple[Path, Mapping[str, Any]] | None:
+        """The newest readable copy of the state (backups and history, by modification
+        time): its path and its deployment (what ``pulumi stack import`` takes)."""
+        copies = [*self.backups.glob("*.json"), *self.history.glob("*.checkpoint.json")]
+        for path in sorted(copies, key=lambda p: p.stat().st_mtime_ns, reverse=True):
+            deployment = _checkpoint(path, self.stack)
+            if deployment:
+                return path, deployment
+        return None
+
+
+def state_files(backend_url: str, project: str, stack: str) -> StateFiles | None:
+    """The state files of ``stack`` in a file backend (None for other backends)."""
+    root = file_backend_root(backend_url)
+    if root is None:
+        return None
+    meta = root / ".pulumi"
+    return StateFiles(
+        stack=stack,
+        file=meta / "stacks" / project / f"{stack}.json",
+        history=meta / "history" / project / stack,
+        backups=meta / "backups" / project / stack,
+    )
+
+
+def _checkpoint(path: Path, stack: str) -> Mapping[str, Any] | None:
+    """The deployment in the checkpoint file ``path`` of ``stack`` (empty for a stack never
+    updated); None if the file is unreadable or not a checkpoint of ``stack``."""
+    try:
+        checkpoint = json.loads(path.read_text())["checkpoint"]
+        latest = checkpoint.get("latest") or {}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if not isinstance(latest, dict) or not str(checkpoint.get("stack", "")).endswith(f"/{stack}"):
+        return None
+    return latest

@@ -3,15 +3,20 @@
 :class:`EventRecorder` receives the engine's structured events as they happen (the Automation
 API calls it from a gRPC thread), logs one line per resource step (creating, updating,
 deleting, and for a preview "would create", ...), and keeps the steps and the engine's error
-diagnostics. :class:`StackResult` is the typed result an operation returns; its
-:meth:`~StackResult.metadata` are the stable metadata keys documented in docs/metadata.md.
+diagnostics, and the root stack's outputs. :class:`StackResult` is the typed result an
+operation returns; its :meth:`~StackResult.metadata` are the stable metadata keys documented in
+docs/metadata.md. :func:`change_counts`, :func:`up_outputs` and :func:`read_outputs` take the
+rest from the Automation API's public results.
 
 Secrets never pass through here in clear: Pulumi masks secret values in its events and
-diagnostics (``[secret]``), and outputs marked secret are replaced by :data:`SECRET_MASK`.
+diagnostics (``[secret]``, at any depth), and outputs marked secret are replaced by
+:data:`SECRET_MASK`. ``UpResult.outputs`` holds secrets in clear (the SDK reads them with
+``--show-secrets``), and flags only top-level ones: only its flags are used.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 from collections.abc import Mapping
@@ -26,10 +31,16 @@ __all__ = [
     "Log",
     "ResourceStep",
     "StackResult",
+    "change_counts",
     "mask_outputs",
+    "mask_value",
+    "read_outputs",
+    "up_outputs",
 ]
 
 SECRET_MASK = "[secret]"
+# How the engine marks a secret value in state and events (a key of the value's object).
+_SECRET_SIG = "4dabf18193072939515e22adb298388d"
 # The engine's note that a provider plugin came from PATH: how the twin's toolchain works.
 _AMBIENT_PLUGIN = re.compile(r"^using pulumi-resource-\S+ from \$PATH")
 # Steps that change nothing in the world; the rest are changes.
@@ -81,12 +92,62 @@ class ResourceStep:
         return self.op not in _NO_CHANGE
 
 
+def mask_value(value: Any) -> Any:
+    """``value`` with every secret inside it, at any depth, replaced by :data:`SECRET_MASK`."""
+    if isinstance(value, dict):
+        if _SECRET_SIG in value:
+            return SECRET_MASK
+        return {k: mask_value(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [mask_value(v) for v in value]
+    return value
+
+
 def mask_outputs(outputs: Mapping[str, Any]) -> dict[str, Any]:
-    """Plain values of a stack's outputs, each secret one replaced by :data:`SECRET_MASK`."""
+    """Plain values of a stack's outputs (``auto.OutputValue`` or plain), each secret one
+    replaced by :data:`SECRET_MASK`."""
     return {
-        name: SECRET_MASK if getattr(out, "secret", False) else getattr(out, "value", out)
+        name: SECRET_MASK
+        if getattr(out, "secret", False)
+        else mask_value(getattr(out, "value", out))
         for name, out in sorted(outputs.items())
     }
+
+
+def change_counts(result: Any, recorder: EventRecorder) -> dict[str, int]:
+    """Resources per operation (``{"same": 20, "create": 2}``) from an Automation API result:
+    ``PreviewResult.change_summary``, else ``.summary.resource_changes`` (up, refresh,
+    destroy); the engine's summary event where the history has none."""
+    found = getattr(result, "change_summary", None)
+    if found is None:
+        found = getattr(getattr(result, "summary", None), "resource_changes", None)
+    found = found or recorder.summary or {}
+    return {str(getattr(op, "value", op)): n for op, n in found.items()}
+
+
+def up_outputs(stack: Any, result: Any, recorder: EventRecorder) -> dict[str, Any]:
+    """The outputs of an ``UpResult``, masked: values as the engine's events report them
+    (secrets masked at any depth), and every output ``UpResult.outputs`` flags secret masked
+    too. Without the root stack's event (never seen), :func:`read_outputs`."""
+    if recorder.stack_outputs is None:
+        return read_outputs(stack)
+    flagged = {k for k, out in result.outputs.items() if out.secret}
+    return {
+        k: SECRET_MASK if k in flagged else mask_value(v)
+        for k, v in sorted(recorder.stack_outputs.items())
+    }
+
+
+def read_outputs(stack: Any) -> dict[str, Any]:
+    """A stack's outputs as ``pulumi stack output --json`` shows them: secrets masked by the
+    CLI, never decrypted (``Stack.outputs()`` would ask for them with ``--show-secrets``).
+    One CLI run through the workspace's public ``PulumiCommand``."""
+    ws = stack.workspace
+    env = {"PULUMI_HOME": ws.pulumi_home, **ws.env_vars} if ws.pulumi_home else ws.env_vars
+    result = ws.pulumi_command.run(
+        ["stack", "output", "--json", "--stack", stack.name], ws.work_dir, env
+    )
+    return mask_outputs(json.loads(result.stdout or "{}"))
 
 
 @dataclass(frozen=True)
@@ -144,7 +205,8 @@ class EventRecorder:
         self._steps: dict[str, ResourceStep] = {}
         self.errors: list[str] = []
         self.summary: dict[str, int] | None = None
-        # The root stack resource's outputs, as the engine reports them (secrets masked).
+        # The root stack resource's outputs, as the engine reports them (secrets masked at any
+        # depth, where UpResult.outputs flags only top-level ones and holds values in clear).
         self.stack_outputs: dict[str, Any] | None = None
 
     def __call__(self, event: Any) -> None:

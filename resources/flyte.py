@@ -186,18 +186,7 @@ class LocalFlyteLauncher(FlyteLauncher):
             f"Flyte local execution {execution_id} ({url}); the GPU request "
             f"({launch.gpu.describe()}) is recorded, the twin trains on the CPU"
         )
-        package_root = str(Path(__file__).resolve().parent.parent)
-        env = {
-            **os.environ,
-            "TMPDIR": str(scratch),
-            "HF_HUB_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-            "PYTHONUNBUFFERED": "1",
-            "OMP_NUM_THREADS": str(self.threads),
-            "PYTHONPATH": os.pathsep.join(
-                filter(None, [package_root, os.environ.get("PYTHONPATH")])
-            ),
-        }
+        env = self._environment(scratch)
         started = time.monotonic()
         command = [sys.executable, "-m", "homelab_dagster.workflows.local"]
         try:
@@ -219,6 +208,21 @@ class LocalFlyteLauncher(FlyteLauncher):
             evaluation=from_dict(EvalReport, result["evaluation"]),
             duration_s=time.monotonic() - started,
         )
+
+    def _environment(self, scratch: Path) -> dict[str, str]:
+        """The training process's environment: offline, on ``threads`` CPU threads."""
+        package_root = str(Path(__file__).resolve().parent.parent)
+        return {
+            **os.environ,
+            "TMPDIR": str(scratch),
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONUNBUFFERED": "1",
+            "OMP_NUM_THREADS": str(self.threads),
+            "PYTHONPATH": os.pathsep.join(
+                filter(None, [package_root, os.environ.get("PYTHONPATH")])
+            ),
+        }
 
     def _run(self, command: list[str], env: dict[str, str], directory: Path, log: Any) -> int:
         """Run ``command``, streaming its lines to ``log`` and ``log.txt``; kill it on interrupt."""
@@ -294,6 +298,31 @@ class RemoteFlyteLauncher(FlyteLauncher):
 
     def launch(self, log: Any, launch: TrainingLaunch) -> TrainingOutcome:
         """Register (once per version), execute and wait; weights stay in Flyte's blob store."""
+        from flytekit.exceptions.base import FlyteException
+
+        if launch.gpu.nodes > 1:
+            raise TrainingError(f"{launch.run}: multi-node training is not supported yet")
+        started = time.monotonic()
+        remote, execution = self._start(log, launch)
+        url = remote.generate_console_url(execution)
+        log.info(f"Flyte execution {execution.id.name} ({launch.gpu.describe()}): {url}")
+        try:
+            execution = self._wait(remote, execution, log)
+        except FlyteException as exc:
+            raise TrainingError(f"lost track of {execution.id.name}: {exc} ({url})") from exc
+        except BaseException:
+            # The Dagster run was terminated (or the wait timed out): stop the GPUs too.
+            log.warning(f"terminating Flyte execution {execution.id.name}")
+            try:
+                remote.terminate(execution, "the Dagster run was terminated or timed out")
+            except FlyteException as exc:
+                log.error(f"could not terminate {execution.id.name}: {exc}; stop it in {url}")
+            raise
+        return _remote_outcome(execution, url, time.monotonic() - started)
+
+    def _start(self, log: Any, launch: TrainingLaunch) -> tuple[Any, Any]:
+        """The remote, and the execution of the run's workflow started on it (registered first
+        when this version is new)."""
         from flytekit.configuration import Config, ImageConfig, SerializationSettings
         from flytekit.exceptions.base import FlyteException
         from flytekit.exceptions.user import FlyteEntityNotExistException
@@ -302,19 +331,13 @@ class RemoteFlyteLauncher(FlyteLauncher):
 
         from homelab_dagster.workflows import TaskResources, build_training_workflow
 
-        if launch.gpu.nodes > 1:
-            raise TrainingError(f"{launch.run}: multi-node training is not supported yet")
-        workflow = build_training_workflow(
-            launch.run,
-            TaskResources(
-                launch.gpu.gpus_per_node, launch.gpu.memory, launch.gpu.product, self.image
-            ),
-        )
+        gpu = launch.gpu
+        resources = TaskResources(gpu.gpus_per_node, gpu.memory, gpu.product, self.image)
+        workflow = build_training_workflow(launch.run, resources)
         version = self._version(launch)
         options = TrainOptions(
             device="cuda", precision="bf16", log_every=50, compile=self.compile_model
         )
-        started = time.monotonic()
         try:
             remote = FlyteRemote(
                 Config.auto(self.config_file),
@@ -324,9 +347,8 @@ class RemoteFlyteLauncher(FlyteLauncher):
             try:
                 plan = remote.fetch_launch_plan(name=workflow.name, version=version)
             except FlyteEntityNotExistException:
-                log.info(
-                    f"registering {workflow.name} version {version} in {self.project}/{self.domain}"
-                )
+                where = f"{self.project}/{self.domain}"
+                log.info(f"registering {workflow.name} version {version} in {where}")
                 settings = SerializationSettings(
                     image_config=ImageConfig.from_images(self.image),
                     project=self.project,
@@ -345,34 +367,7 @@ class RemoteFlyteLauncher(FlyteLauncher):
                 )
         except (FlyteException, OSError) as exc:
             raise TrainingError(f"cannot launch {workflow.name} on Flyte: {exc}") from exc
-        url = remote.generate_console_url(execution)
-        log.info(f"Flyte execution {execution.id.name} ({launch.gpu.describe()}): {url}")
-        try:
-            execution = self._wait(remote, execution, log)
-        except FlyteException as exc:
-            raise TrainingError(f"lost track of {execution.id.name}: {exc} ({url})") from exc
-        except BaseException:
-            # The Dagster run was terminated (or the wait timed out): stop the GPUs too.
-            log.warning(f"terminating Flyte execution {execution.id.name}")
-            try:
-                remote.terminate(execution, "the Dagster run was terminated or timed out")
-            except FlyteException as exc:
-                log.error(f"could not terminate {execution.id.name}: {exc}; stop it in {url}")
-            raise
-        if execution.error is not None or execution.outputs is None:
-            message = execution.error.message if execution.error else "no outputs"
-            raise TrainingError(f"Flyte execution {execution.id.name} failed: {message} ({url})")
-        outputs = execution.outputs
-        return TrainingOutcome(
-            execution_id=execution.id.name,
-            execution_url=url,
-            weights_uri=outputs.literals["weights"].scalar.blob.uri,
-            weights_digest=outputs.get("digest", as_type=str),
-            weights_size_bytes=outputs.get("size_bytes", as_type=int),
-            train=outputs.get("train", as_type=TrainReport),
-            evaluation=outputs.get("evaluation", as_type=EvalReport),
-            duration_s=time.monotonic() - started,
-        )
+        return remote, execution
 
     def _wait(self, remote: Any, execution: Any, log: Any) -> Any:
         """Poll ``execution`` until it is done, logging each phase change."""
@@ -392,3 +387,21 @@ class RemoteFlyteLauncher(FlyteLauncher):
                     f"Flyte execution {execution.id.name} did not finish in {self.timeout_s:.0f}s"
                 )
             time.sleep(self.poll_s)
+
+
+def _remote_outcome(execution: Any, url: str, seconds: float) -> TrainingOutcome:
+    """What a finished Flyte execution produced; a failed one is a :class:`TrainingError`."""
+    if execution.error is not None or execution.outputs is None:
+        message = execution.error.message if execution.error else "no outputs"
+        raise TrainingError(f"Flyte execution {execution.id.name} failed: {message} ({url})")
+    outputs = execution.outputs
+    return TrainingOutcome(
+        execution_id=execution.id.name,
+        execution_url=url,
+        weights_uri=outputs.literals["weights"].scalar.blob.uri,
+        weights_digest=outputs.get("digest", as_type=str),
+        weights_size_bytes=outputs.get("size_bytes", as_type=int),
+        train=outputs.get("train", as_type=TrainReport),
+        evaluation=outputs.get("evaluation", as_type=EvalReport),
+        duration_s=seconds,
+    )

@@ -2,10 +2,12 @@
 
 :class:`PulumiStacks` runs inline programs (zero-argument functions from ``infra/``) on stacks
 of the project ``homelab`` named ``<target>.<asset key path>`` (``twin.cluster.forge``):
-``preview``, ``up``, ``refresh``, ``destroy`` and ``outputs``. Each operation streams the
-engine's events into the given log, resource by resource, and returns a
-:class:`~resources._stack_result.StackResult` (change summary, duration, steps, outputs with
-secrets masked).
+``preview``, ``up``, ``refresh``, ``destroy`` and ``outputs``. Stacks are opened with the
+Automation API's public functions (``auto.create_or_select_stack``, ``auto.select_stack``) and
+operations are the public ``Stack`` methods. Each operation streams the engine's events into the
+given log, resource by resource, and returns a :class:`~resources._stack_result.StackResult`
+built from the SDK's typed result (its change summary) and those events (steps, and the stack's
+outputs with every secret masked, as the engine reports them).
 
 Where things live (all under the state directory unless configured)::
 
@@ -24,28 +26,59 @@ stacks update in parallel across steps; inside one process every operation holds
 ``lock_wait_s``, then fails with :class:`~homelab_dagster.errors.StackLockedError` naming the
 lock's owner. A lock whose process is gone fails at once, with the command that clears it;
 it is never cleared here.
+
+**Errors** from the SDK are mapped where they enter: ``auto.CommandError`` becomes
+:class:`~homelab_dagster.errors.StackError` (with the engine's reason),
+``auto.ConcurrentUpdateError`` is retried, then becomes ``StackLockedError``; a Pulumi CLI that
+cannot be run or is too old becomes :class:`~homelab_dagster.errors.ToolchainError`.
+
+**Damaged state.** A state file the CLI cannot load, or one deleted while the stack's history
+remains, fails with :class:`~homelab_dagster.errors.StackStateError` naming the file and the
+restore command (``homelab repair state <stack>``: :meth:`PulumiStacks.restore_state` imports
+the newest readable copy Pulumi keeps). A deleted state is never silently re-created empty:
+the next ``up`` would try to create, again, everything the stack already owns.
+
+**Pending operations.** An update whose CLI was killed leaves the operations it had started in
+the state (their outcome unknown). A failure names them; the next ``up`` (refreshing, the
+default) first runs ``refresh --clear-pending-creates`` (the public
+``Stack.refresh(clear_pending_creates=True)``): the refresh reads what really exists, and the
+creates dropped from the state are applied again by the ``up`` (server-side apply adopts an
+object that was in fact created).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import re
 import secrets
+import subprocess
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 from pydantic import Field
 
-from homelab_dagster.errors import StackError, StackLockedError, ToolchainError
+from homelab_dagster.errors import StackError, StackLockedError, StackStateError, ToolchainError
 from resources import _stack_locks
-from resources._stack_result import EventRecorder, Log, StackResult, mask_outputs
+from resources._stack_result import (
+    EventRecorder,
+    Log,
+    StackResult,
+    change_counts,
+    read_outputs,
+    up_outputs,
+)
 
 if TYPE_CHECKING:
-    from resources._event_stack import EventStack
+    from pulumi import automation as auto
+
+    # What the public Stack methods return.
+    Outcome = auto.PreviewResult | auto.UpResult | auto.RefreshResult | auto.DestroyResult
 
 __all__ = ["PROGRAM_LOCK", "PROJECT", "Program", "PulumiStacks"]
 
@@ -77,6 +110,15 @@ class PulumiStacks(dg.ConfigurableResource):
     use_toolchain: bool = Field(
         default=True, description="Run the twin toolchain's pulumi and provider plugin."
     )
+    install_charts: bool = Field(
+        default=True,
+        description="Declare the components' Helm releases (False where chart repositories "
+        "cannot be reached: each is skipped with charts_note).",
+    )
+    charts_note: str = Field(default="", description="Why components are skipped, if they are.")
+    linkerd_link: bool = Field(
+        default=True, description="Declare Linkerd's Link resource in mesh link stacks."
+    )
     lock_wait_s: float = Field(default=120.0, ge=0, description="How long to wait for a lock.")
     lock_poll_s: float = Field(default=2.0, gt=0, description="How often to look again.")
 
@@ -105,14 +147,25 @@ class PulumiStacks(dg.ConfigurableResource):
     # ------------------------------------------------------------------ operations
 
     def up(self, stack: str, program: Program, log: Log, *, refresh: bool = True) -> StackResult:
-        """Bring ``stack`` to what ``program`` declares (refreshing first: repairs drift)."""
-        return self._run(
-            "up",
-            stack,
-            program,
-            log,
-            lambda s, rec: s.up(on_event=rec, color="never", refresh=refresh),
-        )
+        """Bring ``stack`` to what ``program`` declares (refreshing first: repairs drift, and
+        clears the pending operations an interrupted update left)."""
+
+        def call(s: auto.Stack, rec: EventRecorder) -> Outcome:
+            files = _stack_locks.state_files(self.backend, PROJECT, stack)
+            pending = files.pending_operations() if files and refresh else []
+            if pending:
+                log.warning(
+                    f"{stack}: an interrupted update left {len(pending)} pending operation(s) "
+                    f"({'; '.join(pending)}): refreshing with --clear-pending-creates, then "
+                    "applying them again"
+                )
+                clearing = EventRecorder(stack, "refresh", log)
+                s.refresh(
+                    on_event=clearing, color="never", clear_pending_creates=True, show_secrets=False
+                )
+            return s.up(on_event=rec, color="never", refresh=refresh, show_secrets=False)
+
+        return self._run("up", stack, program, log, call)
 
     def preview(self, stack: str, program: Program, log: Log) -> StackResult:
         """What ``up`` would change, resource by resource; changes nothing."""
@@ -126,23 +179,19 @@ class PulumiStacks(dg.ConfigurableResource):
         """Compare the state with the world; the changes are the drift (``preview_only``: report
         it without recording it in the state)."""
 
-        def call(s: EventStack, rec: EventRecorder) -> Any:
+        def call(s: auto.Stack, rec: EventRecorder) -> Outcome:
             if preview_only:
                 return s.preview_refresh(on_event=rec, color="never")
-            return s.refresh(on_event=rec, color="never")
+            return s.refresh(on_event=rec, color="never", show_secrets=False)
 
         return self._run("refresh", stack, program, log, call)
 
     def destroy(self, stack: str, log: Log, *, remove: bool = False) -> StackResult:
         """Delete every resource of ``stack`` (``remove``: then the stack and its history)."""
-
         from pulumi import automation as auto
 
-        def call(s: EventStack, rec: EventRecorder) -> Any:
-            result = s.destroy(on_event=rec, color="never")
-            if remove:
-                s.workspace.remove_stack(s.name)
-            return result
+        def call(s: auto.Stack, rec: EventRecorder) -> Outcome:
+            return s.destroy(on_event=rec, color="never", remove=remove, show_secrets=False)
 
         try:
             return self._run("destroy", stack, _empty_program, log, call, create=False)
@@ -156,13 +205,49 @@ class PulumiStacks(dg.ConfigurableResource):
 
         with PROGRAM_LOCK:
             try:
-                return mask_outputs(
-                    self._stack(stack, _empty_program, create=False).masked_outputs()
-                )
+                return read_outputs(self._open(stack, _empty_program, create=False))
             except auto.StackNotFoundError:
                 return {}
             except auto.CommandError as exc:
-                raise StackError(f"cannot read the outputs of {stack}: {_tail(exc)}") from exc
+                raise self._state_error(stack, exc) or StackError(
+                    f"cannot read the outputs of {stack}: {_tail(exc)}"
+                ) from exc
+
+    def restore_state(self, stack: str, log: Log) -> Path:
+        """Restore ``stack``'s damaged or deleted state from the newest readable copy Pulumi
+        kept (file backend only), through ``pulumi stack import``; the damaged file is kept
+        beside it as ``<stack>.json.damaged.<ns>``. Returns the copy restored.
+
+        Raises:
+            StackStateError: the state is readable (nothing to restore), the backend is not a
+                file backend, or no readable copy exists.
+        """
+        from pulumi import automation as auto
+
+        files = _stack_locks.state_files(self.backend, PROJECT, stack)
+        if files is None:
+            raise StackStateError(f"{self.backend} is not a file backend: restore {stack} there")
+        with _program_lock(stack, log):
+            self._wait_for_locks(stack, time.monotonic() + self.lock_wait_s, log)
+            if not (files.damaged() or files.missing()):
+                raise StackStateError(f"the state of {stack} ({files.file}) is readable: kept")
+            copy = files.newest_copy()
+            if copy is None:
+                raise StackStateError(
+                    f"no readable copy of {stack}'s state in {files.backups} or {files.history}"
+                )
+            source, deployment = copy
+            if files.file.exists():
+                kept = files.file.with_name(f"{files.file.name}.damaged.{time.time_ns()}")
+                kept.write_bytes(files.file.read_bytes())
+                log.info(f"{stack}: the damaged state is kept as {kept}")
+            stack_obj = self._open(stack, _empty_program, restoring=True)
+            try:
+                stack_obj.import_stack(auto.Deployment(version=3, deployment=deployment))
+            except auto.CommandError as exc:
+                raise StackStateError(f"cannot import {source} into {stack}: {_tail(exc)}") from exc
+        log.info(f"{stack}: state restored from {source}")
+        return source
 
     def locks(self, stack: str) -> list[_stack_locks.StackLock]:
         """The locks held on ``stack`` (file backend only; empty otherwise)."""
@@ -191,22 +276,20 @@ class PulumiStacks(dg.ConfigurableResource):
         stack_name: str,
         program: Program,
         log: Log,
-        call: Callable[[EventStack, EventRecorder], Any],
+        call: Callable[[auto.Stack, EventRecorder], Outcome],
         *,
         create: bool = True,
     ) -> StackResult:
+        """Open the stack, wait for its locks, run ``call`` with a fresh recorder (again while
+        another update takes the lock first), and map the SDK's errors."""
         from pulumi import automation as auto
 
-        if not PROGRAM_LOCK.acquire(blocking=False):
-            log.info(f"{stack_name}: waiting for another Pulumi program in this process")
-            PROGRAM_LOCK.acquire()
-        try:
-            stack = self._stack(stack_name, program, create=create)
+        with _program_lock(stack_name, log):
+            stack = self._open(stack_name, program, create=create)
             deadline = time.monotonic() + self.lock_wait_s
             while True:
                 self._wait_for_locks(stack_name, deadline, log)
                 recorder = EventRecorder(stack_name, operation, log)
-                stack.recorder = recorder
                 start = time.monotonic()
                 try:
                     raw = call(stack, recorder)
@@ -216,13 +299,14 @@ class PulumiStacks(dg.ConfigurableResource):
                     time.sleep(self.lock_poll_s)  # taken between our look and the CLI's
                     continue
                 except auto.CommandError as exc:
-                    raise StackError(
+                    raise self._state_error(stack_name, exc) or StackError(
                         f"pulumi {operation} of stack {stack_name} failed: "
-                        f"{recorder.reason(_stderr(exc))}"
+                        f"{_reason(recorder, exc)}{self._pending_note(stack_name)}"
                     ) from exc
-                return self._result(operation, stack_name, raw, recorder, time.monotonic() - start)
-        finally:
-            PROGRAM_LOCK.release()
+                seconds = time.monotonic() - start
+                outputs = up_outputs(stack, raw, recorder) if operation == "up" else {}
+                changes = change_counts(raw, recorder)
+                return StackResult(operation, stack_name, changes, seconds, outputs, recorder.steps)
 
     def _wait_for_locks(self, stack: str, deadline: float, log: Log) -> None:
         announced = False
@@ -251,24 +335,46 @@ class PulumiStacks(dg.ConfigurableResource):
             f"stack {stack} stayed locked for {self.lock_wait_s:.0f} s: {_tail(exc)}"
         )
 
-    def _result(
-        self, operation: str, stack: str, raw: Any, recorder: EventRecorder, seconds: float
-    ) -> StackResult:
-        if operation == "preview":
-            changes = {str(getattr(k, "value", k)): v for k, v in raw.change_summary.items()}
-        else:
-            summary = getattr(raw, "summary", None)
-            found = getattr(summary, "resource_changes", None) or recorder.summary or {}
-            changes = {str(getattr(k, "value", k)): v for k, v in found.items()}
-        outputs = mask_outputs(getattr(raw, "outputs", None) or {})
-        return StackResult(operation, stack, changes, seconds, outputs, recorder.steps)
+    def _pending_note(self, stack: str) -> str:
+        """What a failed update left pending in the state, by name (empty if nothing)."""
+        files = _stack_locks.state_files(self.backend, PROJECT, stack)
+        pending = files.pending_operations() if files else []
+        if not pending:
+            return ""
+        return (
+            f". Pulumi left {len(pending)} pending operation(s) in the state, their outcome "
+            f"unknown: {'; '.join(pending)}. The next up (with refresh, the default) clears "
+            "them with refresh --clear-pending-creates and applies them again"
+        )
 
-    def _stack(self, name: str, program: Program, *, create: bool = True) -> EventStack:
-        """Stack ``name`` (created if missing, unless ``create`` is False: then
-        ``auto.StackNotFoundError`` passes through)."""
+    def _state_error(self, stack: str, exc: Exception) -> StackStateError | None:
+        """The error for a state file the CLI could not load (None for any other failure)."""
+        files = _stack_locks.state_files(self.backend, PROJECT, stack)
+        if "failed to load checkpoint" not in str(exc) and not (files and files.damaged()):
+            return None
+        where = files.file if files else f"the state of {stack} in {self.backend}"
+        return StackStateError(
+            f"the state of stack {stack} is damaged: {where} cannot be read "
+            f"({_tail(exc)}). Nothing was changed. Restore it from Pulumi's newest backup with "
+            f"`homelab repair state {stack}`"
+        )
+
+    def _open(
+        self, name: str, program: Program, *, create: bool = True, restoring: bool = False
+    ) -> auto.Stack:
+        """Stack ``name`` through ``auto.create_or_select_stack`` (``create`` False:
+        ``auto.select_stack``, whose ``auto.StackNotFoundError`` passes through). A state
+        deleted while its history remains fails (unless ``restoring`` it)."""
         from pulumi import automation as auto
 
-        from resources._event_stack import open_stack
+        files = _stack_locks.state_files(self.backend, PROJECT, name)
+        if files is not None and files.missing() and not restoring:
+            raise StackStateError(
+                f"the state of stack {name} is missing: {files.file} was deleted, but its "
+                f"history ({files.history}) records {files.updates()} update(s). Nothing was "
+                f"changed. Restore it from Pulumi's newest backup with "
+                f"`homelab repair state {name}`"
+            )
 
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         work_dir = self.work_dir(name)
@@ -278,32 +384,37 @@ class PulumiStacks(dg.ConfigurableResource):
             backend_root.mkdir(parents=True, exist_ok=True)
         env = self.env()
         self._check_passphrase()
-        # A stack whose state and settings (its passphrase salt) are both here needs no
-        # selecting: that would run the CLI once more only to find it.
-        known = (
-            _stack_locks.stack_recorded(self.backend, PROJECT, name)
-            and (work_dir / f"Pulumi.{name}.yaml").is_file()
+        options = auto.LocalWorkspaceOptions(
+            work_dir=str(work_dir),
+            pulumi_home=env["PULUMI_HOME"],
+            env_vars=env,
+            secrets_provider="passphrase",
+            project_settings=auto.ProjectSettings(
+                name=PROJECT,
+                runtime="python",
+                main=str(work_dir),
+                backend=auto.ProjectBackend(url=self.backend),
+            ),
+            pulumi_command=self._command(env["PULUMI_HOME"]),
         )
+        opener = auto.create_or_select_stack if create else auto.select_stack
         try:
-            return open_stack(
-                name,
-                PROJECT,
-                program,
-                work_dir=str(work_dir),
-                env=env,
-                backend=self.backend,
-                command=(
-                    _command(*_toolchain(env["PULUMI_HOME"])[1:])
-                    if self.use_toolchain
-                    else _command(None, None)
-                ),
-                create=create,
-                known=known,
-            )
+            return opener(name, project_name=PROJECT, program=program, opts=options)
         except auto.StackNotFoundError:
             raise  # only when not creating: the caller knows what a missing stack means
         except auto.CommandError as exc:
             raise StackError(f"cannot create or select stack {name}: {_tail(exc)}") from exc
+
+    def _command(self, pulumi_home: str) -> auto.PulumiCommand:
+        """The Pulumi CLI: the toolchain's (at least its verified version), or ``pulumi`` on
+        PATH."""
+        if not self.use_toolchain:
+            return _pulumi_command(None, None)
+        pulumi, version = _toolchain(pulumi_home)[1:]
+        binary = Path(pulumi)
+        if binary.parent.name != "bin":  # PulumiCommand runs <root>/bin/pulumi
+            raise ToolchainError("pulumi", f"{pulumi} is not in a bin directory")
+        return _pulumi_command(str(binary.parent.parent), version)
 
     def _passphrase_path(self) -> Path:
         assert self.passphrase_file is not None
@@ -372,15 +483,44 @@ def _toolchain(pulumi_home: str) -> tuple[dict[str, str], str, str]:
 
 
 @functools.cache
-def _command(pulumi: str | None, version: str | None) -> Any:
-    """The Pulumi CLI: the toolchain's (version known), or ``pulumi`` on PATH (asked once)."""
-    from pulumi.automation import PulumiCommand
+def _pulumi_command(root: str | None, version: str | None) -> auto.PulumiCommand:
+    """``auto.PulumiCommand`` for ``<root>/bin/pulumi``, at least ``version`` (checked once per
+    process: the constructor runs ``pulumi version``), or ``pulumi`` on PATH, any version."""
+    from pulumi import automation as auto
+    from semver import VersionInfo
 
-    from resources._event_stack import KnownPulumi
+    try:
+        if root is None:
+            return auto.PulumiCommand(skip_version_check=True)
+        assert version is not None
+        return auto.PulumiCommand(root=root, version=VersionInfo.parse(version.lstrip("v")))
+    except (OSError, subprocess.CalledProcessError, auto.InvalidVersionError) as exc:
+        where = f"{root}/bin/pulumi" if root else "pulumi on PATH"
+        raise ToolchainError("pulumi", f"cannot run {where}: {exc}") from exc
 
-    if pulumi is not None and version is not None:
-        return KnownPulumi(pulumi, version)
-    return PulumiCommand(skip_version_check=True)
+
+@contextlib.contextmanager
+def _program_lock(stack: str, log: Log) -> Iterator[None]:
+    """Hold :data:`PROGRAM_LOCK`, saying so when another program holds it first."""
+    if not PROGRAM_LOCK.acquire(blocking=False):
+        log.info(f"{stack}: waiting for another Pulumi program in this process")
+        PROGRAM_LOCK.acquire()
+    try:
+        yield
+    finally:
+        PROGRAM_LOCK.release()
+
+
+def _reason(recorder: EventRecorder, exc: Exception) -> str:
+    """Pulumi's reason, or how its CLI ended when it gave none (killed by a signal)."""
+    reason = recorder.reason(_stderr(exc))
+    code = re.search(r"code: (-?\d+)", str(exc))
+    if reason != "no reason given" or code is None:
+        return reason
+    status = int(code.group(1))
+    if status < 0:
+        return f"the Pulumi CLI was killed by signal {-status} before it gave a reason"
+    return f"the Pulumi CLI exited with code {status} and no reason"
 
 
 def _stderr(exc: Exception) -> str:

@@ -15,11 +15,20 @@ Layout below ``url``::
 ``digest`` is the tree digest of :mod:`homelab_dagster.ml.digest`: sha256 over the sorted
 ``<relative path> NUL <file sha256> LF`` lines. Registering the same files twice is a no-op;
 rolling back sets ``current`` to an older version, nothing is deleted.
+
+**Nothing half-written, nothing corrupt served.** A version's files are copied into
+``<model>/staging/<digest>.<random>/``, verified, then renamed into place, and its metadata is
+written last: an interrupted copy leaves at most a staging directory, never a listed version.
+:meth:`WeightsStore.current` and :meth:`WeightsStore.set_current` re-hash the version and
+refuse one whose files no longer match its digest (naming them); registering the same weights
+again repairs such a copy from the source.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import secrets
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,35 +36,14 @@ import dagster as dg
 import fsspec
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from homelab_dagster.errors import WeightsError
 from homelab_dagster.ml.digest import file_sha256, tree_digest
+from homelab_dagster.weights import WeightsVersion
 
+# WeightsVersion is the core's model (homelab_dagster.weights), re-exported here.
 __all__ = ["WeightsStore", "WeightsVersion"]
-
-
-class WeightsVersion(BaseModel):
-    """One registered version of a model's weights and what is known about it."""
-
-    model: str
-    digest: str
-    uri: str = Field(description="Where the version's files are.")
-    size_bytes: int
-    files: dict[str, str] = Field(description="Relative path -> sha256 of every file.")
-    parameter_count: int | None = None
-    source_run: str | None = None
-    execution_id: str | None = None
-    execution_url: str | None = None
-    fingerprint: str | None = Field(default=None, description="The training inputs' digest.")
-    corpus_digest: str | None = None
-    metrics: dict[str, float] = Field(default_factory=dict)
-    created_at: str
-
-    @property
-    def eval_loss(self) -> float | None:
-        """The held-out loss, where the version was evaluated."""
-        return self.metrics.get("eval_loss")
 
 
 def _now() -> str:
@@ -135,19 +123,14 @@ class WeightsStore(dg.ConfigurableResource):
                     "their training run reported"
                 )
             meta_path = f"{root}/{model}/versions/{digest}.json"
-            if fs.exists(meta_path):
-                return self.get(model, digest), False
             dest = f"{root}/{model}/versions/{digest}"
-            for path, relative in zip(paths, files, strict=True):
-                with (
-                    src_fs.open(path, "rb") as reader,
-                    fs.open(f"{dest}/{relative}", "wb") as writer,
-                ):
-                    while chunk := reader.read(1 << 20):
-                        writer.write(chunk)
-            stored, _, _, _ = self._hash_tree(fs, dest)
-            if stored != digest:
-                raise WeightsError(f"the copy at {self._uri(fs, dest)} does not verify ({stored})")
+            if fs.exists(meta_path):
+                existing = self.get(model, digest)
+                if not self._mismatches(existing):
+                    return existing, False
+                self._copy(src_fs, paths, files, fs, f"{root}/{model}", digest)  # repair it
+                return existing, False
+            self._copy(src_fs, paths, files, fs, f"{root}/{model}", digest)
             version = WeightsVersion(
                 model=model,
                 digest=digest,
@@ -161,6 +144,65 @@ class WeightsStore(dg.ConfigurableResource):
         except OSError as exc:
             raise WeightsError(f"cannot register {source_uri} as {model}: {exc}") from exc
         return version, True
+
+    def _copy(
+        self,
+        src_fs: fsspec.AbstractFileSystem,
+        paths: list[str],
+        files: dict[str, str],
+        fs: fsspec.AbstractFileSystem,
+        model_root: str,
+        digest: str,
+    ) -> None:
+        """Copy ``paths`` into a staging directory, verify the copy, then rename it to
+        ``<model_root>/versions/<digest>`` (replacing what was there); the staging directory
+        is removed if anything fails."""
+        staging = f"{model_root}/staging/{digest}.{secrets.token_hex(4)}"
+        dest = f"{model_root}/versions/{digest}"
+        try:
+            for path, relative in zip(paths, files, strict=True):
+                with (
+                    src_fs.open(path, "rb") as reader,
+                    fs.open(f"{staging}/{relative}", "wb") as writer,
+                ):
+                    while chunk := reader.read(1 << 20):
+                        writer.write(chunk)
+            stored, _, _, _ = self._hash_tree(fs, staging)
+            if stored != digest:
+                raise WeightsError(
+                    f"the copy at {self._uri(fs, staging)} does not verify ({stored})"
+                )
+            if fs.exists(dest):
+                fs.rm(dest, recursive=True)
+            fs.makedirs(f"{model_root}/versions", exist_ok=True)
+            fs.mv(staging, dest, recursive=True)  # a rename on a local store
+        except BaseException:
+            with contextlib.suppress(OSError):
+                if fs.exists(staging):
+                    fs.rm(staging, recursive=True)
+            raise
+
+    def _mismatches(self, version: WeightsVersion) -> list[str]:
+        """The files of ``version`` whose stored copy is missing, extra or changed."""
+        fs, root = self._fs()
+        base = f"{root}/{version.model}/versions/{version.digest}"
+        try:
+            _, stored, _, _ = self._hash_tree(fs, base) if fs.exists(base) else ("", {}, 0, [])
+        except OSError as exc:
+            raise WeightsError(f"cannot read {self._uri(fs, base)}: {exc}") from exc
+        names = sorted(set(stored) | set(version.files))
+        return [n for n in names if stored.get(n) != version.files.get(n)]
+
+    def _refuse_if_corrupt(self, version: WeightsVersion) -> None:
+        bad = self._mismatches(version)
+        if bad:
+            shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            raise WeightsError(
+                f"version {version.digest[:12]} of {version.model} at {version.uri} no longer "
+                f"matches its digest ({shown} missing or changed): it is not served. Register "
+                "the same weights again (materialise the model's weights asset: the copy is "
+                "repaired from the training run's output) or roll back to an earlier version"
+            )
 
     def versions(self, model: str) -> list[WeightsVersion]:
         """Every registered version of ``model``, oldest first."""
@@ -201,7 +243,17 @@ class WeightsStore(dg.ConfigurableResource):
             raise WeightsError(f"cannot read the current version of {model}: {exc}") from exc
 
     def current(self, model: str) -> WeightsVersion | None:
-        """The version of ``model`` that is served, or None before the first is promoted."""
+        """The version of ``model`` that is served, or None before the first is promoted.
+
+        Raises:
+            WeightsError: its stored files no longer match its digest (never served).
+        """
+        version = self._current_unverified(model)
+        if version is not None:
+            self._refuse_if_corrupt(version)
+        return version
+
+    def _current_unverified(self, model: str) -> WeightsVersion | None:
         state = self._read_current(model)
         return self.get(model, state["digest"]) if state else None
 
@@ -211,8 +263,13 @@ class WeightsStore(dg.ConfigurableResource):
         return list(state["history"]) if state else []
 
     def set_current(self, model: str, digest: str, reason: str) -> WeightsVersion:
-        """Make the registered version ``digest`` current; ``reason`` goes into the history."""
+        """Make the registered version ``digest`` current; ``reason`` goes into the history.
+
+        Raises:
+            WeightsError: unknown, or its stored files no longer match its digest.
+        """
         version = self.get(model, digest)
+        self._refuse_if_corrupt(version)
         history = self.history(model)
         history.append({"digest": version.digest, "set_at": _now(), "reason": reason})
         fs, root = self._fs()
@@ -229,7 +286,7 @@ class WeightsStore(dg.ConfigurableResource):
         Raises:
             WeightsError: there is no earlier version to go back to, or ``digest`` is unknown.
         """
-        current = self.current(model)
+        current = self._current_unverified(model)  # a corrupt current one can be left
         if digest is None:
             earlier = [
                 h["digest"]
@@ -245,10 +302,4 @@ class WeightsStore(dg.ConfigurableResource):
 
     def verify(self, model: str, digest: str) -> bool:
         """Whether the stored files of version ``digest`` still hash to it."""
-        version = self.get(model, digest)
-        fs, root = self._fs()
-        try:
-            stored, _, _, _ = self._hash_tree(fs, f"{root}/{model}/versions/{version.digest}")
-        except OSError as exc:
-            raise WeightsError(f"cannot read version {digest} of {model}: {exc}") from exc
-        return stored == version.digest
+        return not self._mismatches(self.get(model, digest))

@@ -1,8 +1,9 @@
 """Training cadence: one Dagster schedule per training run that declares a cron ``schedule``.
 
 A schedule materialises the run and its model's weights (train, then register and gate).
-On the twin every schedule starts stopped (a laptop should not train at 2 a.m. unasked);
-on the homelab they start running. Either way the UI can toggle them.
+Whether they start running is the deployment's choice (``running``: on the homelab they
+do; on the twin they start stopped, since a laptop should not train at 2 a.m. unasked).
+Either way the UI can toggle them.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import dagster as dg
 
 from assets._keys import model_weights_key, training_run_key
 from homelab_dagster.inventory import Inventory
-from homelab_dagster.settings import Target
 
 __all__ = ["build_training_schedules", "schedule_name"]
 
@@ -23,13 +23,9 @@ def schedule_name(run: str) -> str:
     return "training_" + re.sub(r"[^A-Za-z0-9_]", "_", run)
 
 
-def build_training_schedules(inventory: Inventory, target: Target) -> dg.Definitions:
-    """The schedules of ``inventory``'s training runs, stopped by default on the twin."""
-    status = (
-        dg.DefaultScheduleStatus.STOPPED
-        if target is Target.TWIN
-        else dg.DefaultScheduleStatus.RUNNING
-    )
+def build_training_schedules(inventory: Inventory, *, running: bool) -> dg.Definitions:
+    """The schedules of ``inventory``'s training runs, running from the start if ``running``."""
+    status = dg.DefaultScheduleStatus.RUNNING if running else dg.DefaultScheduleStatus.STOPPED
     schedules = [
         dg.ScheduleDefinition(
             name=schedule_name(name),

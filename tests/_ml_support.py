@@ -1,13 +1,41 @@
-"""Helpers shared by the ML tests: a small corpus and the twin's tiny spec."""
+"""Helpers shared by the ML tests: a small corpus, the twin's tiny spec, the ``ml`` extra.
+
+Tests that need the ``ml`` extra (torch, transformers, ...) carry :data:`needs_ml`: they
+skip, saying why, where it is not installed. In CI they must not skip: ``conftest.py``
+fails the session there when :func:`missing_ml_modules` names anything.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import re
+import tomllib
 from pathlib import Path
+
+import pytest
 
 from homelab_dagster.ml.spec import Architecture, Hyperparameters, TrainOptions, TrainSpec
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def missing_ml_modules() -> list[str]:
+    """The packages of pyproject.toml's ``ml`` extra that cannot be imported here.
+
+    Their distribution names are their module names (torch, transformers, ...).
+    """
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    requirements = extras["optional-dependencies"]["ml"]
+    names = [re.split(r"[^A-Za-z0-9_.-]", r, maxsplit=1)[0] for r in requirements]
+    return [n for n in names if importlib.util.find_spec(n.replace("-", "_")) is None]
+
+
+_MISSING = missing_ml_modules()
+needs_ml = pytest.mark.skipif(
+    bool(_MISSING),
+    reason=f"needs the ml extra (uv sync --extra ml); not installed: {', '.join(_MISSING)}",
+)
 
 # Hugging Face must never be reached: every test process and its children are offline.
 os.environ["HF_HUB_OFFLINE"] = "1"

@@ -60,13 +60,13 @@ def test_usage_error_exits_2():
 
 
 @pytest.mark.twin
-def test_up_materialises_one_cluster_on_the_twin(project_root, tmp_path, toolchain):
+def test_up_materialises_one_cluster_on_the_twin(project_root, tmp_path, toolchain, twin_port_base):
     # A subprocess, as a person runs it: the code location it loads reads this environment.
     env = {
         **os.environ,
         "HOMELAB_STATE_DIR": str(tmp_path / "state"),
         "DAGSTER_HOME": str(tmp_path / "dagster"),
-        "HOMELAB_TWIN_PORT_BASE": "28443",
+        "HOMELAB_TWIN_PORT_BASE": str(twin_port_base + 200),  # beside the session twin
     }
     homelab = [sys.executable, "-m", "homelab_dagster"]
     try:
@@ -108,8 +108,6 @@ def _homelab(*args: str, cwd) -> subprocess.CompletedProcess[str]:
 
 
 def test_the_command_keeps_its_exit_codes_and_output(project_root, tmp_path):
-    # The entry point ends the process without the interpreter's teardown: codes and the
-    # flushed output must be what the commands said.
     ok = _homelab("validate", cwd=project_root)
     assert ok.returncode == 0 and "is valid" in ok.stdout
     missing = _homelab("validate", str(tmp_path / "nope.yaml"), cwd=project_root)
@@ -119,21 +117,55 @@ def test_the_command_keeps_its_exit_codes_and_output(project_root, tmp_path):
     assert unknown.returncode == 2 and "No such command" in unknown.stderr
 
 
-def test_importing_the_cli_leaves_dagster_for_after_the_fork_server_starts(project_root):
-    # `homelab up` starts the steps' fork server before it imports Dagster, so that the
-    # server's imports overlap with its own (homelab_dagster/step_server.py).
-    probe = "import sys, homelab_dagster.cli; print('dagster' in sys.modules)"
+def test_validate_and_show_import_no_dagster(project_root):
+    # The commands that only read the inventory stay quick: Dagster and the code location
+    # are imported when a command runs a job.
+    probe = (
+        "import sys; from homelab_dagster.cli import app;"
+        "from typer.testing import CliRunner; r = CliRunner().invoke(app, ['show']);"
+        "print(r.exit_code, 'dagster' in sys.modules)"
+    )
     result = subprocess.run(
         [sys.executable, "-c", probe], cwd=project_root, capture_output=True, text=True
     )
-    assert result.stdout.strip() == "False", result.stderr
+    assert result.stdout.strip() == "0 False", result.stderr
+
+
+def test_the_steps_output_goes_to_the_log_and_the_console_keeps_the_terminal(tmp_path):
+    # What child processes print (Dagster's step processes inherit fds 1 and 2) lands in the
+    # steps log; this process's own prints still reach its stdout, and both come back after.
+    probe = f"""
+import os, subprocess, sys
+from pathlib import Path
+from homelab_dagster.cli.output import console, steps_output_to
+log = Path({str(tmp_path / "logs" / "steps.log")!r})
+with steps_output_to(log):
+    step = "import sys; print('from a step'); print('oops', file=sys.stderr)"
+    subprocess.run([sys.executable, "-c", step])
+    console.print("from the progress display")
+    print("from the command")
+print("after")
+os.write(1, b"fd after\\n")
+print(oct(log.stat().st_mode & 0o777))
+"""
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "from the progress display",
+        "from the command",
+        "after",
+        "fd after",
+        "0o600",
+    ]
+    assert result.stderr == ""
+    assert (tmp_path / "logs" / "steps.log").read_text() == "from a step\noops\n"
 
 
 def test_a_failed_run_names_each_failure_and_the_steps_log(tmp_path, capsys):
     import typer
 
-    from homelab_dagster._output import exit_if_failed
-    from homelab_dagster.launch import RunOutcome
+    from homelab_dagster.cli.launch import RunOutcome
+    from homelab_dagster.cli.output import exit_if_failed
     from homelab_dagster.settings import Settings
 
     settings = Settings.from_env({"HOMELAB_STATE_DIR": str(tmp_path)})

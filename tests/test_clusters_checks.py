@@ -1,4 +1,5 @@
-"""The cluster checks' invariants, on observed states made up for the purpose (no cluster).
+"""The checks' invariants (homelab_dagster/checks.py), on observed states made up for the
+purpose (no cluster).
 
 The twin tests run the same checks against live API servers.
 """
@@ -7,13 +8,14 @@ from __future__ import annotations
 
 import dagster as dg
 
-from assets.clusters import (
-    build_cluster_defs,
+from assets.clusters import build_cluster_defs
+from homelab_dagster.checks import (
+    link_mirrored,
     namespaces_present,
     nodes_match_inventory,
     nodes_ready,
 )
-from resources.kubernetes import ObservedNode
+from homelab_dagster.twin_nodes import ObservedNode
 
 
 def observed(cluster, **changes) -> list[ObservedNode]:
@@ -48,8 +50,8 @@ def test_a_missing_or_unready_node_fails_nodes_ready(shipped_inventory):
     result = nodes_ready(forge.expanded_nodes(), live)
     assert not result.passed
     assert result.description == "missing: forge-inference; not Ready: forge-platform"
-    assert result.metadata["expected_ready"].value == 8
-    assert result.metadata["observed_ready"].value == 6
+    assert result.metadata["expected_ready"] == 8
+    assert result.metadata["observed_ready"] == 6
 
 
 def test_labels_taints_and_gpus_are_compared_with_the_inventory(shipped_inventory):
@@ -57,7 +59,7 @@ def test_labels_taints_and_gpus_are_compared_with_the_inventory(shipped_inventor
     wrong_gpus = nodes_match_inventory(forge, observed(forge, **{"forge-inference": {"gpus": 1}}))
     assert not wrong_gpus.passed
     assert "forge-inference: 1 GPUs, the inventory has 2" in wrong_gpus.description
-    assert wrong_gpus.metadata["observed_gpus"].value == 5
+    assert wrong_gpus.metadata["observed_gpus"] == 5
     relabelled = observed(air, **{"air-platform": {"labels": {"role": "platform", "tier": "x"}}})
     assert "air-platform: labels tier differ" in nodes_match_inventory(air, relabelled).description
     untainted = observed(air, **{"air-control-plane": {"taints": ()}})
@@ -75,7 +77,7 @@ def test_a_missing_namespace_is_named(shipped_inventory):
     forge = shipped_inventory.clusters["forge"]
     result = namespaces_present(forge, set(forge.namespaces) - {"data-ml"})
     assert not result.passed and result.description == "missing: data-ml"
-    assert result.metadata["missing"].value == ["data-ml"]
+    assert result.metadata["missing"] == ["data-ml"]
 
 
 def test_the_checks_are_blocking_and_run_in_the_materialisations_step(shipped_inventory):
@@ -86,3 +88,28 @@ def test_the_checks_are_blocking_and_run_in_the_materialisations_step(shipped_in
     assert all(spec.blocking for spec in specs.values())
     assert {spec.asset_key for spec in specs.values()} == {dg.AssetKey(["cluster", "forge"])}
     assert asset.can_subset  # the checks also run alone
+
+
+def test_a_link_passes_when_every_export_has_its_mirror():
+    verdict = link_mirrored(
+        exported=["ml-inference/vllm"],
+        expected=["ml-inference/vllm-forge"],
+        observed=["ml-inference/vllm-forge"],
+    )
+    assert verdict.passed
+    assert verdict.description == "1 exported service(s) reachable and mirrored"
+
+
+def test_a_link_names_missing_and_stale_mirrors():
+    verdict = link_mirrored(
+        exported=["ml-inference/vllm"],
+        expected=["ml-inference/vllm-forge"],
+        observed=["observability/grafana-forge"],
+    )
+    assert not verdict.passed
+    assert verdict.description == (
+        "mirrors missing: ml-inference/vllm-forge; "
+        "mirrors of services no longer exported: observability/grafana-forge"
+    )
+    assert verdict.metadata["missing"] == ["ml-inference/vllm-forge"]
+    assert verdict.metadata["stale"] == ["observability/grafana-forge"]

@@ -2,8 +2,8 @@
 so their stacks update at the same time, without lock errors.
 
 The run happens in a process of its own, as ``homelab up`` runs it: its steps fork from a
-server that keeps the environment it started with (homelab_dagster/step_server.py), so a
-test session must not share one between runs with different settings.
+server (the executor's ``forkserver`` start method) that keeps the environment it started
+with, so a test session must not share one between runs with different settings.
 """
 
 from __future__ import annotations
@@ -22,14 +22,12 @@ import json, sys
 import dagster as dg
 from dagster import DagsterEventType
 from assets import cluster_key
-from homelab_dagster import launch, step_server
 
 def main():
-    step_server.warm()
     keys = [cluster_key(c) for c in sys.argv[1:]]
+    job = dg.build_reconstructable_job("homelab_dagster.definitions", "job", ("up",))
     with dg.DagsterInstance.get() as instance:
-        result = dg.execute_job(dg.reconstructable(launch.up_job), instance=instance,
-                                asset_selection=keys)
+        result = dg.execute_job(job, instance=instance, asset_selection=keys)
         records = instance.get_records_for_run(result.run_id).records
     windows, changed = {}, {}
     for record in records:

@@ -19,7 +19,7 @@ from assets.clusters import build_cluster_defs, cluster_stack
 from assets.mesh import build_mesh_link_defs
 from homelab_dagster.inventory import Inventory
 from homelab_dagster.settings import Settings, Target
-from resources.stacks import build_stack_resources
+from resources.deployment import build_deployment
 
 pytestmark = [pytest.mark.twin, pytest.mark.slow]
 
@@ -29,7 +29,7 @@ def infra(twin, shipped_inventory, tmp_path_factory):
     """forge and studio running, and the twin target's resources over their state dir."""
     twin.up(["forge", "studio"])
     settings = Settings(twin.root.parent / "homelab.yaml", Target.TWIN, twin.root.parent)
-    return build_stack_resources(settings, shipped_inventory)
+    return build_deployment(settings, shipped_inventory).resources
 
 
 def materialize(defs: dg.Definitions, resources, **kwargs) -> dg.ExecuteInProcessResult:

@@ -8,23 +8,24 @@ import sys
 import dagster as dg
 import pytest
 
-from assets import build_homelab_defs, build_inventory_defs
+from assets import build_inventory_defs
+from homelab_dagster.definitions import build_definitions
 from homelab_dagster.loader import load_inventory
-from homelab_dagster.settings import Settings
-from resources.ml import build_ml_resources
-from resources.stacks import build_stack_resources
+from homelab_dagster.settings import Settings, Target
+
+
+def settings_for(project_root, target: Target) -> Settings:
+    return Settings(project_root / "homelab.yaml", target, project_root / ".homelab")
 
 
 @pytest.fixture(scope="module")
-def graph(project_root):
-    inventory = load_inventory(project_root / "homelab.yaml").inventory
-    defs = dg.Definitions.merge(
-        build_inventory_defs(project_root / "homelab.yaml"),
-        build_homelab_defs(inventory),
-        # The ML assets need their resources bound for the graph to resolve.
-        dg.Definitions(resources=build_ml_resources(Settings.from_env(), inventory)),
-        dg.Definitions(resources=build_stack_resources(Settings.from_env(), inventory)),
-    )
+def inventory(project_root):
+    return load_inventory(project_root / "homelab.yaml").inventory
+
+
+@pytest.fixture(scope="module")
+def graph(project_root, inventory):
+    defs = build_definitions(settings_for(project_root, Target.TWIN), inventory)
     return defs.resolve_asset_graph()
 
 
@@ -117,3 +118,53 @@ def test_dagster_definitions_validate(project_root):
         text=True,
     )
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_the_twin_runs_every_job_with_the_forkserver_executor(project_root, inventory):
+    defs = build_definitions(settings_for(project_root, Target.TWIN), inventory)
+    for name in ("up", "preview", "teardown"):
+        executor = defs.resolve_job_def(name).executor_def
+        assert executor.name == "multiprocess"
+        config = executor.config_schema.resolve_config({}).value["config"]
+        start = config["start_method"]["forkserver"]
+        assert "homelab_dagster.definitions" in start["preload_modules"]
+
+
+def test_the_homelab_runs_every_step_as_a_pod_on_the_orchestrators_nodes(
+    project_root, inventory, monkeypatch
+):
+    monkeypatch.delenv("HOMELAB_IMAGE", raising=False)
+    defs = build_definitions(settings_for(project_root, Target.HOMELAB), inventory)
+    schema = defs.resolve_job_def("up").executor_def.config_schema
+    unset = schema.resolve_config({})  # the image is read when a run starts, not at load
+    assert not unset.success and "HOMELAB_IMAGE" in unset.errors[0].message
+    monkeypatch.setenv("HOMELAB_IMAGE", "registry.homelab/homelab-dagster:1")
+    for name in ("up", "preview", "teardown"):
+        executor = defs.resolve_job_def(name).executor_def
+        assert executor.name == "k8s"
+        assert executor.executor_creation_fn.__module__ == "dagster_k8s.executor"
+    config = (
+        defs.resolve_job_def("up").executor_def.config_schema.resolve_config({}).value["config"]
+    )
+    assert config["job_namespace"] == inventory.orchestrator.namespace == "dagster"
+    assert config["step_k8s_config"]["pod_spec_config"]["node_selector"] == {"role": "platform"}
+    assert config["job_image"] == "registry.homelab/homelab-dagster:1"
+
+
+def test_stack_steps_carry_their_pod_resources(graph):
+    import json
+
+    node = graph.get(dg.AssetKey(["cluster", "forge"]))
+    config = node.assets_def.op.tags["dagster-k8s/config"]
+    config = json.loads(config) if isinstance(config, str) else config
+    assert config["container_config"]["resources"]["requests"]["memory"] == "768Mi"
+
+
+def test_the_target_is_read_only_by_settings_and_the_configuration_root(project_root):
+    found = subprocess.run(
+        ["grep", "-rln", "Target\\.", "homelab_dagster", "assets", "infra", "sensors", "resources"],
+        cwd=project_root,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    assert sorted(found) == ["homelab_dagster/settings.py", "resources/deployment.py"]

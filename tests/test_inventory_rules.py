@@ -177,3 +177,43 @@ def test_not_yaml_and_missing_file(tmp_path):
     assert "not valid YAML" in problem
     with pytest.raises(InventoryError, match="cannot read the inventory"):
         load_inventory(tmp_path / "absent.yaml")
+
+
+def test_real_twin_nodes_are_capped_and_the_rule_says_why(inventory_text):
+    def edit(data):
+        data["clusters"]["air"]["nodes"][1]["twin"] = "real"  # air-platform
+        data["clusters"]["studio"]["nodes"][3]["twin"] = "real"  # studio-platform-a
+
+    (problem,) = problems_of(inventory_text(edit))  # at the third, in the file's order
+    assert "clusters.studio.nodes[3].twin" in problem  # (inventory_text sorts the clusters)
+    assert "at most 2 nodes may be real on the twin" in problem
+    assert "kubelet and containerd" in problem
+
+
+def test_twin_is_fake_or_real(inventory_text):
+    (problem,) = problems_of(inventory_text(_set("clusters.air.nodes.1.twin", "virtual")))
+    assert "clusters.air.nodes[1].twin" in problem
+
+
+def test_the_shipped_inventory_makes_forge_inference_real(project_root):
+    inventory = load_inventory(project_root / "homelab.yaml").inventory
+    real = [
+        n.name for c in inventory.clusters.values() for n in c.expanded_nodes() if n.twin == "real"
+    ]
+    assert real == ["forge-inference"]
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "reason"),
+    [
+        ("orchestrator.cluster", "mars", "orchestrator.cluster: unknown cluster 'mars'"),
+        (
+            "orchestrator.node_role",
+            "gpu-inference",
+            "orchestrator.node_role: cluster 'studio' has no node with role 'gpu-inference'",
+        ),
+    ],
+)
+def test_the_orchestrator_must_have_somewhere_to_run(inventory_text, path, value, reason):
+    (problem,) = problems_of(inventory_text(_set(path, value)))
+    assert reason in problem

@@ -7,11 +7,12 @@ store in a temporary directory: nothing is mocked. Each training takes seconds.
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 
 import dagster as dg
 import pytest
-from _ml_support import write_corpus
+from _ml_support import needs_ml, write_corpus
 
 from assets import build_model_weights_defs, build_training_run_defs
 from assets._keys import model_weights_key, training_run_key
@@ -19,7 +20,6 @@ from homelab_dagster.errors import InventoryError
 from homelab_dagster.inventory import Inventory
 from homelab_dagster.loader import load_inventory, parse_inventory
 from homelab_dagster.ml.digest import directory_digest
-from homelab_dagster.settings import Target
 from resources.flyte import LocalFlyteLauncher
 from resources.weights import WeightsStore
 from sensors.training import build_training_schedules
@@ -97,6 +97,7 @@ def first(twin: Twin) -> dg.ExecuteInProcessResult:
     return twin.materialize()
 
 
+@needs_ml
 @pytest.mark.slow
 def test_training_run_trains_on_the_cpu(first: dg.ExecuteInProcessResult, twin: Twin) -> None:
     assert first.success
@@ -112,6 +113,7 @@ def test_training_run_trains_on_the_cpu(first: dg.ExecuteInProcessResult, twin: 
     assert len(twin.executions()) == 1
 
 
+@needs_ml
 @pytest.mark.slow
 def test_model_weights_registers_a_version_whose_digest_matches_the_files(
     first: dg.ExecuteInProcessResult, twin: Twin
@@ -132,6 +134,7 @@ def test_model_weights_registers_a_version_whose_digest_matches_the_files(
     assert record.asset_materialization.tags["dagster/data_version"] == digest
 
 
+@needs_ml
 @pytest.mark.slow
 def test_the_registered_weights_generate_offline(
     first: dg.ExecuteInProcessResult, twin: Twin
@@ -148,6 +151,7 @@ def test_the_registered_weights_generate_offline(
     assert out.shape[1] == prompt["input_ids"].shape[1] + 6
 
 
+@needs_ml
 @pytest.mark.slow
 def test_the_same_inputs_reuse_the_version_without_training(
     first: dg.ExecuteInProcessResult, twin: Twin
@@ -166,6 +170,7 @@ def test_the_same_inputs_reuse_the_version_without_training(
     assert weights["new_version"] is False and weights["version_count"] == 1
 
 
+@needs_ml
 @pytest.mark.slow
 def test_changed_hyperparameters_train_a_new_version_and_both_stay_listed(
     first: dg.ExecuteInProcessResult, twin: Twin
@@ -181,6 +186,7 @@ def test_changed_hyperparameters_train_a_new_version_and_both_stay_listed(
     assert {old_digest, new["digest"]} <= listed
 
 
+@needs_ml
 @pytest.mark.slow
 def test_a_changed_corpus_trains_a_new_version(
     first: dg.ExecuteInProcessResult, twin: Twin
@@ -202,6 +208,7 @@ def test_a_changed_corpus_trains_a_new_version(
     assert metadata(first, WEIGHTS_KEY)["digest"] in {v.digest for v in twin.store.versions(MODEL)}
 
 
+@needs_ml
 @pytest.mark.slow
 def test_a_regressing_version_is_listed_but_blocked(
     first: dg.ExecuteInProcessResult, twin: Twin
@@ -221,6 +228,7 @@ def test_a_regressing_version_is_listed_but_blocked(
     assert rejected["digest"] in {v.digest for v in twin.store.versions(MODEL)}
 
 
+@needs_ml
 @pytest.mark.slow
 def test_rollback_makes_an_older_version_current(
     first: dg.ExecuteInProcessResult, twin: Twin
@@ -233,6 +241,95 @@ def test_rollback_makes_an_older_version_current(
     assert result.success
     assert twin.store.current(MODEL).digest == target
     assert metadata(result, WEIGHTS_KEY)["digest"] == target
+
+
+def report_training(instance: dg.DagsterInstance, tmp: Path, tag: int, eval_loss: float) -> str:
+    """Record a materialisation of the training run as training records it, of weights
+    written here (the store never parses them): the gate needs no training. Returns their
+    digest."""
+    weights = tmp / f"weights-{tag}"
+    weights.mkdir()
+    (weights / "config.json").write_text('{"model_type": "gpt2"}')
+    (weights / "model.safetensors").write_bytes(bytes([tag]) * 100)
+    digest = directory_digest(weights)[0]
+    instance.report_runless_asset_event(
+        dg.AssetMaterialization(
+            asset_key=RUN_KEY,
+            metadata={
+                "weights_uri": str(weights),
+                "weights_digest": digest,
+                "execution_id": f"local-{RUN}-{tag}",
+                "execution_url": dg.MetadataValue.url(weights.as_uri()),
+                "fingerprint": f"{tag:064x}",
+                "parameter_count": 1000,
+                "train_loss_final": eval_loss - 0.2,
+                "eval_loss": eval_loss,
+                "perplexity": math.exp(eval_loss),
+            },
+        )
+    )
+    return digest
+
+
+def test_the_gate_promotes_holds_and_rolls_back_reported_runs(
+    tmp_path: Path, shipped: Inventory
+) -> None:
+    """model_weights' own path through Dagster, fed by reported training materialisations."""
+    run = shipped.training_runs[RUN]
+    assets = list(build_model_weights_defs(MODEL, shipped.models[MODEL], {RUN: run}).assets)
+    store = WeightsStore(url=str(tmp_path / "store"))
+    instance = dg.DagsterInstance.ephemeral()
+
+    def weights(rollback_to: str | None = None) -> dg.ExecuteInProcessResult:
+        config = {"rollback_to": rollback_to} if rollback_to else {}
+        return dg.materialize(
+            assets,
+            resources={"weights_store": store},
+            instance=instance,
+            raise_on_error=False,
+            run_config={"ops": {"model_weights__sre_agent": {"config": config}}},
+        )
+
+    def check(result: dg.ExecuteInProcessResult) -> dg.AssetCheckEvaluation:
+        (evaluation,) = result.get_asset_check_evaluations()
+        return evaluation
+
+    nothing = weights()
+    (failure,) = [e for e in nothing.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert "no training run of sre-agent has been materialised yet" in (
+        failure.step_failure_data.user_failure_data.description
+    )
+
+    good = report_training(instance, tmp_path, 1, eval_loss=3.0)
+    first = weights()
+    assert first.success and check(first).passed
+    meta = metadata(first, WEIGHTS_KEY)
+    assert meta["promoted"] is True and meta["new_version"] is True and meta["digest"] == good
+    assert meta["execution_id"] == f"local-{RUN}-1" and meta["parameter_count"] == 1000
+    assert store.current(MODEL).source_run == RUN
+
+    worse_loss = 3.0 * (1 + run.max_eval_loss_regression) + 0.1
+    worse = report_training(instance, tmp_path, 2, eval_loss=worse_loss)
+    held = weights()
+    assert not held.success and not check(held).passed  # blocking: the step fails
+    assert metadata(held, WEIGHTS_KEY)["promoted"] is False
+    assert store.current(MODEL).digest == good
+    assert {good, worse} == {v.digest for v in store.versions(MODEL)}
+
+    better = report_training(instance, tmp_path, 3, eval_loss=2.5)
+    assert metadata(weights(), WEIGHTS_KEY)["current_digest"] == better
+
+    back = weights(rollback_to=good[:12])
+    assert back.success and check(back).passed
+    assert metadata(back, WEIGHTS_KEY)["rolled_back_from"] == better
+    assert store.current(MODEL).digest == good
+
+    # The newest run's version again: registered before and not current, so it stays held.
+    again = weights()
+    assert again.success and check(again).passed
+    assert metadata(again, WEIGHTS_KEY)["promoted"] is False
+    assert f"rollback_to: {better[:12]}" in check(again).description
+    assert store.current(MODEL).digest == good
 
 
 def test_an_empty_corpus_fails_before_launching(tmp_path: Path, shipped: Inventory) -> None:
@@ -269,15 +366,16 @@ def test_an_external_model_is_observed_not_trained(tmp_path: Path, shipped: Inve
     assert observation.metadata["stored"].value is False
 
 
-def test_schedules_come_from_the_inventory_and_are_off_on_the_twin(shipped: Inventory) -> None:
-    (twin,) = build_training_schedules(shipped, Target.TWIN).schedules
-    (homelab,) = build_training_schedules(shipped, Target.HOMELAB).schedules
-    assert twin.name == "training_sre_runbook"
-    assert twin.cron_schedule == shipped.training_runs[RUN].schedule
-    assert twin.default_status == dg.DefaultScheduleStatus.STOPPED
-    assert homelab.default_status == dg.DefaultScheduleStatus.RUNNING
+def test_schedules_come_from_the_inventory_and_start_as_asked(shipped: Inventory) -> None:
+    (stopped,) = build_training_schedules(shipped, running=False).schedules
+    (running,) = build_training_schedules(shipped, running=True).schedules
+    assert stopped.name == "training_sre_runbook"
+    assert stopped.cron_schedule == shipped.training_runs[RUN].schedule
+    assert stopped.default_status == dg.DefaultScheduleStatus.STOPPED
+    assert running.default_status == dg.DefaultScheduleStatus.RUNNING
 
 
+@needs_ml
 @pytest.mark.slow
 def test_a_failure_inside_the_workflow_surfaces_its_reason(
     tmp_path: Path, shipped: Inventory

@@ -7,7 +7,7 @@ import statistics
 from pathlib import Path
 
 import pytest
-from _ml_support import CPU, tiny_spec, write_corpus
+from _ml_support import CPU, needs_ml, tiny_spec, write_corpus
 
 from homelab_dagster.errors import TrainingError
 from homelab_dagster.ml.corpus import resolve_corpus
@@ -54,6 +54,7 @@ def test_empty_corpus_is_a_clear_error(
         resolve_corpus(tmp_path, globs)
 
 
+@needs_ml
 def test_a_corpus_too_short_for_one_block_fails(tmp_path: Path) -> None:
     from homelab_dagster.ml.data import prepare_dataset
 
@@ -63,6 +64,7 @@ def test_a_corpus_too_short_for_one_block_fails(tmp_path: Path) -> None:
         prepare_dataset(tmp_path / "c", tmp_path / "d", tiny_spec())
 
 
+@needs_ml
 @pytest.mark.slow
 def test_training_really_trains_and_exports_loadable_weights(tmp_path: Path) -> None:
     import torch
@@ -92,6 +94,7 @@ def test_training_really_trains_and_exports_loadable_weights(tmp_path: Path) -> 
     assert isinstance(tokenizer.decode(out[0]), str)
 
 
+@needs_ml
 @pytest.mark.slow
 def test_fine_tuning_starts_from_a_base_model(tmp_path: Path) -> None:
     """A base model (here a local directory: the hub is off limits) is fine-tuned, not re-built."""
@@ -107,6 +110,7 @@ def test_fine_tuning_starts_from_a_base_model(tmp_path: Path) -> None:
     assert report.first_loss < first.first_loss - 0.5
 
 
+@needs_ml
 def test_seq_len_beyond_the_models_positions_is_refused(tmp_path: Path) -> None:
     from dataclasses import replace
 
@@ -118,6 +122,7 @@ def test_seq_len_beyond_the_models_positions_is_refused(tmp_path: Path) -> None:
         prepare_dataset(write_corpus(tmp_path / "c"), tmp_path / "d", spec)
 
 
+@needs_ml
 def test_training_code_imports_neither_flytekit_nor_dagster() -> None:
     import subprocess
     import sys

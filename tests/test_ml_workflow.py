@@ -5,9 +5,13 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import pytest
+from _ml_support import needs_ml
 
 from homelab_dagster.errors import TrainingError
 from homelab_dagster.loader import load_inventory
+
+# homelab_dagster.workflows imports the task bodies, which import torch.
+pytestmark = needs_ml
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,11 @@ import dagster as dg
 import pytest
 from kubernetes import client
 
-from assets.clusters import build_cluster_defs, cluster_stack
-from assets.mesh import build_mesh_link_defs, mesh_link_stack
-from assets.stacks import build_stack_jobs
+from assets.clusters import build_cluster_defs
+from assets.jobs import build_jobs
+from assets.mesh import build_mesh_link_defs
 from homelab_dagster.settings import Settings, Target
-from resources.stacks import build_stack_resources
+from resources.deployment import build_deployment
 
 pytestmark = [pytest.mark.twin, pytest.mark.slow]
 
@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.twin, pytest.mark.slow]
 def infra(twin, shipped_inventory):
     twin.up(["pro", "studio"])
     settings = Settings(twin.root.parent / "homelab.yaml", Target.TWIN, twin.root.parent)
-    resources = build_stack_resources(settings, shipped_inventory)
+    resources = build_deployment(settings, shipped_inventory).resources
     link = next(lk for lk in shipped_inventory.mesh.links if lk.key == "pro__studio")
     for defs in (
         build_cluster_defs("pro", shipped_inventory.clusters["pro"], shipped_inventory.components),
@@ -47,9 +47,13 @@ def observations(result: dg.ExecuteInProcessResult) -> dict[str, dict]:
 def test_preview_shows_the_plan_and_changes_nothing(infra, twin, shipped_inventory):
     pro = shipped_inventory.clusters["pro"]
     wider = pro.model_copy(update={"namespaces": [*pro.namespaces, "scratch"]})
-    jobs = build_stack_jobs([cluster_stack("pro", wider, shipped_inventory.components)], [])
-    defs = dg.Definitions.merge(jobs, dg.Definitions(resources=infra))
-    result = defs.resolve_job_def("preview").execute_in_process()
+    inventory = shipped_inventory.model_copy(
+        update={"clusters": {**shipped_inventory.clusters, "pro": wider}}
+    )
+    defs = dg.Definitions.merge(build_jobs(inventory), dg.Definitions(resources=infra))
+    result = defs.resolve_job_def("preview").execute_in_process(
+        op_selection=["preview_cluster_pro"]
+    )
     assert result.success
     plan = observations(result)["cluster/pro"]
     assert plan["pulumi_operation"] == "preview"
@@ -63,15 +67,8 @@ def test_teardown_destroys_links_before_clusters_and_keeps_node_labels(
     infra, twin, shipped_inventory
 ):
     inv = shipped_inventory
-    link = next(lk for lk in inv.mesh.links if lk.key == "pro__studio")
-    jobs = build_stack_jobs(
-        [
-            cluster_stack("pro", inv.clusters["pro"], inv.components),
-            cluster_stack("studio", inv.clusters["studio"], inv.components),
-        ],
-        [mesh_link_stack(link, inv.mesh, ("linkerd-multicluster",))],
-    )
-    job = dg.Definitions.merge(jobs, dg.Definitions(resources=infra)).resolve_job_def("teardown")
+    defs = dg.Definitions.merge(build_jobs(inv), dg.Definitions(resources=infra))
+    job = defs.resolve_job_def("teardown")
     result = job.execute_in_process(
         op_selection=["destroy_mesh_link_pro__studio", "destroy_cluster_pro"]
     )

@@ -7,6 +7,7 @@ replace, the twin tests (tests/test_clusters_twin.py), which run the same progra
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 from typing import Any
 
 import pulumi
@@ -14,8 +15,11 @@ import pytest
 import yaml
 
 from homelab_dagster.inventory import Inventory
+from homelab_dagster.settings import Settings, Target
 from infra.cluster import GPU_PRIORITY_CLASS, cluster_program, component_plan
-from infra.mesh import ExportedService, mesh_link_program
+from infra.mesh import ExportedService, LinkEnds, mesh_link_program
+from resources.deployment import build_deployment
+from resources.pulumi import PulumiStacks
 
 TOKEN = "mock-token"
 # How Pulumi marks a secret value on the wire (the mocks receive inputs as the engine would).
@@ -58,12 +62,24 @@ def run(program, stack: str = "twin.test") -> Recorder:
     return mocks
 
 
+def pulumi_of(target: str) -> PulumiStacks:
+    """The Pulumi resource the configuration root builds for ``target``: what its programs
+    may declare there."""
+    settings = Settings(Path("homelab.yaml"), Target(target), Path("/nonexistent"))
+    resource = build_deployment(settings, None).resources["pulumi"]
+    assert isinstance(resource, PulumiStacks)
+    return resource
+
+
 def forge_program(inventory: Inventory, target: str = "twin"):
+    pulumi = pulumi_of(target)
     return cluster_program(
         "forge",
         inventory.clusters["forge"],
         inventory.components,
-        target=target,
+        cluster_identifier=f"{target}.forge",
+        install_charts=pulumi.install_charts,
+        charts_note=pulumi.charts_note,
         kubeconfig="/tmp/kubeconfig",
         context="twin-forge",
     )
@@ -97,13 +113,20 @@ def test_cluster_declares_namespaces_node_patches_priority_and_quota(shipped_inv
 def test_twin_skips_every_component_with_the_reason(shipped_inventory):
     mocks = run(forge_program(shipped_inventory))
     assert mocks.of_type("kubernetes:helm.sh/v3:Release") == []
+    twin = pulumi_of("twin")
     plans = component_plan(
-        shipped_inventory.clusters["forge"], shipped_inventory.components, "twin"
+        shipped_inventory.clusters["forge"],
+        shipped_inventory.components,
+        install=twin.install_charts,
+        note=twin.charts_note,
     )
     assert [p.name for p in plans] == shipped_inventory.clusters["forge"].components
     assert not any(p.install for p in plans)
     linkerd = next(p for p in plans if p.name == "linkerd-crds")
-    assert "cannot reach the chart repository https://helm.linkerd.io/stable" in linkerd.reason
+    assert linkerd.reason == (
+        "the twin cannot reach chart repositories; installed on the homelab target "
+        "(chart repository https://helm.linkerd.io/stable)"
+    )
 
 
 def test_homelab_installs_components_as_helm_releases(shipped_inventory):
@@ -122,7 +145,8 @@ def test_taints_are_patched_only_where_declared(shipped_inventory):
         "air",
         shipped_inventory.clusters["air"],
         shipped_inventory.components,
-        target="twin",
+        cluster_identifier="twin.air",
+        install_charts=False,
         kubeconfig="/k",
         context="twin-air",
     )
@@ -140,18 +164,22 @@ def test_taints_are_patched_only_where_declared(shipped_inventory):
 
 def link_program(inventory: Inventory, target: str = "twin"):
     link = next(lk for lk in inventory.mesh.links if lk.key == "studio__forge")
+    ends = LinkEnds(
+        from_access=("/k", "twin-studio"),
+        to_access=("/k", "twin-forge"),
+        to_server="https://127.0.0.1:16447",
+        identity_prefix=target,
+    )
     return mesh_link_program(
         link,
-        target=target,
+        ends,
         export_label=inventory.mesh.export_label,
         exported=[
             ExportedService("ml-inference", "vllm", ({"name": "http", "port": 8000},)),
             ExportedService("observability", "grafana", ({"port": 3000},)),
         ],
         from_namespaces=inventory.clusters["studio"].namespaces,
-        from_access=("/k", "twin-studio"),
-        to_access=("/k", "twin-forge"),
-        to_server="https://127.0.0.1:16447",
+        linkerd_link=pulumi_of(target).linkerd_link,
     )
 
 

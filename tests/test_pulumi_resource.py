@@ -1,4 +1,5 @@
-"""The Pulumi resource's own logic: names, passphrase, locks, events, results.
+"""The Pulumi resource's own logic: names, passphrase, locks, events, results, and the rule
+that only Pulumi's public Automation API is used.
 
 The parts that need the Pulumi CLI run in tests/test_pulumi_stacks.py (with the toolchain)
 and tests/test_clusters_twin.py (against the twin).
@@ -6,21 +7,31 @@ and tests/test_clusters_twin.py (against the twin).
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import os
+import re
 import socket
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from pulumi import automation as auto
 
-from homelab_dagster.errors import StackError, StackLockedError
+from homelab_dagster.errors import StackError, StackLockedError, ToolchainError
 from homelab_dagster.settings import Settings, Target
 from resources import _stack_locks
-from resources._stack_result import SECRET_MASK, EventRecorder, StackResult, mask_outputs
-from resources.pulumi import PulumiStacks
-from resources.stacks import build_stack_resources
+from resources._stack_result import (
+    SECRET_MASK,
+    EventRecorder,
+    StackResult,
+    change_counts,
+    mask_outputs,
+)
+from resources.deployment import build_deployment
+from resources.pulumi import PulumiStacks, _pulumi_command
 
 
 def stacks(tmp_path, **kwargs) -> PulumiStacks:
@@ -46,13 +57,13 @@ def test_stack_names_follow_the_asset_keys(tmp_path):
 
 def test_the_target_picks_the_configuration(tmp_path, shipped_inventory):
     twin = Settings(tmp_path / "homelab.yaml", Target.TWIN, tmp_path)
-    resources = build_stack_resources(twin, shipped_inventory)
+    resources = build_deployment(twin, shipped_inventory).resources
     assert resources["pulumi"].backend_url == f"file://{tmp_path}/pulumi/backend"
     assert resources["pulumi"].generate_passphrase
     assert resources["kubernetes"].context("forge") == "twin-forge"
     assert resources["kubernetes"].kubeconfig == str(tmp_path / "twin" / "kubeconfig")
     homelab_settings = Settings(tmp_path / "homelab.yaml", Target.HOMELAB, tmp_path)
-    homelab = build_stack_resources(homelab_settings, shipped_inventory)
+    homelab = build_deployment(homelab_settings, shipped_inventory).resources
     assert homelab["pulumi"].passphrase_file is None
     assert not homelab["pulumi"].use_toolchain
     assert homelab["kubernetes"].context("air") == "kind-air"
@@ -192,13 +203,19 @@ def test_a_preview_logs_what_it_would_do(caplog):
 
 
 def test_results_mask_secrets_and_count_changes():
+    sig = "4dabf18193072939515e22adb298388d"  # the engine's mark of a secret value
     outputs = mask_outputs(
         {
-            "nodes": SimpleNamespace(value=["a", "b"], secret=False),
-            "kubeconfig": SimpleNamespace(value="apiVersion: v1 token: abc", secret=True),
+            "nodes": auto.OutputValue(["a", "b"], secret=False),
+            "kubeconfig": auto.OutputValue("apiVersion: v1 token: abc", secret=True),
+            "nested": {"user": "ops", "password": {sig: "1b47", "ciphertext": "abc"}},
         }
     )
-    assert outputs == {"kubeconfig": SECRET_MASK, "nodes": ["a", "b"]}
+    assert outputs == {
+        "kubeconfig": SECRET_MASK,
+        "nested": {"user": "ops", "password": SECRET_MASK},
+        "nodes": ["a", "b"],
+    }
     result = StackResult("up", "twin.cluster.forge", {"same": 20, "create": 2}, 1.5, outputs)
     metadata = result.metadata()
     assert metadata["pulumi_changed"] == 2
@@ -214,3 +231,91 @@ def test_results_mask_secrets_and_count_changes():
         "pulumi_outputs",
         "pulumi_plan",
     }
+
+
+def test_change_counts_come_from_the_sdks_typed_results():
+    recorder = EventRecorder("twin.cluster.forge", "up", logging.getLogger("t"))
+    preview = auto.PreviewResult("", "", {auto.OpType.SAME: 3, auto.OpType.CREATE: 1})
+    assert change_counts(preview, recorder) == {"same": 3, "create": 1}
+    # An empty stack's destroy has no changes in its history: the summary event's count.
+    recorder(event(summary_event=SimpleNamespace(resource_changes={auto.OpType.SAME: 1})))
+    summary = SimpleNamespace(resource_changes=None)
+    assert change_counts(auto.DestroyResult("", "", summary), recorder) == {"same": 1}
+
+
+def test_a_pulumi_cli_that_cannot_run_is_a_toolchain_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("PULUMI_CONFIG_PASSPHRASE", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no pulumi anywhere
+    _pulumi_command.cache_clear()  # the CLI is asked for its version once per process
+    try:
+        with pytest.raises(ToolchainError, match="cannot run pulumi on PATH"):
+            stacks(tmp_path).outputs("twin.cluster.forge")
+    finally:
+        _pulumi_command.cache_clear()
+
+
+_PRIVATE_TEXT = re.compile(r"pulumi\.automation\._\w+|from\s+pulumi\.automation\s+import\s+_\w+")
+
+
+def _private_automation_uses(path: Path) -> list[str]:
+    """Imports of ``pulumi.automation._*`` modules, and ``_names`` read from the Automation
+    API's package, in one source file."""
+    text = path.read_text()
+    try:
+        tree = ast.parse(text, filename=str(path))
+    except SyntaxError:  # not this test's business: the plain text still tells
+        return [f"{path}: {m.group()}" for m in _PRIVATE_TEXT.finditer(text)]
+    aliases = {"pulumi.automation"}
+    found = []
+    for node in ast.walk(tree):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+            aliases |= {a.asname for a in node.names if a.name == "pulumi.automation" and a.asname}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            if node.module == "pulumi":
+                aliases |= {a.asname or a.name for a in node.names if a.name == "automation"}
+        private = [n for n in names if "pulumi.automation._" in n]
+        if private:  # one finding per statement
+            found.append(f"{path}:{node.lineno}: {private[0]}")
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Attribute)
+            and node.attr.startswith("_")
+            and ast.unparse(node.value) in aliases
+        ):
+            found.append(f"{path}:{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+# The benchmark's stand-in for Pulumi's Python language host (benchmarks/pulumi_noop.py) serves a
+# shell project with the SDK's LanguageServer: a measuring tool, not part of the product.
+_PRIVATE_ALLOWED = {"benchmarks/pulumi_noop.py"}
+
+
+def test_only_pulumis_public_automation_api_is_used(project_root, tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text(
+        "from pulumi.automation._stack import StackInitMode\n"
+        "import pulumi.automation._cmd\n"
+        "from pulumi.automation import _server\n"
+        "from pulumi import automation as auto\n"
+        "auto._stack.Stack\n"
+    )
+    assert len(_private_automation_uses(bad)) == 4  # every form is seen
+    broken = tmp_path / "broken.py"
+    broken.write_text("from pulumi.automation._stack import StackInitMode\ntry, x:\n")
+    assert len(_private_automation_uses(broken)) == 1  # and in a file that does not parse
+    sources = []
+    for folder, dirs, files in os.walk(project_root):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d != "__pycache__"]
+        sources += [Path(folder) / f for f in files if f.endswith(".py")]
+    assert len(sources) > 20
+    found = [
+        use
+        for path in sources
+        if str(path.relative_to(project_root)) not in _PRIVATE_ALLOWED
+        for use in _private_automation_uses(path)
+    ]
+    assert found == []

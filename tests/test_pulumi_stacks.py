@@ -1,8 +1,10 @@
 """The Pulumi resource with the real CLI (the twin's toolchain), on programs without clusters:
-locks, the one-program-per-process guard, failures and outputs."""
+locks, the one-program-per-process guard, failures, outputs, and the commands each operation
+runs through the public Automation API."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -77,6 +79,7 @@ def test_up_records_outputs_with_secrets_masked(stacks):
     assert "s3cr3t-value" not in json.dumps(result.metadata()["pulumi_outputs"].value)
     again = stacks.up("test.outputs", program, log, refresh=False)
     assert again.changed == 0 and again.changes == {"same": 1}
+    assert again.outputs == masked  # the engine reports the outputs of an unchanged stack too
     # The state is encrypted with the generated passphrase, which is nowhere in the state.
     passphrase = (stacks.root / "passphrase").read_text().strip()
     state = "".join(p.read_text() for p in (stacks.root / "backend").rglob("*.json"))
@@ -154,10 +157,13 @@ def test_a_stack_never_brought_up_has_no_outputs_and_nothing_to_destroy(stacks):
     assert not list((stacks.root / "backend").rglob("test.never.json"))  # not created either
 
 
-def test_a_recorded_stack_is_used_without_selecting_it(tmp_path, toolchain, monkeypatch):
-    # Selecting a stack costs a CLI run only to find it: a stack whose state and settings are
-    # both here is used as it is (every command names its stack). A `pulumi` on PATH that
-    # records its arguments shows which commands ran.
+def test_operations_run_the_automation_apis_commands_and_never_read_secrets(
+    tmp_path, toolchain, monkeypatch
+):
+    # Stacks are opened and run through the public Automation API only: each operation selects
+    # its stack, then runs the SDK's commands for it. A `pulumi` on PATH that records its
+    # arguments shows which: the cost of the public route (the pinned SDK's, one CLI run each),
+    # and that secrets are asked for only where the SDK itself does (UpResult.outputs).
     monkeypatch.delenv("PULUMI_CONFIG_PASSPHRASE", raising=False)
     calls = tmp_path / "calls"
     shim = tmp_path / "bin" / "pulumi"
@@ -173,19 +179,34 @@ def test_a_recorded_stack_is_used_without_selecting_it(tmp_path, toolchain, monk
         use_toolchain=False,  # the `pulumi` on PATH: the recording one
     )
     log = logging.getLogger("test")
+    program = exporting(a=1, token=lambda: pulumi.Output.secret("s3cr3t-value"))
 
     def commands() -> list[str]:
+        """Each run's subcommand (``stack output``), and ``--show-secrets`` where given."""
         ran = calls.read_text().splitlines() if calls.exists() else []
         calls.unlink(missing_ok=True)
-        return [" ".join(c.split()[:3]) for c in ran if "version" not in c]
+        named = []
+        for line in ran:
+            words = [w for w in line.split() if w != "--non-interactive"]
+            name = " ".join(itertools.takewhile(lambda w: not w.startswith("-"), words))
+            named.append(name + (" --show-secrets" if "--show-secrets" in words else ""))
+        return [n for n in named if n != "version"]  # asked once per process
 
-    stacks.up("test.known", exporting(a=1), log, refresh=False)
-    assert any("stack select" in c for c in commands())  # new: selected (and created)
-    stacks.up("test.known", exporting(a=2), log, refresh=False)
-    assert commands() == ["--non-interactive up --yes"]
-    stacks.preview("test.known", exporting(a=2), log)
-    assert commands() == ["--non-interactive preview --color"]
-    # Settings gone: selected again (the CLI restores them from the state), never guessed.
-    (stacks.work_dir("test.known") / "Pulumi.test.known.yaml").unlink()
-    assert stacks.up("test.known", exporting(a=2), log, refresh=False).changed == 0
-    assert any("stack select" in c for c in commands())
+    summary = ["stack output", "stack output --show-secrets", "stack history"]
+    stacks.up("test.public", program, log, refresh=False)
+    assert commands() == ["stack select", "stack init test.public", "up", *summary]
+    result = stacks.up("test.public", program, log, refresh=False)
+    assert commands() == ["stack select", "up", *summary]
+    assert result.changes == {"same": 1} and result.outputs == {"a": 1, "token": "[secret]"}
+    stacks.preview("test.public", program, log)
+    assert commands() == ["stack select", "preview"]
+    assert stacks.outputs("test.public") == {"a": 1, "token": "[secret]"}
+    assert commands() == ["stack select", "stack output"]  # never --show-secrets
+    stacks.refresh("test.public", program, log)
+    assert commands() == ["stack select", "refresh", "stack history"]
+    # Settings gone (the passphrase's salt): the CLI restores them from the state.
+    (stacks.work_dir("test.public") / "Pulumi.test.public.yaml").unlink()
+    assert stacks.up("test.public", program, log, refresh=False).changed == 0
+    commands()
+    assert stacks.destroy("test.public", log, remove=True).changes == {"delete": 1}
+    assert commands() == ["stack select", "destroy", "stack history", "stack rm"]

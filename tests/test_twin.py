@@ -53,12 +53,14 @@ def test_kubectl_works_against_the_twin_by_hand(twin):
 
 
 def _gpu_pod(name: str, gpus: int) -> dict:
+    # The training nodes: KWOK nodes (forge-inference is a real node, tests/test_twin_real.py),
+    # so the pod is Running once bound, whatever its image.
     return {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": name},
         "spec": {
-            "nodeSelector": {"role": "inference"},
+            "nodeSelector": {"role": "training"},
             "containers": [
                 {
                     "name": "vllm",
@@ -93,7 +95,7 @@ def test_the_scheduler_places_two_gpus_and_refuses_three(twin):
             )
         )
         assert fits, "the 2-GPU pod never reached Running"
-        assert fits.spec.node_name == "forge-inference"
+        assert fits.spec.node_name in {"forge-training-primary", "forge-training-secondary"}
 
         def refusal():
             events = core.list_namespaced_event(
@@ -139,9 +141,9 @@ def _apiserver_pid(twin: Twin, cluster: str) -> int:
     raise AssertionError(f"nothing listens on {port}")
 
 
-def test_a_taken_port_is_a_clear_error(twin, tmp_path):
+def test_a_taken_port_is_a_clear_error(twin, tmp_path, twin_port_base):
     # A twin of its own, whose clusters were never started: the session twin may run pi.
-    fresh = Twin(twin.inventory, tmp_path, twin.toolchain, api_port_base=29443)
+    fresh = Twin(twin.inventory, tmp_path, twin.toolchain, api_port_base=twin_port_base + 400)
     port = fresh.ports("pi")["etcdPort"]
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", port))

@@ -118,6 +118,7 @@ def check_tools_module(name: str, spec: dict) -> list[str]:
 def ldflags(name: str, versions: dict, info: dict | None) -> str:
     spec = versions["tools"][name]
     v = spec["version"]
+    name = spec.get("ldflags_as", name)  # the kubelet: the control plane's flags
     flags = ["-s", "-w"]
     if name == "pulumi":
         flags.append(f"-X github.com/pulumi/pulumi/sdk/v3/go/common/version.Version=v{v}")
@@ -155,6 +156,11 @@ def go_build(
     """Build every binary of one tool into out_bin (a fresh temporary directory)."""
     go = find_go(versions)
     env = go_env(versions)
+    if spec.get("builder") == "cc":
+        cc_build(
+            name, spec, module_info(go, env, spec["module"], spec["module_version"]), out_bin, log
+        )
+        return
     problems = check_tools_module(name, spec)
     if problems:
         raise StepError(name, "tools module out of sync with versions.toml: " + "; ".join(problems))
@@ -167,7 +173,7 @@ def go_build(
             workdir = Path(tmp, "src")
             shutil.copytree(src, workdir)
             _write_provider_schema(Path(info["Dir"]), workdir, spec["version"])
-        elif name == "kubernetes":
+        elif spec.get("ldflags_as", name) == "kubernetes":
             info = module_info(go, env, spec["module"], spec["module_version"])
         packages = list(spec["binaries"].values())
         # One package: -o names the file; several: -o DIR/ writes one binary per package.
@@ -188,6 +194,30 @@ def go_build(
             *packages,
         ]
         _run_logged(name, cmd, workdir, env, log, on_line)
+
+
+def cc_build(name: str, spec: dict, info: dict, out_bin: Path, log: Path) -> None:
+    """Compile a C source of a Go module (the pause binary) with the C compiler, statically.
+
+    The version is baked in as upstream's Makefile does (-DVERSION=v<tag>), so that
+    `<binary> -v` reports it and the verification can check it.
+    """
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise StepError(name, "no C compiler (`cc`); install Debian's gcc and libc6-dev")
+    source = Path(info["Dir"]) / spec["source"]
+    if not source.is_file():
+        raise StepError(name, f"{spec['source']} is not in {spec['module']}@{info['Version']}")
+    (binary,) = spec["binaries"]
+    cmd = [
+        cc,
+        *spec.get("cflags", []),
+        f"-DVERSION=v{spec['version']}",
+        "-o",
+        str(out_bin / binary),
+        str(source),
+    ]
+    _run_logged(name, cmd, out_bin, dict(os.environ, GOTOOLCHAIN="local"), log, None)
 
 
 def _write_provider_schema(module_dir: Path, workdir: Path, version: str) -> None:
@@ -231,7 +261,8 @@ def _run_logged(
                 on_line(line.strip())
         rc = proc.wait()
     if rc != 0:
-        raise StepError(name, f"go build failed (exit {rc}); log {log}:\n{tail(log.read_text())}")
+        what = "go build" if Path(cmd[0]).name == "go" else Path(cmd[0]).name
+        raise StepError(name, f"{what} failed (exit {rc}); log {log}:\n{tail(log.read_text())}")
 
 
 # --------------------------------------------------------------------------- verification
@@ -255,12 +286,14 @@ def binary_version(binary: str, path: Path, pulumi: Path | None = None) -> str |
             r'"gitVersion":\s*"v(\d+\.\d+\.\d+[^"]*)"',
             _out([p, "version", "--client", "-o", "json"]),
         )
-    elif binary.startswith("kube-"):
+    elif binary.startswith("kube-") or binary == "kubelet":
         m = re.search(r"Kubernetes v(\d+\.\d+\.\d+\S*)", _out([p, "--version"]))
     elif binary in ("kwok", "kwokctl"):
         m = re.search(r"v(\d+\.\d+\.\d+\S*)", _out([p, "--version"]))
     elif binary == "etcd":
         m = re.search(r"etcd Version: (\d+\.\d+\.\d+\S*)", _out([p, "--version"]))
+    elif binary == "pause":  # pause.c: "-v" prints "pause.c v<VERSION>"
+        m = re.search(r"pause\.c v(\d+\.\d+\.\d+\S*)", _out([p, "-v"]))
     elif binary == "pulumi-resource-kubernetes":
         return provider_version(path, pulumi)
     else:

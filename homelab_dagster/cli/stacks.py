@@ -1,23 +1,20 @@
 """``homelab preview`` and ``homelab down``: the stacks' plan, and their teardown.
 
 Both run a job of the code location (``preview``, ``teardown``) like ``homelab up`` runs
-``up``: in this process's Dagster instance, one process per stack, with progress. ``--env``
+``up``: in this process's Dagster instance, one step per stack, with progress. ``--env``
 selects the stacks of one cluster and of the mesh links that touch it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from homelab_dagster import step_server
-from homelab_dagster._output import console, exit_if_failed, fail, load_for
+from homelab_dagster.cli.output import console, error_exit, exit_if_failed, load_for
 from homelab_dagster.errors import HomelabError
-from homelab_dagster.settings import Target
 
-if TYPE_CHECKING:  # Dagster is imported once the steps' fork server has started (step_server)
+if TYPE_CHECKING:  # Dagster is imported when a command runs a job
     import dagster as dg
 
 __all__ = ["down", "preview"]
@@ -30,42 +27,33 @@ EnvOption = Annotated[
 
 def _stack_ops(job: dg.JobDefinition, cluster: str | None) -> list[str] | None:
     """The job's ops touching ``cluster`` (all when None)."""
-    from homelab_dagster import launch
+    from assets import CLUSTERS_TAG
 
     if cluster is None:
         return None
     return [
         node.name
         for node in job.graph.nodes
-        if cluster in node.definition.tags.get(launch.CLUSTERS_TAG, "").split(",")
+        if cluster in node.definition.tags.get(CLUSTERS_TAG, "").split(",")
     ]
 
 
 def _run(env: str | None, job_name: str, verb: str) -> str:
-    """Run the ops of job ``job_name`` (``preview``, ``teardown``) for ``env`` on the target;
-    exit 1 on failure. Returns the run id. Dagster is imported once the steps'
-    fork server has started, so that its imports overlap with ours (homelab_dagster/step_server.py).
-    """
+    """Run the ops of job ``job_name`` (``preview``, ``teardown``) for ``env``; exit 1 on
+    failure. Returns the run id."""
+    from homelab_dagster.cli import launch
+    from homelab_dagster.definitions import defs
+
     settings, inventory = load_for(env)
-    step_server.warm(settings.steps_log)
-    from homelab_dagster import launch
-
-    job: Callable[[], dg.JobDefinition] = {
-        launch.PREVIEW_JOB: launch.preview_job,
-        launch.TEARDOWN_JOB: launch.teardown_job,
-    }[job_name]
-    ops = _stack_ops(job(), env)
+    ops = _stack_ops(defs.resolve_job_def(job_name), env)
     console.print(f"target [bold]{settings.target.value}[/], {verb} {env or 'every stack'}")
-    if settings.target is Target.TWIN:
-        from homelab_dagster.cli_twin import start_twin
-
-        clusters = None if env is None else launch.plan_selection(inventory, env).clusters
-        try:
-            start_twin(clusters)
-        except HomelabError as exc:
-            raise fail(exc) from exc
+    clusters = None if env is None else launch.plan_selection(inventory, env).clusters
+    try:
+        launch.start_world(settings, inventory, clusters)
+    except HomelabError as exc:
+        raise error_exit(exc) from exc
     outcome = launch.materialize(
-        None, settings=settings, console=console, job=job, op_selection=ops, title=verb
+        None, settings=settings, console=console, job=job_name, op_selection=ops, title=verb
     )
     exit_if_failed(outcome, settings)
     return outcome.run_id

@@ -8,11 +8,12 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from homelab_dagster._output import console, err_console, fail
+from homelab_dagster.cli.output import console, err_console, error_exit
 from homelab_dagster.errors import HomelabError
 from homelab_dagster.loader import load_inventory
 from homelab_dagster.settings import Settings
 from homelab_dagster.twin import Twin
+from homelab_dagster.twin_real import RealNodeStatus
 
 __all__ = ["open_twin", "start_twin", "twin_app"]
 
@@ -52,7 +53,7 @@ def twin_up(clusters: ClustersArg = None) -> None:
     try:
         twin = start_twin(clusters)
     except HomelabError as exc:
-        raise fail(exc) from exc
+        raise error_exit(exc) from exc
     console.print(_status_table(twin))
     console.print(f'kubeconfig: {twin.kubeconfig}  (eval "$(homelab twin env)")')
 
@@ -67,7 +68,7 @@ def twin_down(
     try:
         stopped = twin.down(clusters, purge=purge)
     except HomelabError as exc:
-        raise fail(exc) from exc
+        raise error_exit(exc) from exc
     verb = "deleted" if purge else "stopped"
     console.print(f"{verb}: {', '.join(stopped) or 'nothing was running'}")
 
@@ -92,16 +93,33 @@ def _open_or_exit() -> Twin:
     try:
         return open_twin(build=False)
     except HomelabError as exc:
-        raise fail(exc) from exc
+        raise error_exit(exc) from exc
 
 
 def _status_table(twin: Twin) -> Table:
     table = Table(title="twin", title_justify="left")
-    for column in ("cluster", "context", "API server", "health", "nodes", "GPUs"):
+    for column in ("cluster", "context", "API server", "health", "nodes", "GPUs", "real nodes"):
         table.add_column(column)
     for s in twin.status():
-        health = "[green]up[/]" if s.running else f"[red]{s.message}[/]"
+        health = "[green]up[/]" if s.running and not s.message else f"[red]{s.message}[/]"
         table.add_row(
-            s.name, s.context, s.server, health, f"{s.ready_nodes}/{s.nodes}", str(s.gpus)
+            s.name,
+            s.context,
+            s.server,
+            health,
+            f"{s.ready_nodes}/{s.nodes}",
+            str(s.gpus),
+            "\n".join(_real_node(r) for r in s.real) or "-",
         )
     return table
+
+
+def _real_node(node: RealNodeStatus) -> str:
+    """A real node in one line: its name, kubelet version and GPUs, or what is down."""
+    if not node.running:
+        down = [
+            p for p, up in (("containerd", node.containerd), ("kubelet", node.kubelet)) if not up
+        ]
+        return f"{node.name} [red]({' and '.join(down)} down: homelab twin up)[/]"
+    state = "Ready" if node.ready else "[yellow]not Ready[/]"
+    return f"{node.name} ({node.kubelet_version}, {node.gpus} GPUs, {state})"

@@ -1,7 +1,13 @@
-"""What the CLI prints: the consoles, and core errors turned into messages and exit codes."""
+"""What the CLI prints: the consoles, core errors turned into messages and exit codes, and
+where the step processes' own output goes while a run's progress is drawn."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
@@ -13,15 +19,22 @@ from homelab_dagster.loader import load_inventory
 from homelab_dagster.settings import Settings
 
 if TYPE_CHECKING:
-    from homelab_dagster.launch import RunOutcome
+    from homelab_dagster.cli.launch import RunOutcome
 
-__all__ = ["console", "err_console", "exit_if_failed", "fail", "load_for"]
+__all__ = [
+    "console",
+    "err_console",
+    "error_exit",
+    "exit_if_failed",
+    "load_for",
+    "steps_output_to",
+]
 
 console = Console()
 err_console = Console(stderr=True)
 
 
-def fail(exc: HomelabError) -> typer.Exit:
+def error_exit(exc: HomelabError) -> typer.Exit:
     """Print ``exc`` for a person; the exit (code 1) to raise."""
     if isinstance(exc, InventoryError):
         err_console.print(f"[bold red]invalid inventory[/] {exc.file}")
@@ -42,7 +55,7 @@ def load_for(env: str | None) -> tuple[Settings, Inventory]:
         settings = Settings.from_env()
         inventory = load_inventory(settings.inventory_path).inventory
     except HomelabError as exc:
-        raise fail(exc) from exc
+        raise error_exit(exc) from exc
     if env is not None and env not in inventory.clusters:
         known = ", ".join(inventory.clusters)
         err_console.print(f"[bold red]error:[/] unknown cluster {env!r} (clusters: {known})")
@@ -62,3 +75,36 @@ def exit_if_failed(outcome: RunOutcome, settings: Settings, doing: str = "") -> 
         )
         err_console.print(f"  what the steps printed themselves: {settings.steps_log}")
         raise typer.Exit(code=1)
+
+
+@contextlib.contextmanager
+def steps_output_to(path: Path) -> Iterator[None]:
+    """While inside, send what child processes print themselves to ``path`` (appended to,
+    mode 0600); this process's own ``sys.stdout`` and ``sys.stderr``, and so the consoles,
+    keep the terminal.
+
+    Dagster's step processes (and the server they fork from, started by the first run) inherit
+    file descriptors 1 and 2 from this process: what they print outside Dagster's logging
+    (a crashing step's last words, a library's warnings) would otherwise break the progress
+    display. Everything a step logs through Dagster is in the run's event log either way.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved = {1: os.dup(1), 2: os.dup(2)}
+    log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    streams = sys.stdout, sys.stderr
+    sys.stdout = open(saved[1], "w", buffering=1, closefd=False, encoding="utf-8")  # noqa: SIM115
+    sys.stderr = open(saved[2], "w", buffering=1, closefd=False, encoding="utf-8")  # noqa: SIM115
+    try:
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[1], 1)
+        os.dup2(saved[2], 2)
+        sys.stdout, sys.stderr = streams
+        for fd in (log, *saved.values()):
+            os.close(fd)

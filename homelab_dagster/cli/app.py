@@ -1,26 +1,24 @@
-"""The ``homelab`` command: validate and show the inventory, run the twin, materialise.
-
-Errors of the core (:class:`~homelab_dagster.errors.HomelabError`) become a message on
-stderr and exit code 1; usage errors exit 2 (typer's convention).
-"""
+"""The ``homelab`` command's verbs: ``validate``, ``show``, ``up``, ``preview``, ``plan``,
+``down``, ``dev`` and ``twin``."""
 
 from __future__ import annotations
 
-import sys
+import contextlib
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from homelab_dagster._output import console, exit_if_failed, fail, load_for
-from homelab_dagster.cli_stacks import down, preview
-from homelab_dagster.cli_twin import start_twin, twin_app
+from homelab_dagster.cli.output import console, error_exit, exit_if_failed, load_for
+from homelab_dagster.cli.plan import plan
+from homelab_dagster.cli.repair import repair_app
+from homelab_dagster.cli.stacks import down, preview
+from homelab_dagster.cli.twin import twin_app
 from homelab_dagster.errors import HomelabError
 from homelab_dagster.inventory import Inventory
 from homelab_dagster.loader import load_inventory
-from homelab_dagster.settings import Settings, Target
-from homelab_dagster.shutdown import end_process
+from homelab_dagster.settings import Settings
 
 __all__ = ["app", "main"]
 
@@ -31,8 +29,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(twin_app, name="twin")
+app.add_typer(repair_app, name="repair")
 app.command()(preview)
 app.command()(down)
+app.command()(plan)
 InventoryArg = Annotated[
     Path | None,
     typer.Argument(help="Inventory file (default: $HOMELAB_INVENTORY or ./homelab.yaml)."),
@@ -45,7 +45,7 @@ def _inventory_path(file: Path | None) -> Path:
     try:
         return Settings.from_env().inventory_path
     except HomelabError as exc:
-        raise fail(exc) from exc
+        raise error_exit(exc) from exc
 
 
 def summary_table(inventory: Inventory) -> Table:
@@ -107,7 +107,7 @@ def validate(file: InventoryArg = None) -> None:
     try:
         loaded = load_inventory(path)
     except HomelabError as exc:
-        raise fail(exc) from exc
+        raise error_exit(exc) from exc
     console.print(f"[green]✓[/] {path} is valid (sha256 {loaded.digest[:12]})")
     console.print(summary_table(loaded.inventory))
 
@@ -119,24 +119,14 @@ def show(file: InventoryArg = None) -> None:
     try:
         inventory = load_inventory(path).inventory
     except HomelabError as exc:
-        raise fail(exc) from exc
+        raise error_exit(exc) from exc
     console.print(summary_table(inventory))
     console.print(_models_table(inventory))
 
 
 def main() -> None:
-    """The ``homelab`` command (and ``python -m homelab_dagster``): runs ``app``, then ends the
-    process without the interpreter's teardown (:mod:`homelab_dagster.shutdown`)."""
-    try:
-        app()
-    except SystemExit as exc:
-        code = exc.code
-    else:
-        code = 0
-    if isinstance(code, str):  # sys.exit("message")
-        print(code, file=sys.stderr)
-        code = 1
-    end_process(code or 0)
+    """The ``homelab`` command (and ``python -m homelab_dagster``)."""
+    app()
 
 
 @app.command()
@@ -147,19 +137,15 @@ def up(
     ] = None,
 ) -> None:
     """Materialise the homelab (or one cluster) on the target, with progress."""
-    from homelab_dagster import step_server
+    from homelab_dagster.cli import launch
 
     settings, inventory = load_for(env)
-    step_server.warm(settings.steps_log)  # the steps' fork server imports while we do
-    from homelab_dagster import launch
-
     plan = launch.plan_selection(inventory, env)
     console.print(f"target [bold]{settings.target.value}[/], inventory {settings.inventory_path}")
-    if settings.target is Target.TWIN:
-        try:
-            start_twin(plan.clusters)
-        except HomelabError as exc:
-            raise fail(exc) from exc
+    try:
+        launch.start_world(settings, inventory, plan.clusters)
+    except HomelabError as exc:
+        raise error_exit(exc) from exc
     for key in plan.pending:
         console.print(f"  [dim]skipped {key.to_user_string()}: not built yet[/]")
     outcome = launch.materialize(plan.selected, settings=settings, console=console)
@@ -173,13 +159,72 @@ def up(
 def dev(
     port: Annotated[int, typer.Option(help="The UI's port on 127.0.0.1.")] = 3000,
 ) -> None:
-    """The Dagster UI and daemon for this homelab (the instance `homelab up` records into)."""
+    """The Dagster UI and daemon for this homelab (the instance `homelab up` records into).
+
+    Runs `dg dev` (Dagster's current tooling) on the project's `[tool.dg]` code location.
+    Ctrl-C or SIGTERM stops the webserver, the daemon and their code servers.
+    """
     import os
     import sys
 
-    from homelab_dagster import launch
+    from homelab_dagster.cli import launch
+    from homelab_dagster.settings import project_root
 
-    home = launch.ensure_dagster_home(Settings.from_env())
-    console.print(f"DAGSTER_HOME={home}; the UI will be on http://127.0.0.1:{port}")
-    args = ["dagster", "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)]
-    os.execv(sys.executable, [sys.executable, "-m", *args])
+    try:
+        settings = Settings.from_env()
+    except HomelabError as exc:
+        raise error_exit(exc) from exc
+    home = launch.ensure_dagster_home(settings)
+    storage = "PostgreSQL" if settings.dagster_postgres else "SQLite"
+    console.print(f"DAGSTER_HOME={home} ({storage}); the UI will be on http://127.0.0.1:{port}")
+    # dg compares the active environment with the project's .venv and warns when they differ.
+    os.environ.setdefault("VIRTUAL_ENV", sys.prefix)
+    args = ["-m", "dagster_dg_cli.cli", "dev", "--host", "127.0.0.1", "--port", str(port)]
+    raise typer.Exit(_serve([sys.executable, *args], cwd=project_root()))
+
+
+def _serve(command: list[str], cwd: Path, grace_s: float = 5.0) -> int:
+    """Run ``command`` (`dg dev`) in a process group of its own until it ends; Ctrl-C and
+    SIGTERM here become one SIGINT to it (Dagster's signal to stop its services; a second
+    one kills the group). When it has ended, what is left of its group (code servers that
+    outlive it until their heartbeat times out) gets SIGTERM, then SIGKILL after
+    ``grace_s``. Its exit status."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    stops = 0
+    children: list[subprocess.Popen[bytes]] = []
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stops
+        stops += 1
+        with contextlib.suppress(ProcessLookupError):
+            for child in children:
+                if stops == 1:
+                    child.send_signal(signal.SIGINT)
+                else:
+                    os.killpg(child.pid, signal.SIGKILL)
+
+    # Handlers first: a signal caught here (not ignored) is a default one in the child,
+    # which then installs Dagster's own, even where this process inherited SIGINT ignored.
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        child = subprocess.Popen(command, cwd=cwd, start_new_session=True)
+        children.append(child)
+        if stops:
+            child.send_signal(signal.SIGINT)
+        status = child.wait()
+        deadline = time.monotonic() + grace_s
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, sig)
+                while time.monotonic() < deadline:
+                    os.killpg(child.pid, 0)  # ProcessLookupError: the group is empty
+                    time.sleep(0.1)
+        # Stopped on request: a clean exit, as `dg dev` reports one.
+        return 0 if stops and status in (0, -signal.SIGINT, 130) else status
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

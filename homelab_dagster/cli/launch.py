@@ -1,9 +1,11 @@
 """Materialising from the command line, with a live progress display.
 
-The CLI runs the code location's ``up`` job in this process's Dagster instance (the one
-``make dev`` shows, under ``$DAGSTER_HOME``), with Dagster's multiprocess executor so that
-independent assets (and their Pulumi stacks) run in parallel. A thread follows the run's
-event log and draws one row per asset.
+The CLI runs a job of the code location (``up``, ``preview``, ``teardown``) in this
+process's Dagster instance (the one ``make dev`` shows, under ``$DAGSTER_HOME``), with the
+executor the deployment chose (:mod:`resources.deployment`), so that independent assets (and
+their Pulumi stacks) run in parallel. A thread follows the run's event log and draws one row
+per step. Dagster and the code location are imported when a run starts, so that the
+commands that need neither (``validate``, ``show``) stay quick.
 """
 
 from __future__ import annotations
@@ -12,18 +14,18 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import dagster as dg
 from dagster import DagsterEventType
 
+from homelab_dagster.cli.output import steps_output_to
 from homelab_dagster.inventory import Inventory
-from homelab_dagster.settings import Settings
+from homelab_dagster.settings import DAGSTER_POSTGRES_URL_VAR, Settings
 
-if TYPE_CHECKING:  # rich is imported where the display is drawn: the steps' processes, which
-    # import this module for its job names, never draw it
+if TYPE_CHECKING:
     from rich.console import Console
     from rich.table import Table
 
@@ -33,18 +35,10 @@ __all__ = [
     "ensure_dagster_home",
     "materialize",
     "plan_selection",
-    "preview_job",
-    "teardown_job",
-    "up_job",
+    "start_world",
 ]
 
-UP_JOB = "up"
-PREVIEW_JOB = "preview"  # pulumi preview of every stack (assets/stacks.py)
-TEARDOWN_JOB = "teardown"  # pulumi destroy, links before clusters (assets/stacks.py)
-CLUSTERS_TAG = "homelab/clusters"  # on stack ops: the clusters a stack touches
 _TAG = "homelab/cli-invocation"
-# The tag assets carry while their materialisation is not built yet (see assets/_pending.py).
-_PENDING_TAG = ("homelab/status", "not-built-yet")
 _STATUS = {
     DagsterEventType.STEP_START: "[yellow]running[/]",
     DagsterEventType.STEP_SUCCESS: "[green]done[/]",
@@ -75,57 +69,58 @@ class Plan:
 
 def plan_selection(inventory: Inventory, cluster: str | None = None) -> Plan:
     """All assets, or those of one ``cluster`` and its mesh links, less the pending ones."""
+    from assets import PENDING_TAGS, cluster_selection
     from homelab_dagster.definitions import defs
 
     graph = defs.resolve_asset_graph()
     keys = graph.get_all_asset_keys()
     clusters = list(inventory.clusters)
     if cluster is not None:
-        links = [lk for lk in inventory.mesh.links if cluster in {lk.source, lk.target}]
-        clusters = sorted({cluster} | {c for lk in links for c in (lk.source, lk.target)})
-        wanted: set[tuple[str, ...]] = {mesh_link_path(lk.source, lk.target) for lk in links}
-        # A link needs both its clusters' base state (their linkerd-multicluster namespace).
-        wanted |= {("homelab_inventory",), *(("cluster", c) for c in clusters)}
-        keys = {k for k in keys if tuple(k.path) in wanted}
-    pending = {k for k in keys if graph.get(k).tags.get(_PENDING_TAG[0]) == _PENDING_TAG[1]}
+        wanted, clusters = cluster_selection(inventory, cluster)
+        keys = keys & wanted
+    pending = {k for k in keys if PENDING_TAGS.items() <= graph.get(k).tags.items()}
     return Plan(selected=sorted(keys - pending), pending=sorted(pending), clusters=clusters)
 
 
-def mesh_link_path(source: str, target: str) -> tuple[str, str]:
-    """The key path of a mesh link asset (as assets/_keys.py names it)."""
-    return ("mesh_link", f"{source}__{target}")
+def start_world(settings: Settings, inventory: Inventory, clusters: list[str] | None) -> None:
+    """Before a run: where the deployment works on the local twin, bring up its ``clusters``
+    (all when None), with progress; elsewhere the clusters are already there."""
+    from resources.deployment import build_deployment
+
+    if build_deployment(settings, inventory).local_twin:
+        from homelab_dagster.cli.twin import start_twin
+
+        start_twin(clusters)
 
 
-def up_job() -> dg.JobDefinition:
-    """The code location's ``up`` job (module-level, so Dagster can reconstruct it)."""
-    from homelab_dagster.definitions import defs
-
-    return defs.resolve_job_def(UP_JOB)
-
-
-def preview_job() -> dg.JobDefinition:
-    """The code location's ``preview`` job (reconstructable, like :func:`up_job`)."""
-    from homelab_dagster.definitions import defs
-
-    return defs.resolve_job_def(PREVIEW_JOB)
-
-
-def teardown_job() -> dg.JobDefinition:
-    """The code location's ``teardown`` job (reconstructable, like :func:`up_job`)."""
-    from homelab_dagster.definitions import defs
-
-    return defs.resolve_job_def(TEARDOWN_JOB)
+_WRITTEN_BY = "# Written by homelab-dagster: this homelab's local Dagster instance.\n"
 
 
 def ensure_dagster_home(settings: Settings) -> str:
-    """``$DAGSTER_HOME``, defaulting to ``<state dir>/dagster`` (created)."""
+    """``$DAGSTER_HOME``, defaulting to ``<state dir>/dagster`` (created), with its
+    ``dagster.yaml``: telemetry and the onboarding ("nux") dialog off, and storage in
+    PostgreSQL when ``settings.dagster_postgres`` (else Dagster's default, SQLite files
+    in the home).
+
+    The PostgreSQL URL is never written: the file names its variable
+    (``HOMELAB_DAGSTER_POSTGRES_URL``) and Dagster reads it when the instance loads. A
+    ``dagster.yaml`` this function wrote is rewritten when the settings change it; one
+    written by someone else is left alone.
+    """
     home = os.environ.setdefault("DAGSTER_HOME", str(settings.state_dir / "dagster"))
     os.makedirs(home, exist_ok=True)
     config = os.path.join(home, "dagster.yaml")
-    if not os.path.exists(config):
+    text = _WRITTEN_BY + "telemetry:\n  enabled: false\nnux:\n  enabled: false\n"
+    if settings.dagster_postgres:
+        text += f"storage:\n  postgres:\n    postgres_url:\n      env: {DAGSTER_POSTGRES_URL_VAR}\n"
+    try:
+        with open(config, encoding="utf-8") as f:
+            current: str | None = f.read()
+    except FileNotFoundError:
+        current = None
+    if current is None or (current.startswith(_WRITTEN_BY) and current != text):
         with open(config, "w", encoding="utf-8") as f:
-            f.write("# Written by homelab-dagster: this homelab's local Dagster instance.\n")
-            f.write("telemetry:\n  enabled: false\n")
+            f.write(text)
     return home
 
 
@@ -134,23 +129,24 @@ def materialize(
     *,
     settings: Settings,
     console: Console,
-    job: Callable[[], dg.JobDefinition] = up_job,
+    job: str = "up",
     op_selection: Sequence[str] | None = None,
     title: str = "materialising",
 ) -> RunOutcome:
     """Materialise ``selection`` (all assets when None), showing progress on ``console``.
 
-    ``job``/``op_selection``: run another job of the code location (``preview_job``,
-    ``teardown_job``), all its ops or those named. ``title``: the progress table's.
+    ``job``/``op_selection``: the job of the code location to run (``up``, ``preview``,
+    ``teardown``), all its ops or those named. ``title``: the progress table's.
     """
     ensure_dagster_home(settings)
     invocation = uuid.uuid4().hex
-    with dg.DagsterInstance.get() as instance:
+    # The steps' own output goes to the steps log, not through the progress display.
+    with dg.DagsterInstance.get() as instance, steps_output_to(settings.steps_log):
         follower = _Follower(instance, invocation, console, title)
         follower.start()
         try:
             result = dg.execute_job(
-                dg.reconstructable(job),
+                dg.build_reconstructable_job("homelab_dagster.definitions", "job", (job,)),
                 instance=instance,
                 tags={_TAG: invocation},
                 asset_selection=list(selection) if selection is not None else None,

@@ -1,0 +1,105 @@
+"""What every infrastructure asset shares: its stack, its run configuration, its failures.
+
+Every infrastructure asset (``cluster/<c>``, ``mesh_link/<a>__<b>``) has one Pulumi stack,
+described by a :class:`StackSpec` that its factory makes; the ``preview`` and ``teardown``
+jobs (:mod:`assets.jobs`) are built from the same specs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NoReturn
+
+import dagster as dg
+from pydantic import Field
+
+from homelab_dagster.checks import Verdict
+from homelab_dagster.errors import HomelabError
+from resources.kubernetes import KubernetesClusters
+from resources.pulumi import Program, PulumiStacks
+
+__all__ = [
+    "PENDING_TAGS",
+    "STACK_STEP_TAGS",
+    "StackConfig",
+    "StackSpec",
+    "check_result",
+    "not_built_yet",
+    "step_failure",
+]
+
+# Tags an asset whose materialisation is not built yet; `homelab up` leaves such assets out.
+PENDING_TAGS = {"homelab/status": "not-built-yet"}
+
+# What a stack step asks of the cluster when Dagster runs it as a pod (dagster-k8s's
+# k8s_job_executor reads this tag; the local executor ignores it): the Pulumi engine, the
+# Kubernetes provider and the program together peak near 1 GiB.
+STACK_STEP_TAGS = {
+    "dagster-k8s/config": {
+        "container_config": {
+            "resources": {
+                "requests": {"cpu": "250m", "memory": "768Mi"},
+                "limits": {"memory": "2Gi"},
+            }
+        }
+    }
+}
+
+
+@dataclass(frozen=True)
+class StackSpec:
+    """One infrastructure asset's stack: its key, the clusters it touches, its program.
+
+    ``program`` builds the inline program when the stack runs (it may read the clusters
+    through the Kubernetes resource, e.g. a link's exported services).
+    """
+
+    key: dg.AssetKey
+    clusters: tuple[str, ...]
+    program: Callable[[PulumiStacks, KubernetesClusters], Program]
+
+    @property
+    def slug(self) -> str:
+        """The key as an op name part: ``cluster_forge``, ``mesh_link_studio__forge``."""
+        return "_".join(self.key.path).replace("-", "_")
+
+
+class StackConfig(dg.Config):
+    """Run configuration of an infrastructure asset's materialisation."""
+
+    refresh: bool = Field(
+        default=True,
+        description="Refresh the stack from the cluster before updating, so that changes made "
+        "behind Pulumi's back (drift) are repaired. Off: apply the inventory's changes only.",
+    )
+
+
+def step_failure(exc: HomelabError) -> dg.Failure:
+    """The step failure for a core error: its message (Pulumi's reason included), no retry."""
+    return dg.Failure(description=str(exc), allow_retries=False)
+
+
+def not_built_yet(key: dg.AssetKey, what: str) -> NoReturn:
+    """Fail the materialisation of ``key``, saying what is not built yet.
+
+    Such an asset is declared (so the graph is whole in the UI) but never pretends to succeed.
+    """
+    raise dg.Failure(
+        description=(
+            f"{key.to_user_string()}: {what} is not built yet. The asset is declared so the "
+            "graph is complete; see docs/architecture.md, 'What is built'."
+        ),
+        allow_retries=False,
+    )
+
+
+def check_result(key: dg.AssetKey, name: str, verdict: Verdict) -> dg.AssetCheckResult:
+    """The result of check ``name`` of ``key`` for a verdict (:mod:`homelab_dagster.checks`)."""
+    return dg.AssetCheckResult(
+        asset_key=key,
+        check_name=name,
+        passed=verdict.passed,
+        description=verdict.description,
+        metadata=dict(verdict.metadata),
+    )

@@ -1,0 +1,108 @@
+"""Fault: a cluster's kube-apiserver killed (SIGKILL) in the middle of ``pulumi up``, right
+after the first Kubernetes resource of the stack is reported created."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from kubernetes import client
+
+from assets.clusters import cluster_stack
+from homelab_dagster.errors import StackError
+from homelab_dagster.settings import Settings, Target
+from resources.deployment import build_deployment
+
+pytestmark = [pytest.mark.faults, pytest.mark.twin, pytest.mark.slow]
+
+CLUSTER = "pi"
+
+
+def apiserver_pid(twin, cluster: str) -> int:
+    """The pid listening on the cluster's API port (as tests/test_twin.py finds it)."""
+    import psutil
+
+    port = twin.api_port(cluster)
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.laddr and conn.laddr.port == port and conn.status == "LISTEN":
+            return conn.pid
+    raise AssertionError(f"nothing listens on {port}")
+
+
+def state_file(stacks, name: str) -> Path:
+    return stacks.root / "backend" / ".pulumi" / "stacks" / "homelab" / f"{name}.json"
+
+
+def cluster_program(twin, inventory, stacks) -> tuple[str, Callable[[], None]]:
+    """CLUSTER running on the twin, and its stack's name and program (as the asset builds
+    them, reaching the twin's API server)."""
+    twin.up([CLUSTER])
+    settings = Settings(twin.root.parent / "homelab.yaml", Target.TWIN, twin.root.parent)
+    kubernetes = build_deployment(settings, inventory).resources["kubernetes"]
+    spec = cluster_stack(CLUSTER, inventory.clusters[CLUSTER], inventory.components)
+    return stacks.stack_name(spec.key.path), spec.program(stacks, kubernetes)
+
+
+class KillOnFirstCreate:
+    """The log of ``PulumiStacks.up``: kills the processes ``pids()`` returns (SIGKILL) as soon
+    as the first Kubernetes resource is reported created, and keeps every line."""
+
+    def __init__(self, pids: Callable[[], list[int]]) -> None:
+        self.pids = pids
+        self.lines: list[str] = []
+        self.killed_after: str | None = None
+
+    def info(self, msg: str) -> None:
+        self.lines.append(msg)
+        if self.killed_after is None and ": created kubernetes:" in msg:
+            pids = self.pids()
+            assert pids, "nothing to kill"
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+            self.killed_after = msg
+
+    debug = warning = error = lambda self, msg: self.lines.append(msg)
+
+
+def test_an_apiserver_killed_mid_up_fails_clearly_and_the_next_up_converges(
+    twin, shipped_inventory, stacks, log
+):
+    """Injects: SIGKILL to pi's kube-apiserver when `up` reports its first resource created.
+    Asserts: `up` fails with a StackError carrying the API server's reason and naming the
+    resources whose create failed; the state keeps what was created and holds no pending
+    operation (the provider reported each failed create, so Pulumi resolved them: nothing is
+    left in an unknown state); after `twin.up` restarts the API server, the next `up`
+    (refresh first) creates the rest, the one after it changes nothing, and every namespace
+    of the inventory exists."""
+    cluster = shipped_inventory.clusters[CLUSTER]
+    name, program = cluster_program(twin, shipped_inventory, stacks)
+
+    pid = apiserver_pid(twin, CLUSTER)
+    killer = KillOnFirstCreate(lambda: [pid])
+    with pytest.raises(StackError) as info:
+        stacks.up(name, program, killer)
+    assert killer.killed_after is not None
+    message = str(info.value)
+    assert f"pulumi up of stack {name} failed" in message
+    assert "was not successfully created by the Kubernetes API server" in message
+    assert any(r in message for r in ("connection refused", "connection reset by peer"))
+    failed = [
+        line.split(": kubernetes:", 1)[-1] for line in killer.lines if "create failed" in line
+    ]
+    assert failed, killer.lines
+
+    latest = json.loads(state_file(stacks, name).read_text())["checkpoint"]["latest"]
+    assert not latest.get("pending_operations")
+    recorded = {r["urn"].rsplit("::", 1)[-1] for r in latest["resources"]}
+    assert killer.killed_after.rsplit(" ", 1)[-1] in recorded  # what was created is kept
+
+    twin.up([CLUSTER])
+    recovered = stacks.up(name, program, log)
+    assert recovered.changes.get("create", 0) >= len(failed)
+    assert stacks.up(name, program, log).changed == 0
+    core = client.CoreV1Api(twin.client(CLUSTER))
+    assert set(cluster.namespaces) <= {n.metadata.name for n in core.list_namespace().items}

@@ -1,0 +1,63 @@
+"""Fault: the Pulumi CLI itself killed (SIGKILL) in the middle of ``up``, right after the
+first Kubernetes resource is reported created: what a hard-killed run leaves behind."""
+
+from __future__ import annotations
+
+import json
+
+import psutil
+import pytest
+from kubernetes import client
+
+from homelab_dagster.errors import StackError, StackLockedError
+
+from .test_apiserver_killed import CLUSTER, KillOnFirstCreate, cluster_program, state_file
+
+pytestmark = [pytest.mark.faults, pytest.mark.twin, pytest.mark.slow]
+
+
+def pulumi_cli() -> list[int]:
+    """The pids of the ``pulumi`` processes this process started."""
+    return [p.pid for p in psutil.Process().children(recursive=True) if p.name() == "pulumi"]
+
+
+def test_a_killed_pulumi_cli_leaves_pending_operations_named_and_cleared(
+    twin, shipped_inventory, stacks, log
+):
+    """Injects: SIGKILL to the `pulumi` CLI running `up` when it reports its first resource
+    created. Asserts: `up` fails saying the CLI was killed, and names each pending operation
+    the state holds; the dead process's lock is reported with the command that clears it (never
+    cleared here); once it is removed as the message says, the next `up` clears the pending
+    operations (refresh --clear-pending-creates) and converges: no pending operation left,
+    every namespace exists, and the `up` after it changes nothing."""
+    cluster = shipped_inventory.clusters[CLUSTER]
+    name, program = cluster_program(twin, shipped_inventory, stacks)
+    killer = KillOnFirstCreate(pulumi_cli)
+    with pytest.raises(StackError) as info:
+        stacks.up(name, program, killer)
+    message = str(info.value)
+    assert "the Pulumi CLI was killed by signal 9" in message
+    pending = json.loads(state_file(stacks, name).read_text())["checkpoint"]["latest"][
+        "pending_operations"
+    ]
+    assert pending
+    assert f"Pulumi left {len(pending)} pending operation(s)" in message
+    for op in pending:
+        urn = op["resource"]["urn"]
+        assert f"{op['type']} {op['resource']['type']} {urn.rsplit('::', 1)[-1]}" in message
+    assert "clears them with refresh --clear-pending-creates" in message
+
+    with pytest.raises(StackLockedError) as locked:
+        stacks.up(name, program, log)
+    assert "process gone" in str(locked.value) and "pulumi cancel --yes" in str(locked.value)
+    (lock,) = stacks.locks(name)
+    assert f"rm {lock.path}" in str(locked.value)
+    lock.path.unlink()  # the documented recovery: the dead process's lock removed
+
+    recovered = stacks.up(name, program, log)
+    assert recovered.changed > 0
+    latest = json.loads(state_file(stacks, name).read_text())["checkpoint"]["latest"]
+    assert not latest.get("pending_operations")
+    assert stacks.up(name, program, log).changed == 0
+    core = client.CoreV1Api(twin.client(CLUSTER))
+    assert set(cluster.namespaces) <= {n.metadata.name for n in core.list_namespace().items}
