@@ -52,9 +52,7 @@ def node_manifest(node: Node) -> dict[str, Any]:
             "annotations": {FAKE_ANNOTATION: "fake", "node.alpha.kubernetes.io/ttl": "0"},
             "labels": labels,
         },
-        "spec": {
-            "taints": [t.manifest() for t in node.taints]
-        },
+        "spec": {"taints": [t.manifest() for t in node.taints]},
         "status": {
             "capacity": capacity,
             "allocatable": capacity,
