@@ -246,83 +246,110 @@ def ensure_toolchain(
 ) -> Toolchain:
     """Find, reuse or build every tool; raise ToolchainError naming the tool that failed."""
     from rich.console import Console
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     console = console or Console(stderr=True)
     versions = load_versions()
+    tools = versions["tools"]
+    found, sources, todo = _find(versions)
+    if not build:  # the real nodes' tools are optional: the twin falls back to KWOK nodes
+        for name in [n for n in todo if tools[n].get("optional")]:
+            todo.remove(name)
+            sources[name] = "missing"
+        if todo:
+            raise ToolchainError(
+                ", ".join(todo),
+                "not built; run `python -m infra.toolchain` "
+                f"(cold build: about {sum(COLD_MINUTES[n] for n in todo)} min on 2 cores)",
+            )
+    if todo:
+        _build_missing(todo, versions, found, sources, console)
+    return _assemble(found, sources, versions, python)
+
+
+def _pulumi_of(found: dict[str, dict[str, Path]]) -> Path | None:
+    """The pulumi binary found so far (it verifies the provider plugin), if any."""
+    return found["pulumi"]["pulumi"] if "pulumi" in found else None
+
+
+def _find(versions: dict[str, Any]) -> tuple[dict[str, dict[str, Path]], dict[str, str], list[str]]:
+    """Each tool on PATH at its pinned version, or in the cache (verified once): what was found,
+    where from, and what is left to build, in build order."""
     tools = versions["tools"]
     root = cache_root()
     found: dict[str, dict[str, Path]] = {}
     sources: dict[str, str] = {}
     todo: list[str] = []
-    pulumi: Path | None = None
     for name in BUILD_ORDER:
         spec = tools[name]
-        bins = _on_path(name, list(spec["binaries"]), spec["version"], pulumi)
+        bins = _on_path(name, list(spec["binaries"]), spec["version"], _pulumi_of(found))
         if bins:
             found[name], sources[name] = bins, "PATH"
-        else:
-            final = root / f"{name}-{spec['version']}"
-            cached = {b: final / "bin" / b for b in spec["binaries"]}
-            if all(p.exists() for p in cached.values()):
-                if not _stamp_ok(final / "verified.json", cached, spec["version"]):
-                    try:
-                        record = _verify(name, cached, spec["version"], pulumi)
-                        (final / "verified.json").write_text(json.dumps({"binaries": record}))
-                    except steps.StepError:
-                        cached = {}
-                if cached:
-                    found[name], sources[name] = cached, "cached"
-            if name not in found:
-                todo.append(name)
-        if name == "pulumi" and name in found:
-            pulumi = found[name]["pulumi"]
-
-    if not build:  # the real nodes' tools are optional: the twin falls back to KWOK nodes
-        for name in [n for n in todo if tools[n].get("optional")]:
-            todo.remove(name)
-            sources[name] = "missing"
-    if todo and not build:
-        raise ToolchainError(
-            ", ".join(todo),
-            "not built; run `python -m infra.toolchain` "
-            f"(cold build: about {sum(COLD_MINUTES[n] for n in todo)} min on 2 cores)",
-        )
-    if todo:
-        minutes = sum(COLD_MINUTES[n] for n in todo)
-        console.print(
-            f"[bold]Building {', '.join(todo)} from Go modules[/] into {root}.\n"
-            f"A cold build takes about {minutes} minutes on 2 cores (later runs reuse the "
-            "cache and cost nothing). Logs: " + str(root / "logs")
-        )
-        with Progress(
-            SpinnerColumn(),
-            TextColumn("{task.description}"),
-            TimeElapsedColumn(),
-            TextColumn("{task.fields[pkg]}"),
-            console=console,
-            transient=True,
-        ) as progress:
-            for name in todo:
-                spec = tools[name]
-                final = root / f"{name}-{spec['version']}"
+            continue
+        final = root / f"{name}-{spec['version']}"
+        cached = {b: final / "bin" / b for b in spec["binaries"]}
+        if all(p.exists() for p in cached.values()):
+            if not _stamp_ok(final / "verified.json", cached, spec["version"]):
                 try:
-                    seconds = _build(name, versions, final, progress, pulumi)
-                except steps.StepError as e:
-                    raise ToolchainError(e.tool, e.reason) from e
-                found[name] = {b: final / "bin" / b for b in spec["binaries"]}
-                if seconds is None:
-                    sources[name] = "cached"
-                    console.print(f"  {name} {spec['version']}: built by another process")
-                else:
-                    sources[name] = f"built in {seconds / 60:.1f} min"
-                    console.print(f"  built {name} {spec['version']} in {seconds:.0f} s")
-                if name == "pulumi":
-                    pulumi = found[name]["pulumi"]
+                    record = _verify(name, cached, spec["version"], _pulumi_of(found))
+                    (final / "verified.json").write_text(json.dumps({"binaries": record}))
+                except steps.StepError:
+                    cached = {}
+            if cached:
+                found[name], sources[name] = cached, "cached"
+        if name not in found:
+            todo.append(name)
+    return found, sources, todo
 
+
+def _build_missing(
+    todo: list[str],
+    versions: dict[str, Any],
+    found: dict[str, dict[str, Path]],
+    sources: dict[str, str],
+    console: Any,
+) -> None:
+    """Build ``todo`` in order, with a progress display, adding each to ``found``."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    tools = versions["tools"]
+    root = cache_root()
+    minutes = sum(COLD_MINUTES[n] for n in todo)
+    console.print(
+        f"[bold]Building {', '.join(todo)} from Go modules[/] into {root}.\n"
+        f"A cold build takes about {minutes} minutes on 2 cores (later runs reuse the "
+        "cache and cost nothing). Logs: " + str(root / "logs")
+    )
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(
+        *columns, TextColumn("{task.fields[pkg]}"), console=console, transient=True
+    ) as progress:
+        for name in todo:
+            spec = tools[name]
+            final = root / f"{name}-{spec['version']}"
+            try:
+                seconds = _build(name, versions, final, progress, _pulumi_of(found))
+            except steps.StepError as e:
+                raise ToolchainError(e.tool, e.reason) from e
+            found[name] = {b: final / "bin" / b for b in spec["binaries"]}
+            if seconds is None:
+                sources[name] = "cached"
+                console.print(f"  {name} {spec['version']}: built by another process")
+            else:
+                sources[name] = f"built in {seconds / 60:.1f} min"
+                console.print(f"  built {name} {spec['version']} in {seconds:.0f} s")
+
+
+def _assemble(
+    found: dict[str, dict[str, Path]],
+    sources: dict[str, str],
+    versions: dict[str, Any],
+    python: str | None,
+) -> Toolchain:
+    """The toolchain from what was found or built, with etcd and the Python plugin."""
+    tools = versions["tools"]
     try:
         etcd = steps.find_etcd(tools["etcd"])
-        plugin = steps.write_python_plugin(root, python or sys.executable)
+        plugin = steps.write_python_plugin(cache_root(), python or sys.executable)
     except steps.StepError as e:
         raise ToolchainError(e.tool, e.reason) from e
     sources["etcd"] = "PATH"

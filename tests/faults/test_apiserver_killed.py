@@ -3,9 +3,11 @@ after the first Kubernetes resource of the stack is reported created."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,22 +39,55 @@ def state_file(stacks, name: str) -> Path:
     return stacks.root / "backend" / ".pulumi" / "stacks" / "homelab" / f"{name}.json"
 
 
-def cluster_program(twin, inventory, stacks) -> tuple[str, Callable[[], None]]:
+def cluster_program(
+    twin, inventory, stacks, gate: threading.Event | None = None
+) -> tuple[str, Callable[[], None]]:
     """CLUSTER running on the twin, and its stack's name and program (as the asset builds
-    them, reaching the twin's API server)."""
+    them, reaching the twin's API server).
+
+    ``gate``: the program also declares one more resource, a ConfigMap whose data waits for
+    the gate (an awaited output: the rest of the update goes on meanwhile). So at least one
+    create is still to come when the fault lands, whatever the event stream's delay: without
+    it, every create of a small stack can finish before the first "created" event arrives.
+    """
     twin.up([CLUSTER])
     settings = Settings(twin.root.parent / "homelab.yaml", Target.TWIN, twin.root.parent)
     kubernetes = build_deployment(settings, inventory).resources["kubernetes"]
     spec = cluster_stack(CLUSTER, inventory.clusters[CLUSTER], inventory.components)
-    return stacks.stack_name(spec.key.path), spec.program(stacks, kubernetes)
+    program = spec.program(stacks, kubernetes)
+    if gate is None:
+        return stacks.stack_name(spec.key.path), program
+    access = kubernetes.access(CLUSTER)
+
+    def gated() -> None:
+        import pulumi
+        import pulumi_kubernetes as k8s
+
+        program()
+        provider = k8s.Provider("fault-gate", kubeconfig=access.kubeconfig, context=access.context)
+
+        async def after_gate(value: str) -> str:
+            await asyncio.get_running_loop().run_in_executor(None, gate.wait, 120)
+            return value
+
+        k8s.core.v1.ConfigMap(
+            "fault-gate",
+            metadata={"name": "fault-gate", "namespace": "default"},
+            data={"after": pulumi.Output.from_input("the fault").apply(after_gate)},
+            opts=pulumi.ResourceOptions(provider=provider),
+        )
+
+    return stacks.stack_name(spec.key.path), gated
 
 
 class KillOnFirstCreate:
     """The log of ``PulumiStacks.up``: kills the processes ``pids()`` returns (SIGKILL) as soon
-    as the first Kubernetes resource is reported created, and keeps every line."""
+    as the first Kubernetes resource is reported created, keeps every line, and then opens
+    ``gate`` where given (the program's last resource waits for it)."""
 
-    def __init__(self, pids: Callable[[], list[int]]) -> None:
+    def __init__(self, pids: Callable[[], list[int]], gate: threading.Event | None = None) -> None:
         self.pids = pids
+        self.gate = gate
         self.lines: list[str] = []
         self.killed_after: str | None = None
 
@@ -64,6 +99,8 @@ class KillOnFirstCreate:
             for pid in pids:
                 os.kill(pid, signal.SIGKILL)
             self.killed_after = msg
+            if self.gate is not None:
+                self.gate.set()
 
     debug = warning = error = lambda self, msg: self.lines.append(msg)
 
@@ -79,10 +116,11 @@ def test_an_apiserver_killed_mid_up_fails_clearly_and_the_next_up_converges(
     (refresh first) creates the rest, the one after it changes nothing, and every namespace
     of the inventory exists."""
     cluster = shipped_inventory.clusters[CLUSTER]
-    name, program = cluster_program(twin, shipped_inventory, stacks)
+    gate = threading.Event()
+    name, program = cluster_program(twin, shipped_inventory, stacks, gate)
 
     pid = apiserver_pid(twin, CLUSTER)
-    killer = KillOnFirstCreate(lambda: [pid])
+    killer = KillOnFirstCreate(lambda: [pid], gate)
     with pytest.raises(StackError) as info:
         stacks.up(name, program, killer)
     assert killer.killed_after is not None
