@@ -403,6 +403,9 @@ class PulumiStacks(dg.ConfigurableResource):
         except auto.StackNotFoundError:
             raise  # only when not creating: the caller knows what a missing stack means
         except auto.CommandError as exc:
+            damaged = self._state_error(name, exc)
+            if damaged is not None:
+                raise damaged from exc
             raise StackError(f"cannot create or select stack {name}: {_tail(exc)}") from exc
 
     def _command(self, pulumi_home: str) -> auto.PulumiCommand:
