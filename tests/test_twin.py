@@ -6,9 +6,9 @@ import os
 import signal
 import socket
 import subprocess
-import time
 
 import pytest
+from _twin_support import assert_refused_for_gpus, wait
 
 from homelab_dagster.errors import PortInUseError
 from homelab_dagster.twin import Twin
@@ -72,15 +72,6 @@ def _gpu_pod(name: str, gpus: int) -> dict:
     }
 
 
-def _wait(predicate, timeout: float = 60.0, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
-
-
 def test_the_scheduler_places_two_gpus_and_refuses_three(twin):
     from kubernetes import client
 
@@ -89,7 +80,7 @@ def test_the_scheduler_places_two_gpus_and_refuses_three(twin):
     core.create_namespaced_pod("default", _gpu_pod("fits", 2))
     core.create_namespaced_pod("default", _gpu_pod("too-big", 3))
     try:
-        fits = _wait(
+        fits = wait(
             lambda: (
                 (p := core.read_namespaced_pod("fits", "default")).status.phase == "Running" and p
             )
@@ -97,16 +88,7 @@ def test_the_scheduler_places_two_gpus_and_refuses_three(twin):
         assert fits, "the 2-GPU pod never reached Running"
         assert fits.spec.node_name in {"forge-training-primary", "forge-training-secondary"}
 
-        def refusal():
-            events = core.list_namespaced_event(
-                "default", field_selector="involvedObject.name=too-big"
-            ).items
-            return [e for e in events if e.reason == "FailedScheduling"]
-
-        events = _wait(refusal)
-        assert events, "no FailedScheduling event for the 3-GPU pod"
-        assert "Insufficient nvidia.com/gpu" in events[0].message
-        assert core.read_namespaced_pod("too-big", "default").status.phase == "Pending"
+        assert_refused_for_gpus(core, "too-big")
     finally:
         for name in ("fits", "too-big"):
             core.delete_namespaced_pod(name, "default", grace_period_seconds=0)
@@ -121,7 +103,7 @@ def test_up_is_idempotent_and_restarts_a_killed_control_plane(twin):
     assert "air: running" in messages
     pid = _apiserver_pid(twin, "air")
     os.kill(pid, signal.SIGKILL)
-    _wait(lambda: not next(s for s in twin.status() if s.name == "air").running, timeout=20)
+    wait(lambda: not next(s for s in twin.status() if s.name == "air").running, timeout=20)
     (down,) = [s for s in twin.status() if s.name == "air"]
     assert not down.running and "not answering" in down.message
     messages.clear()

@@ -20,6 +20,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from _twin_support import assert_refused_for_gpus, wait
 
 from homelab_dagster import twin_real
 from homelab_dagster.errors import RealNodesUnavailable
@@ -76,15 +77,6 @@ def _pod(name: str, gpus: int) -> dict:
     }
 
 
-def _wait(predicate, timeout: float = 60.0, interval: float = 0.25):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
-
-
 def _core(twin: Twin):
     from kubernetes import client
 
@@ -108,7 +100,7 @@ def _delete_pods(core, *names: str) -> None:
         left = {p.metadata.name for p in core.list_namespaced_pod("default").items}
         return not left & set(names)
 
-    _wait(gone, timeout=30)
+    wait(gone, timeout=30)
 
 
 def _kubectl(twin: Twin, *args: str, **kwargs) -> subprocess.CompletedProcess[str]:
@@ -246,7 +238,7 @@ def test_down_purge_leaves_the_host_as_before(
         _import_busybox(fresh)
         core = _core(fresh)
         core.create_namespaced_pod("default", _pod("web", 2))
-        assert _wait(lambda: _running(core, "web")), "the pod never ran"
+        assert wait(lambda: _running(core, "web")), "the pod never ran"
         during = _host_state(port, state)
         assert spec.bridge in during["links"]
         assert f"{spec.address}/32" in during["lo"]
@@ -290,25 +282,16 @@ def test_a_two_gpu_pod_runs_logs_and_answers_a_three_gpu_pod_stays_pending(real_
     core.create_namespaced_pod("default", _pod("web", 2))
     core.create_namespaced_pod("default", _pod("too-big", 3))
     try:
-        pod = _wait(lambda: _running(core, "web"))
+        pod = wait(lambda: _running(core, "web"))
         assert pod, "the 2-GPU pod never reached Running on the real node"
         print(f"2-GPU pod Running after {time.monotonic() - start:.1f} s")
         assert pod.spec.node_name == NODE
         assert pod.status.pod_ip  # an address from the node's bridge
-        logs = _wait(lambda: _kubectl(real_forge, "logs", "web").stdout, timeout=20)
+        logs = wait(lambda: _kubectl(real_forge, "logs", "web").stdout, timeout=20)
         assert "hello from a real pod" in logs
         assert _port_forward_get(real_forge, "web").strip() == "real-node-answers"
 
-        def refusal():
-            events = core.list_namespaced_event(
-                "default", field_selector="involvedObject.name=too-big"
-            ).items
-            return [e for e in events if e.reason == "FailedScheduling"]
-
-        events = _wait(refusal)
-        assert events, "no FailedScheduling event for the 3-GPU pod"
-        assert "Insufficient nvidia.com/gpu" in events[0].message
-        assert core.read_namespaced_pod("too-big", "default").status.phase == "Pending"
+        assert_refused_for_gpus(core, "too-big")
     finally:
         _delete_pods(core, "web", "too-big")
 
@@ -318,7 +301,7 @@ def test_a_killed_kubelet_or_containerd_is_seen_and_repaired_by_up(real_forge):
     core = _core(real_forge)
     core.create_namespaced_pod("default", _pod("survivor", 1))
     try:
-        assert _wait(lambda: _running(core, "survivor")), "the pod never ran"
+        assert wait(lambda: _running(core, "survivor")), "the pod never ran"
         uid = core.read_namespaced_pod("survivor", "default").metadata.uid
         (spec,) = real_forge.real_nodes("forge")
         for what in ("kubelet", "containerd"):
@@ -335,7 +318,7 @@ def test_a_killed_kubelet_or_containerd_is_seen_and_repaired_by_up(real_forge):
             (real,) = forge.real
             assert real.running and real.ready and real.gpus == 2, real
             assert core.read_node(NODE).status.allocatable[GPU_RESOURCE] == "2"
-            pod = _wait(lambda: _running(core, "survivor"))
+            pod = wait(lambda: _running(core, "survivor"))
             assert pod and pod.metadata.uid == uid, f"the pod did not come back after {what}"
         assert _port_forward_get(real_forge, "survivor").strip() == "real-node-answers"
     finally:
