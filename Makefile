@@ -6,7 +6,7 @@ SHELL := /bin/bash
 ENV ?=
 UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 
-.PHONY: help uv install system-deps tools twin up preview dev screenshots test lint bench clean
+.PHONY: help uv install system-deps tools twin images up preview dev screenshots test lint bench clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -17,13 +17,15 @@ uv: ## Install uv if it is missing
 install: uv ## Create the environment from the lock file (with the ML extra), bytecode compiled
 	@$(UV) sync --locked --extra ml --compile-bytecode
 
-# etcd for the control planes; containerd, runc, the CNI plugins and iptables for the twin's real
-# nodes (docs/twin.md: without them every node is a KWOK node); busybox-static for their test image.
-SYSTEM_PACKAGES := etcd-server containerd runc containernetworking-plugins iptables busybox-static
+# etcd for the control planes; containerd, runc, the CNI plugins, iptables and docker-registry for
+# the twin's real nodes (docs/twin.md: without them every node is a KWOK node); busybox-static for
+# their test image; mmdebstrap, umoci and skopeo build the twin's images (`homelab twin images`).
+SYSTEM_PACKAGES := etcd-server containerd runc containernetworking-plugins iptables busybox-static \
+	docker-registry mmdebstrap umoci skopeo
 # For the tests of Dagster's PostgreSQL storage and of the UI in a browser (no browser download).
 TEST_PACKAGES := postgresql chromium chromium-driver
 
-system-deps: ## Debian packages the twin needs (etcd, containerd, runc, CNI plugins, iptables); as root, or prints the command
+system-deps: ## Debian packages the twin needs (etcd, containerd, runc, CNI plugins, registry, image tools); as root, or prints the command
 	@if ! command -v dpkg-query >/dev/null 2>&1; then \
 	  command -v etcd >/dev/null 2>&1 || { echo "the twin needs etcd (and, for real nodes: containerd, runc, CNI plugins, iptables)"; exit 1; }; \
 	else \
@@ -49,11 +51,19 @@ tools: install system-deps ## Build the twin's Go toolchain into ~/.cache (cold:
 twin: tools ## Start the twin (every cluster of the inventory)
 	@$(UV) run homelab twin up
 
-up: tools ## The main job on the twin (ENV=<cluster> for one cluster)
+images: tools ## Build the twin's images from the lock files and push them (cached by content)
+	@if $(UV) run python -c "import sys; from infra.images import missing_tools as m; sys.exit(bool(m()))"; \
+	then $(UV) run homelab twin images; \
+	else echo "images not built: $$($(UV) run python -c 'from infra.images import missing_tools as m; print(m())')"; fi
+
+up: tools images ## The main job on the twin (ENV=<cluster> for one cluster)
 	@$(UV) run homelab up $(if $(ENV),--env $(ENV))
 
 preview: tools ## What Pulumi would change, per resource (ENV=<cluster> for one cluster)
 	@$(UV) run homelab preview $(if $(ENV),--env $(ENV))
+
+reconcile-all: tools ## Look for drift in every stack, link and weights version, and repair it (auto-repair on)
+	@$(UV) run homelab reconcile
 
 dev: install ## The Dagster UI and daemon (`dg dev`) on http://127.0.0.1:3000 (PORT=<port>); Ctrl-C stops it
 	@$(UV) run homelab dev $(if $(PORT),--port $(PORT))

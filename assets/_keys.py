@@ -6,6 +6,7 @@ import dagster as dg
 
 __all__ = [
     "INVENTORY_KEY",
+    "ORCHESTRATOR_KEY",
     "cluster_key",
     "endpoint_key",
     "mesh_link_key",
@@ -14,6 +15,7 @@ __all__ = [
 ]
 
 INVENTORY_KEY = dg.AssetKey("homelab_inventory")
+ORCHESTRATOR_KEY = dg.AssetKey("orchestrator")
 
 
 def cluster_key(cluster: str) -> dg.AssetKey:

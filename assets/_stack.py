@@ -2,7 +2,9 @@
 
 Every infrastructure asset (``cluster/<c>``, ``mesh_link/<a>__<b>``) has one Pulumi stack,
 described by a :class:`StackSpec` that its factory makes; the ``preview`` and ``teardown``
-jobs (:mod:`assets.jobs`) are built from the same specs.
+jobs (:mod:`assets.jobs`) are built from the same specs. Each also has the check
+:data:`DRIFT_CHECK` (:func:`drift_check`: ``pulumi refresh --preview-only``, run by the
+``reconcile`` job), and records the commit its run came from (:func:`provenance`).
 """
 
 from __future__ import annotations
@@ -14,20 +16,30 @@ from typing import NoReturn
 import dagster as dg
 from pydantic import Field
 
+from homelab_dagster import reconcile
 from homelab_dagster.checks import Verdict
 from homelab_dagster.errors import HomelabError
 from resources.kubernetes import KubernetesClusters
 from resources.pulumi import Program, PulumiStacks
 
 __all__ = [
+    "COMMIT_TAG",
+    "DRIFT_CHECK",
     "PENDING_TAGS",
     "STACK_STEP_TAGS",
     "StackConfig",
     "StackSpec",
     "check_result",
+    "drift_check",
+    "drift_check_spec",
     "not_built_yet",
+    "provenance",
     "step_failure",
 ]
+
+DRIFT_CHECK = "no_drift"
+# The run tag naming the commit a run applies (the Git sensor's and the reconcile's runs).
+COMMIT_TAG = "homelab/commit"
 
 # Tags an asset whose materialisation is not built yet; `homelab up` leaves such assets out.
 PENDING_TAGS = {"homelab/status": "not-built-yet"}
@@ -103,3 +115,39 @@ def check_result(key: dg.AssetKey, name: str, verdict: Verdict) -> dg.AssetCheck
         description=verdict.description,
         metadata=dict(verdict.metadata),
     )
+
+
+def drift_check_spec(key: dg.AssetKey) -> dg.AssetCheckSpec:
+    """The drift check of an infrastructure asset (not blocking: drift is reported, and
+    repaired by the reconcile where auto-repair is on, without holding back what follows)."""
+    return dg.AssetCheckSpec(
+        DRIFT_CHECK,
+        asset=key,
+        blocking=False,
+        description="pulumi refresh --preview-only finds nothing changed behind Pulumi's back "
+        "(else it names each drifted resource and the properties that differ).",
+    )
+
+
+def drift_check(
+    spec: StackSpec, pulumi: PulumiStacks, kubernetes: KubernetesClusters, log: dg.DagsterLogManager
+) -> dg.AssetCheckResult:
+    """Refresh ``spec``'s stack in preview mode (nothing recorded) and judge the drift; a
+    refresh that fails is a failed check with Pulumi's reason."""
+    stack = pulumi.stack_name(spec.key.path)
+    try:
+        result = pulumi.refresh(stack, spec.program(pulumi, kubernetes), log, preview_only=True)
+    except HomelabError as exc:
+        verdict = Verdict(False, f"{stack}: cannot look for drift: {exc}", {"pulumi_stack": stack})
+    else:
+        verdict = reconcile.drift_verdict(stack, result.steps)
+    if not verdict.passed:
+        log.warning(verdict.description)
+    return check_result(spec.key, DRIFT_CHECK, verdict)
+
+
+def provenance(context: dg.AssetExecutionContext) -> dict[str, str]:
+    """Materialisation metadata naming the commit the run applies (``homelab_commit``), where
+    its run is tagged with one (:data:`COMMIT_TAG`)."""
+    commit = context.run.tags.get(COMMIT_TAG)
+    return {"homelab_commit": commit} if commit else {}

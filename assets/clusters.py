@@ -5,7 +5,8 @@ is repaired) on the stack ``<target>.cluster.<cluster>`` with the program of
 :mod:`infra.cluster`, and records what it did and what the cluster is (docs/metadata.md).
 Three blocking checks compare the live cluster with the inventory, one invariant each
 (the rules are :mod:`homelab_dagster.checks`): ``nodes_ready``, ``nodes_match_inventory``
-and ``namespaces_present``.
+and ``namespaces_present``; ``no_drift`` (not blocking) compares the stack's state with the
+cluster (:func:`assets._stack.drift_check`).
 """
 
 from collections.abc import Iterator, Mapping
@@ -13,7 +14,17 @@ from collections.abc import Iterator, Mapping
 import dagster as dg
 
 from assets._keys import INVENTORY_KEY, cluster_key
-from assets._stack import STACK_STEP_TAGS, StackConfig, StackSpec, check_result, step_failure
+from assets._stack import (
+    DRIFT_CHECK,
+    STACK_STEP_TAGS,
+    StackConfig,
+    StackSpec,
+    check_result,
+    drift_check,
+    drift_check_spec,
+    provenance,
+    step_failure,
+)
 from homelab_dagster import checks
 from homelab_dagster.errors import HomelabError, KubernetesError
 from homelab_dagster.inventory import Cluster, Component
@@ -80,8 +91,11 @@ def build_cluster_defs(
             )
         ],
         check_specs=[
-            dg.AssetCheckSpec(check, asset=key, blocking=True, description=text)
-            for check, text in _CHECKS.items()
+            *(
+                dg.AssetCheckSpec(check, asset=key, blocking=True, description=text)
+                for check, text in _CHECKS.items()
+            ),
+            drift_check_spec(key),
         ],
         # Checks run in the materialisation's own step (one process, one read of the
         # cluster), and can also run alone: select only them.
@@ -97,12 +111,16 @@ def build_cluster_defs(
         nodes: list[ObservedNode] | None = None
         if key in context.selected_asset_keys:
             try:
-                result, nodes = entry.provision(context.log, config, pulumi, kubernetes)
+                result, nodes = entry.provision(
+                    context.log, config, pulumi, kubernetes, provenance(context)
+                )
             except HomelabError as exc:
                 raise step_failure(exc) from exc
             yield result
         selected = {k.name for k in context.selected_asset_check_keys}
         yield from entry.check_results(selected, kubernetes, nodes)
+        if DRIFT_CHECK in selected:
+            yield drift_check(entry.spec, pulumi, kubernetes, context.log)
 
     return dg.Definitions(assets=[_cluster])
 
@@ -122,8 +140,10 @@ class _ClusterEntry:
         config: StackConfig,
         pulumi: PulumiStacks,
         kubernetes: KubernetesClusters,
+        origin: Mapping[str, str],
     ) -> tuple[dg.MaterializeResult, list[ObservedNode]]:
-        """``pulumi up`` of the cluster's stack: its materialisation, and the nodes after it."""
+        """``pulumi up`` of the cluster's stack: its materialisation (``origin``: the run's
+        provenance metadata), and the nodes after it."""
         stack = pulumi.stack_name(self.spec.key.path)
         program = self.spec.program(pulumi, kubernetes)
         result = pulumi.up(stack, program, log, refresh=config.refresh)
@@ -147,6 +167,7 @@ class _ClusterEntry:
             "components_skipped": dg.MetadataValue.json(
                 {p.name: p.reason for p in plans if not p.install}
             ),
+            **origin,
         }
         return dg.MaterializeResult(asset_key=self.spec.key, metadata=metadata), nodes
 

@@ -7,6 +7,7 @@ import dagster as dg
 from assets.clusters import build_cluster_defs
 from assets.endpoints import build_endpoint_defs
 from assets.mesh import build_mesh_link_defs
+from assets.orchestrator import build_orchestrator_defs
 from assets.training import build_training_run_defs
 from assets.weights import build_model_weights_defs
 from homelab_dagster.inventory import Inventory, TrainingRun
@@ -15,7 +16,8 @@ __all__ = ["build_homelab_defs"]
 
 
 def build_homelab_defs(inventory: Inventory) -> dg.Definitions:
-    """Clusters, mesh links, training runs, model weights and endpoints of ``inventory``."""
+    """Clusters, mesh links, training runs, model weights, endpoints and the orchestrator of
+    ``inventory``."""
     runs_by_model: dict[str, dict[str, TrainingRun]] = {name: {} for name in inventory.models}
     for run_name, run in inventory.training_runs.items():
         runs_by_model[run.model][run_name] = run
@@ -38,7 +40,18 @@ def build_homelab_defs(inventory: Inventory) -> dg.Definitions:
             build_model_weights_defs(name, m, runs_by_model[name])
             for name, m in inventory.models.items()
         ),
-        *(build_endpoint_defs(name, e) for name, e in inventory.endpoints.items()),
+        *(
+            build_endpoint_defs(
+                name,
+                e,
+                inventory.models[e.model],
+                inventory.clusters[e.cluster],
+                [lk for lk in inventory.mesh.links if lk.target == e.cluster],
+                inventory.mesh.export_label,
+            )
+            for name, e in inventory.endpoints.items()
+        ),
+        build_orchestrator_defs(inventory.orchestrator),
     )
 
 

@@ -1,6 +1,10 @@
 """The code location's jobs, their names and tags, and which assets a cluster's run selects.
 
-- ``up``: every asset (the CLI's ``homelab up``, ``make up``);
+- ``up``: every asset (the CLI's ``homelab up``, ``make up``), without the drift checks
+  (an update has just made the state and the world agree);
+- ``reconcile``: every check of every stack (drift first among them) and of every trained
+  model's weights, one step per asset, in parallel; nothing is materialised (the repair is
+  ``sensors/reconcile.py``'s);
 - ``preview``: one op per stack, in parallel, running ``pulumi preview``. The per-resource
   plan goes to the run's log and, as an observation of the asset (not a materialisation:
   nothing changed), to the asset's metadata;
@@ -16,10 +20,17 @@ from collections.abc import Sequence
 
 import dagster as dg
 
-from assets._keys import INVENTORY_KEY, cluster_key, mesh_link_key
-from assets._stack import STACK_STEP_TAGS, StackSpec, step_failure
+from assets._keys import (
+    INVENTORY_KEY,
+    ORCHESTRATOR_KEY,
+    cluster_key,
+    mesh_link_key,
+    model_weights_key,
+)
+from assets._stack import DRIFT_CHECK, STACK_STEP_TAGS, StackSpec, step_failure
 from assets.clusters import cluster_stack
 from assets.mesh import mesh_link_stack
+from assets.weights import INTACT_CHECK
 from homelab_dagster.errors import HomelabError
 from homelab_dagster.inventory import Inventory
 from resources.kubernetes import KubernetesClusters
@@ -28,42 +39,91 @@ from resources.pulumi import PulumiStacks
 __all__ = [
     "CLUSTERS_TAG",
     "PREVIEW_JOB",
+    "RECONCILE_JOB",
+    "RECONCILE_TAG",
     "TEARDOWN_JOB",
     "UP_JOB",
     "build_jobs",
     "cluster_selection",
+    "preview_op_name",
+    "stack_specs",
 ]
 
 UP_JOB = "up"
 PREVIEW_JOB = "preview"
+RECONCILE_JOB = "reconcile"
+RECONCILE_TAG = "homelab/reconcile"  # on reconcile runs ("check") and repair runs ("repair")
 TEARDOWN_JOB = "teardown"
 CLUSTERS_TAG = "homelab/clusters"  # on stack ops: the clusters a stack touches
 
 
 def cluster_selection(inventory: Inventory, cluster: str) -> tuple[set[dg.AssetKey], list[str]]:
-    """The assets of one ``cluster`` and of the mesh links that touch it, and the clusters
-    those involve (a link needs both its clusters' base state: their
-    ``linkerd-multicluster`` namespace)."""
+    """The assets of one ``cluster``, of the mesh links that touch it and of the orchestrator
+    where it runs there, and the clusters those involve (a link needs both its clusters' base
+    state: their ``linkerd-multicluster`` namespace)."""
     links = [lk for lk in inventory.mesh.links if cluster in {lk.source, lk.target}]
     clusters = sorted({cluster} | {c for lk in links for c in (lk.source, lk.target)})
     keys = {INVENTORY_KEY, *(cluster_key(c) for c in clusters)}
     keys |= {mesh_link_key(lk.source, lk.target) for lk in links}
+    if cluster == inventory.orchestrator.cluster:
+        keys.add(ORCHESTRATOR_KEY)  # Dagster itself runs there
     return keys, clusters
 
 
-def build_jobs(inventory: Inventory | None) -> dg.Definitions:
-    """``up`` over every asset; ``preview`` and ``teardown`` over every stack of ``inventory``."""
-    up = dg.define_asset_job(
-        UP_JOB, selection=dg.AssetSelection.all(), description="Materialise the whole homelab."
-    )
-    if inventory is None:
-        return dg.Definitions(jobs=[up])
+def stack_specs(inventory: Inventory) -> tuple[list[StackSpec], list[StackSpec]]:
+    """The stacks of ``inventory``: its clusters', and its mesh links'."""
     clusters = [cluster_stack(n, c, inventory.components) for n, c in inventory.clusters.items()]
     links = [
         mesh_link_stack(link, inventory.mesh, tuple(inventory.clusters[link.source].namespaces))
         for link in inventory.mesh.links
     ]
-    return dg.Definitions(jobs=[up, _preview_job(clusters + links), _teardown_job(clusters, links)])
+    return clusters, links
+
+
+def build_jobs(inventory: Inventory | None) -> dg.Definitions:
+    """``up`` over every asset; ``reconcile``, ``preview`` and ``teardown`` over every stack
+    of ``inventory``."""
+    if inventory is None:
+        up = dg.define_asset_job(
+            UP_JOB, selection=dg.AssetSelection.all(), description="Materialise the whole homelab."
+        )
+        return dg.Definitions(jobs=[up])
+    clusters, links = stack_specs(inventory)
+    stacks = [s.key for s in clusters + links]
+    drift = dg.AssetSelection.checks(*(dg.AssetCheckKey(k, DRIFT_CHECK) for k in stacks))
+    up = dg.define_asset_job(
+        UP_JOB,
+        selection=dg.AssetSelection.all() - drift,
+        description="Materialise the whole homelab.",
+    )
+    return dg.Definitions(
+        jobs=[
+            up,
+            _reconcile_job(inventory, stacks),
+            _preview_job(clusters + links),
+            _teardown_job(clusters, links),
+        ]
+    )
+
+
+def _reconcile_job(inventory: Inventory, stacks: Sequence[dg.AssetKey]):
+    weights = [
+        dg.AssetCheckKey(model_weights_key(name), INTACT_CHECK)
+        for name, model in inventory.models.items()
+        if model.source != "external"
+    ]
+    return dg.define_asset_job(
+        RECONCILE_JOB,
+        selection=dg.AssetSelection.checks_for_assets(*stacks) | dg.AssetSelection.checks(*weights),
+        tags={RECONCILE_TAG: "check"},
+        description="Look for drift: every stack refreshed in preview mode, every link and "
+        "cluster checked, every trained model's current weights verified. Changes nothing.",
+    )
+
+
+def preview_op_name(spec: StackSpec) -> str:
+    """The ``preview`` job's op of ``spec``'s stack."""
+    return f"preview_{spec.slug}"
 
 
 def _op_tags(spec: StackSpec) -> dict[str, object]:
@@ -72,7 +132,7 @@ def _op_tags(spec: StackSpec) -> dict[str, object]:
 
 def _preview_op(spec: StackSpec) -> dg.OpDefinition:
     @dg.op(
-        name=f"preview_{spec.slug}",
+        name=preview_op_name(spec),
         tags=_op_tags(spec),
         description=f"pulumi preview of {spec.key.to_user_string()}'s stack.",
     )

@@ -5,15 +5,28 @@ Materialising reads the services ``to`` exports, then runs ``pulumi up`` on the 
 token on ``to``, the credentials and the mirrors on ``from``). The blocking check
 ``link_works`` proves the link the way Linkerd's service mirror would use it: with the
 credentials stored on ``from``, it lists ``to``'s exported services over the network and
-compares them with the mirrors on ``from`` (the rule: :func:`homelab_dagster.checks.link_mirrored`).
+compares them with the mirrors on ``from`` (the rule: :func:`homelab_dagster.checks.link_mirrored`);
+``no_drift`` (not blocking) compares the stack's state with both clusters. A link follows
+its clusters by itself (:func:`assets._automation.follow_upstream`).
 """
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import dagster as dg
 
+from assets._automation import follow_upstream
 from assets._keys import cluster_key, mesh_link_key
-from assets._stack import STACK_STEP_TAGS, StackConfig, StackSpec, check_result, step_failure
+from assets._stack import (
+    DRIFT_CHECK,
+    STACK_STEP_TAGS,
+    StackConfig,
+    StackSpec,
+    check_result,
+    drift_check,
+    drift_check_spec,
+    provenance,
+    step_failure,
+)
 from homelab_dagster import checks
 from homelab_dagster.errors import HomelabError, KubernetesError
 from homelab_dagster.inventory import Mesh, MeshLink
@@ -95,6 +108,7 @@ def build_mesh_link_defs(
                 kinds={"pulumi", "kubernetes"},
                 description=f"{link.source} reaches the services {link.target} exports.",
                 metadata={"from": link.source, "to": link.target, **latency},
+                automation_condition=follow_upstream(),
                 skippable=True,
             )
         ],
@@ -105,7 +119,8 @@ def build_mesh_link_defs(
                 blocking=True,
                 description=f"With the credentials stored on {link.source}, {link.target}'s "
                 f"exported services can be listed, and each has its mirror on {link.source}.",
-            )
+            ),
+            drift_check_spec(key),
         ],
         can_subset=True,  # the check also runs alone
         op_tags=STACK_STEP_TAGS,
@@ -118,11 +133,16 @@ def build_mesh_link_defs(
     ) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
         if key in context.selected_asset_keys:
             try:
-                yield _provision(context.log, spec, link, config, pulumi, kubernetes)
+                yield _provision(
+                    context.log, spec, link, config, pulumi, kubernetes, provenance(context)
+                )
             except HomelabError as exc:
                 raise step_failure(exc) from exc
-        if context.selected_asset_check_keys:
+        selected = {k.name for k in context.selected_asset_check_keys}
+        if "link_works" in selected:
             yield link_works(link, mesh, kubernetes)
+        if DRIFT_CHECK in selected:
+            yield drift_check(spec, pulumi, kubernetes, context.log)
 
     return dg.Definitions(assets=[_mesh_link])
 
@@ -134,8 +154,10 @@ def _provision(
     config: StackConfig,
     pulumi: PulumiStacks,
     kubernetes: KubernetesClusters,
+    origin: Mapping[str, str],
 ) -> dg.MaterializeResult:
-    """``pulumi up`` of the link's stack, and what it records."""
+    """``pulumi up`` of the link's stack, and what it records (``origin``: the run's
+    provenance metadata)."""
     stack = pulumi.stack_name(spec.key.path)
     result = pulumi.up(stack, spec.program(pulumi, kubernetes), log, refresh=config.refresh)
     return dg.MaterializeResult(
@@ -146,6 +168,7 @@ def _provision(
             "exported_services": result.outputs.get("exported", []),
             "mirrored_services": result.outputs.get("mirrors", []),
             "credentials_secret": result.outputs.get("credentials_secret", ""),
+            **origin,
         },
     )
 

@@ -14,6 +14,7 @@ from typing import Any
 import dagster as dg
 
 from assets._keys import INVENTORY_KEY, cluster_key, training_run_key
+from assets._stack import provenance
 from homelab_dagster.errors import TrainingError, WeightsError
 from homelab_dagster.inventory import Cluster, Model, TrainingRun
 from homelab_dagster.ml.corpus import resolve_corpus
@@ -123,6 +124,9 @@ def build_training_run_defs(
             raise dg.Failure(
                 description=f"{key.to_user_string()}: {exc}", allow_retries=False
             ) from exc
-        return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(run_fingerprint))
+        return dg.MaterializeResult(
+            metadata={**metadata, **provenance(context)},
+            data_version=dg.DataVersion(run_fingerprint),
+        )
 
     return dg.Definitions(assets=[_training_run])

@@ -7,7 +7,10 @@ its held-out loss regresses: the blocking check ``eval_loss_regression`` fails, 
 version stays listed but not current, and nothing downstream (the endpoint) runs.
 The data version is the weights' digest, so the asset's history in the UI is the
 history of versions. Materialising with the config ``rollback_to: <digest>`` makes an
-older version current instead (recorded as a materialisation of that version).
+older version current instead (recorded as a materialisation of that version). The asset
+follows its training runs by itself (:func:`assets._automation.follow_upstream`), and the
+check ``weights_intact`` (run by the ``reconcile`` job) proves the current version's stored
+files still hash to its digest.
 
 An external model (``source: external``) is an observable source asset: observing it
 reads the store's current version where one was put there, and otherwise reports the
@@ -21,7 +24,9 @@ from typing import Any
 
 import dagster as dg
 
+from assets._automation import follow_upstream
 from assets._keys import model_weights_key, training_run_key
+from assets._stack import provenance
 from homelab_dagster.checks import Verdict
 from homelab_dagster.errors import WeightsError
 from homelab_dagster.inventory import Model, TrainingRun
@@ -35,9 +40,10 @@ from homelab_dagster.weights import (
 )
 from resources.weights import WeightsStore
 
-__all__ = ["CHECK_NAME", "WeightsConfig", "build_model_weights_defs"]
+__all__ = ["CHECK_NAME", "INTACT_CHECK", "WeightsConfig", "build_model_weights_defs"]
 
 CHECK_NAME = "eval_loss_regression"
+INTACT_CHECK = "weights_intact"
 
 
 class WeightsConfig(dg.Config):
@@ -51,12 +57,20 @@ class WeightsConfig(dg.Config):
 
 
 def _result(
-    version: WeightsVersion, metadata: Mapping[str, Any], verdict: Verdict
+    context: dg.AssetExecutionContext,
+    version: WeightsVersion,
+    metadata: Mapping[str, Any],
+    verdict: Verdict,
 ) -> dg.MaterializeResult:
-    """The materialisation of ``version``: its metadata and the gate's outcome."""
+    """The materialisation of ``version``: its metadata (with the run's provenance) and the
+    gate's outcome."""
     return dg.MaterializeResult(
         data_version=dg.DataVersion(version.digest),
-        metadata={**metadata, "versions": dg.MetadataValue.md(metadata["versions"])},
+        metadata={
+            **metadata,
+            "versions": dg.MetadataValue.md(metadata["versions"]),
+            **provenance(context),
+        },
         check_results=[
             dg.AssetCheckResult(
                 check_name=CHECK_NAME,
@@ -79,7 +93,7 @@ def _rollback(
         f"to {version.digest[:12]}"
     )
     metadata = rollback_metadata(version, before=before, versions=store.versions(name))
-    return _result(version, metadata, ROLLBACK_VERDICT)
+    return _result(context, version, metadata, ROLLBACK_VERDICT)
 
 
 def _newest_run(
@@ -131,7 +145,7 @@ def _register(
         versions=store.versions(name),
     )
     context.log.info(promotion.summary(name))
-    return _result(version, metadata, promotion.verdict)
+    return _result(context, version, metadata, promotion.verdict)
 
 
 def _external_defs(name: str, model: Model) -> dg.Definitions:
@@ -180,6 +194,7 @@ def build_model_weights_defs(
     @dg.asset(
         key=key,
         deps=list(run_keys.values()),
+        automation_condition=follow_upstream(wait_for_all=False),
         group_name="ml",
         kinds={"safetensors"},
         description=f"Versions of {name}'s weights, trained by {', '.join(runs) or 'no run'}.",
@@ -210,4 +225,22 @@ def build_model_weights_defs(
                 description=f"{key.to_user_string()}: {exc}", allow_retries=False
             ) from exc
 
-    return dg.Definitions(assets=[_weights])
+    @dg.asset_check(
+        asset=key,
+        name=INTACT_CHECK,
+        description="The current version's stored files still hash to its digest.",
+    )
+    def _intact(weights_store: WeightsStore) -> dg.AssetCheckResult:
+        try:
+            current = weights_store.current(name)
+        except WeightsError as exc:
+            return dg.AssetCheckResult(passed=False, description=str(exc))
+        if current is None:
+            return dg.AssetCheckResult(passed=True, description=f"{name}: no current version yet")
+        return dg.AssetCheckResult(
+            passed=True,
+            description=f"{name}: version {current.digest[:12]} matches its digest",
+            metadata={"digest": current.digest, "files": len(current.files)},
+        )
+
+    return dg.Definitions(assets=[_weights], asset_checks=[_intact])

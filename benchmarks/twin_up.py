@@ -50,13 +50,11 @@ def _real_node_costs(twin: Twin, kubelet_ready: dict[str, float]) -> None:
 
     from kubernetes import client
 
-    from homelab_dagster import twin_real
+    from homelab_dagster.images import oci_archive
 
     busybox = shutil.which("busybox") or "/bin/busybox"
     image = "homelab.twin/busybox:1.35"
-    archive = twin_real.oci_archive(
-        image, {"bin/busybox": Path(busybox), "bin/sh": "->busybox"}, cmd=["sh"]
-    )
+    archive = oci_archive(image, {"bin/busybox": Path(busybox), "bin/sh": "->busybox"}, cmd=["sh"])
     for cluster in twin.inventory.clusters:
         for spec in twin.real_nodes(cluster):
             if image not in twin.real.images(spec):

@@ -14,7 +14,9 @@ from homelab_dagster.inventory import Inventory
 from homelab_dagster.loader import inventory_or_none
 from homelab_dagster.settings import Settings
 from resources.deployment import build_deployment
+from sensors.failures import build_failure_sensor
 from sensors.git import build_git_sensor
+from sensors.reconcile import build_reconcile_defs
 from sensors.training import build_training_schedules
 
 __all__ = ["build_definitions", "defs", "job"]
@@ -32,6 +34,15 @@ def build_definitions(settings: Settings, inventory: Inventory | None) -> dg.Def
         if inventory
         else dg.Definitions(),
         build_git_sensor(running=deployment.git_sensor_running),
+        build_reconcile_defs(
+            cron=settings.reconcile_cron,
+            running=deployment.reconcile_running,
+            repair_families=deployment.auto_repair,
+            automation_running=deployment.automation_running,
+        )
+        if inventory
+        else dg.Definitions(),
+        build_failure_sensor(running=deployment.reconcile_running),
         dg.Definitions(resources=deployment.resources, executor=deployment.executor),
     )
 

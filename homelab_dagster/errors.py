@@ -9,9 +9,12 @@ an asset check) turn these into messages for people.
     ├── InventoryError          the inventory file is missing, unreadable or invalid
     ├── SettingsError           an environment setting is malformed
     ├── ToolchainError          a tool of the twin could not be found, built or verified
+    ├── ImageBuildError         an image could not be built from its lock file or pushed
     ├── TwinError               a twin control plane could not be started or reached
     │   ├── PortInUseError      a port the twin needs is taken by another process
     │   ├── RealNodeError       a real twin node (kubelet, containerd) failed to start or stop
+    │   ├── TwinHostError       a change the twin makes to its machine (mount, cgroup) failed
+    │   ├── TwinRegistryError   the twin's image registry did not start or answer
     │   └── RealNodesUnavailable  real nodes cannot run here; they fall back to KWOK nodes
     ├── StackError              a Pulumi operation failed
     │   ├── StackLockedError    another update holds the stack's lock
@@ -32,6 +35,7 @@ __all__ = [
     "EndpointError",
     "GitError",
     "HomelabError",
+    "ImageBuildError",
     "InventoryError",
     "KubernetesError",
     "PortInUseError",
@@ -46,6 +50,8 @@ __all__ = [
     "ToolchainError",
     "TrainingError",
     "TwinError",
+    "TwinHostError",
+    "TwinRegistryError",
     "WeightsError",
 ]
 
@@ -95,6 +101,16 @@ class ToolchainError(HomelabError):
         self.reason = reason
 
 
+class ImageBuildError(HomelabError):
+    """An image could not be built from its lock file (mmdebstrap, uv, umoci) or pushed
+    (skopeo); ``image`` names it."""
+
+    def __init__(self, image: str, reason: str) -> None:
+        super().__init__(f"image {image}: {reason}")
+        self.image = image
+        self.reason = reason
+
+
 class TwinError(HomelabError):
     """A control plane of the twin could not be started, reached or stopped."""
 
@@ -105,6 +121,15 @@ class PortInUseError(TwinError):
 
 class RealNodeError(TwinError):
     """A real node of the twin (its kubelet or containerd) did not start, or did not stop."""
+
+
+class TwinHostError(TwinError):
+    """A change the twin makes to its machine failed: a command it runs, a binary it needs, a
+    mount or cgroup it must remove."""
+
+
+class TwinRegistryError(TwinError):
+    """The twin's image registry (Debian's docker-registry on loopback) did not start or answer."""
 
 
 class RealNodesUnavailable(TwinError):

@@ -11,11 +11,13 @@ from __future__ import annotations
 import ipaddress
 import re
 from enum import StrEnum
+from pathlib import PurePosixPath
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 __all__ = [
+    "NAME_RULES",
     "Cluster",
     "Component",
     "Distribution",
@@ -32,14 +34,23 @@ __all__ = [
     "Taint",
     "TrainingHyperparameters",
     "TrainingRun",
+    "check_corpus_glob",
 ]
 
-# RFC 1123 label names, as Kubernetes requires of namespaces, nodes and services.
-Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)]
+_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+_MODEL_NAME = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+# RFC 1123 label names, as Kubernetes requires of namespaces, nodes and services. Names
+# also name files and directories (the twin's, the stacks'), so no path separator passes.
+Name = Annotated[str, StringConstraints(pattern=_NAME, max_length=63)]
 # Model names may carry a version with dots (llama-3.1-70b-instruct).
-ModelName = Annotated[
-    str, StringConstraints(pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", max_length=63)
-]
+ModelName = Annotated[str, StringConstraints(pattern=_MODEL_NAME, max_length=63)]
+# What a name that does not match says, by pattern (the loader's problems use it).
+NAME_RULES = {
+    _NAME: "not a valid Kubernetes name (an RFC 1123 label: lowercase letters, digits and "
+    "'-', starting and ending with a letter or digit, at most 63 characters; no '/' or '.')",
+    _MODEL_NAME: "not a valid model name (lowercase letters, digits, '-' and '.', starting "
+    "and ending with a letter or digit, at most 63 characters; no '/')",
+}
 Quantity = Annotated[str, StringConstraints(pattern=r"^[0-9]+(\.[0-9]+)?(m|Ki|Mi|Gi|Ti|k|M|G|T)?$")]
 
 _LABEL_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)$")
@@ -59,6 +70,22 @@ def check_label(key: str, value: str) -> str | None:
             f"label value {value!r} of {key!r} is invalid (at most 63 characters: "
             "alphanumerics, '-', '_', '.', starting and ending with an alphanumeric)"
         )
+    return None
+
+
+def check_corpus_glob(pattern: str) -> str | None:
+    """Return why corpus glob ``pattern`` could leave the project, or None when it stays below
+    it (relative, no ``..``, no backslash). Links out are caught when the corpus resolves."""
+    pure = PurePosixPath(pattern)
+    if pure.is_absolute():
+        return f"corpus glob {pattern!r} is absolute: a glob is relative to the project"
+    if pattern.startswith("~") or "\\" in pattern:
+        return (
+            f"corpus glob {pattern!r} starts at a home directory or holds a '\\': a glob is "
+            "relative to the project, with '/' between its parts"
+        )
+    if ".." in pure.parts:
+        return f"corpus glob {pattern!r} leaves the project ('..'): a glob must stay below it"
     return None
 
 
@@ -320,6 +347,14 @@ class TrainingRun(_Strict):
         default=0.05, ge=0, description="How much worse (eval loss) a new version may be."
     )
 
+    @field_validator("corpus")
+    @classmethod
+    def _corpus_stays_in_the_project(cls, value: list[str]) -> list[str]:
+        reasons = [r for r in map(check_corpus_glob, value) if r]
+        if reasons:
+            raise ValueError("; ".join(reasons))
+        return value
+
     @field_validator("schedule")
     @classmethod
     def _cron_has_five_fields(cls, value: str | None) -> str | None:
@@ -336,12 +371,46 @@ class Endpoint(_Strict):
     namespace: Name = Field(default="ml-inference", description="Its namespace.")
     node_role: str = Field(default="inference", description="The role of the nodes it runs on.")
     tensor_parallel_size: int = Field(default=1, ge=1, description="GPUs per replica (one node).")
+    accelerator: Literal["gpu", "cpu"] = Field(
+        default="gpu",
+        description="gpu: each replica holds tensor_parallel_size GPUs; cpu: vLLM's CPU build "
+        "(a small model), no GPU (set `image` to a CPU build, e.g. ghcr.io/homelab/vllm-cpu).",
+    )
     max_model_len: int = Field(default=4096, ge=16, description="vLLM --max-model-len.")
     replicas: int = Field(default=1, ge=1, description="Replicas.")
     node_port: int | None = Field(default=None, ge=1, le=65535, description="Its NodePort.")
     port_category: str = Field(default="ai-ml", description="The node_port's category.")
-    image: str = Field(default="vllm/vllm-openai", description="Container image.")
+    image: str = Field(
+        default="vllm/vllm-openai:v0.33.0",
+        description="Container image on the homelab, at a pinned tag (the twin runs its own "
+        "image of vLLM's CPU build).",
+    )
     export_to_mesh: bool = Field(default=True, description="Export the service to the mesh.")
+    served_name: Name | None = Field(
+        default=None,
+        description="The model name clients ask for (default: the endpoint's name); "
+        "`<served_name>@<digest>` names the weights version too.",
+    )
+    chat_template: str | None = Field(
+        default=None,
+        description="A Jinja chat template (text), for a model without one: mounted from a "
+        "ConfigMap, outside the weights, so their digest is unchanged.",
+    )
+    latency_budget_ms: int = Field(
+        default=10000, ge=1, description="The most one short completion may take (a check)."
+    )
+    extra_args: list[str] = Field(
+        default_factory=list, description="More vLLM server arguments, as given to the server."
+    )
+
+    @property
+    def gpus(self) -> int:
+        """The GPUs one replica holds."""
+        return self.tensor_parallel_size if self.accelerator == "gpu" else 0
+
+    def served_model_name(self, endpoint: str) -> str:
+        """The name clients ask for: ``served_name``, else the endpoint's name."""
+        return self.served_name or endpoint
 
 
 class Ml(_Strict):
@@ -371,7 +440,7 @@ class Inventory(_Strict):
         default_factory=dict, description="NodePort categories: name to [low, high]."
     )
     clusters: dict[Name, Cluster] = Field(min_length=1, description="The clusters, by name.")
-    components: dict[str, Component] = Field(
+    components: dict[Name, Component] = Field(
         default_factory=dict, description="Third-party Helm releases, by name."
     )
     mesh: Mesh = Field(default_factory=Mesh, description="The multicluster mesh.")

@@ -2,6 +2,11 @@
 
 Problems carry the file, the YAML line (where the field exists in the file), the dotted
 field path and the reason. Nothing is returned unless the whole file is valid.
+
+Bad input is refused before it costs anything: a file larger than :data:`MAX_BYTES`, bytes
+that are not UTF-8 text (a binary file), nesting deeper than :data:`MAX_DEPTH`, and a
+document that expands to more than :data:`MAX_VALUES` values (a YAML alias bomb: anchors
+are fine, each alias counts the values it stands for).
 """
 
 from __future__ import annotations
@@ -17,13 +22,26 @@ from pathlib import Path
 from pydantic import BaseModel, ValidationError
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
-from ruamel.yaml.error import MarkedYAMLError
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from homelab_dagster import rules
 from homelab_dagster.errors import InventoryError, Problem
-from homelab_dagster.inventory import Inventory
+from homelab_dagster.inventory import NAME_RULES, Inventory
 
-__all__ = ["LoadedInventory", "inventory_or_none", "load_inventory", "parse_inventory"]
+__all__ = [
+    "MAX_BYTES",
+    "MAX_DEPTH",
+    "MAX_VALUES",
+    "LoadedInventory",
+    "inventory_or_none",
+    "load_inventory",
+    "parse_inventory",
+]
+
+# The shipped inventory is ~12 KB, 8 levels deep and ~1,500 values: ample headroom.
+MAX_BYTES = 1024 * 1024
+MAX_DEPTH = 32
+MAX_VALUES = 100_000
 
 
 @dataclass(frozen=True)
@@ -44,17 +62,33 @@ def load_inventory(path: str | Path) -> LoadedInventory:
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as stream:
+            data = stream.read(MAX_BYTES + 1)  # never more than the cap, whatever the size
     except OSError as exc:
         problem = Problem(str(path), None, "", f"cannot read the inventory: {exc.strerror}")
         raise InventoryError(str(path), [problem]) from exc
+    _check_size(len(data), str(path))
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        reason = (
+            f"not UTF-8 text (a binary file?): byte 0x{data[exc.start]:02x} at offset "
+            f"{exc.start} ({exc.reason})"
+        )
+        raise InventoryError(str(path), [Problem(str(path), line, "", reason)]) from None
     inventory = parse_inventory(text, str(path))
-    digest = hashlib.sha256(text.encode()).hexdigest()
+    digest = hashlib.sha256(data).hexdigest()
     return LoadedInventory(inventory=inventory, path=path, digest=digest)
 
 
 def parse_inventory(text: str, file: str = "homelab.yaml") -> Inventory:
     """Validate inventory YAML ``text``; ``file`` names it in problems."""
+    _check_size(len(text.encode("utf-8", "surrogatepass")), file)
+    depth, deepest_line = _flow_depth(text)
+    if depth > MAX_DEPTH:
+        reason = f"brackets nested more than {MAX_DEPTH} levels deep"
+        raise InventoryError(file, [Problem(file, deepest_line, "", reason)])
     try:
         document = YAML(typ="rt").load(text)
     except MarkedYAMLError as exc:
@@ -62,10 +96,17 @@ def parse_inventory(text: str, file: str = "homelab.yaml") -> Inventory:
         raise InventoryError(
             file, [Problem(file, line, "", f"not valid YAML: {exc.problem}")]
         ) from exc
+    except YAMLError as exc:  # the reader's: a control character, such as a binary file's NUL
+        line = text.count("\n", 0, getattr(exc, "position", 0)) + 1
+        reason = f"not YAML text (a binary file?): {_reader_reason(exc)}"
+        raise InventoryError(file, [Problem(file, line, "", reason)]) from exc
+    except RecursionError:
+        reason = f"nested too deeply to read (at most {MAX_DEPTH} levels are allowed)"
+        raise InventoryError(file, [Problem(file, None, "", reason)]) from None
     if not isinstance(document, CommentedMap):
         raise InventoryError(file, [Problem(file, 1, "", "the inventory must be a mapping")])
     try:
-        inventory = Inventory.model_validate(_plain(document))
+        inventory = Inventory.model_validate(_plain(document, _Budget(file, document)))
     except ValidationError as exc:
         problems = [_problem_from_error(file, document, err) for err in exc.errors()]
         raise InventoryError(file, problems) from None
@@ -78,12 +119,90 @@ def parse_inventory(text: str, file: str = "homelab.yaml") -> Inventory:
     return inventory
 
 
-def _plain(node: object) -> object:
-    """ruamel's round-trip nodes as plain dicts and lists (pydantic's strict input)."""
+def _check_size(size: int, file: str) -> None:
+    if size > MAX_BYTES:
+        reason = (
+            f"the inventory is larger than {MAX_BYTES // 1024} KiB ({size} bytes read): "
+            "refused unread"
+        )
+        raise InventoryError(file, [Problem(file, None, "", reason)])
+
+
+def _flow_depth(text: str) -> tuple[int, int]:
+    """How deep ``[`` and ``{`` nest outside quotes and comments, and the line where that
+    depth is first reached. Checked before parsing: the YAML scanner's time grows with the
+    square of the flow nesting (a megabyte of brackets would take minutes)."""
+    depth = deepest = 0
+    line = deepest_line = 1
+    quote = ""
+    comment = False
+    previous = "\n"
+    for char in text:
+        if char == "\n":
+            line += 1
+            comment = False
+        elif comment:
+            pass
+        elif quote:
+            if char == quote and not (quote == '"' and previous == "\\"):
+                quote = ""
+        elif char in "'\"" and previous in " \t\n[{,:":  # where a quoted scalar can start
+            quote = char
+        elif char == "#" and previous in " \t\n":
+            comment = True
+        elif char in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest, deepest_line = depth, line
+                if deepest > MAX_DEPTH:
+                    break
+        elif char in "]}":
+            depth = max(depth - 1, 0)
+        previous = char
+    return deepest, deepest_line
+
+
+def _reader_reason(exc: YAMLError) -> str:
+    """ruamel's ReaderError says which character, at which offset; other errors as they are."""
+    character = getattr(exc, "character", None)
+    if isinstance(character, int):
+        return f"character #x{character:04x} at offset {getattr(exc, 'position', '?')}"
+    return str(exc)
+
+
+class _Budget:
+    """How many values ``_plain`` may still produce, and where an overflow is reported."""
+
+    def __init__(self, file: str, document: CommentedMap) -> None:
+        self.file = file
+        self.document = document
+        self.left = MAX_VALUES
+
+    def spend(self, path: tuple[str | int, ...]) -> None:
+        if len(path) > MAX_DEPTH:
+            self.fail(path, f"nested more than {MAX_DEPTH} levels deep")
+        self.left -= 1
+        if self.left < 0:
+            self.fail(
+                path,
+                f"the inventory expands to more than {MAX_VALUES} values (aliases counted "
+                "each time they are used: a YAML alias bomb?)",
+            )
+
+    def fail(self, path: tuple[str | int, ...], reason: str) -> typing.NoReturn:
+        where = path[:MAX_DEPTH]
+        problem = Problem(self.file, _line_of(self.document, where), _dotted(where), reason)
+        raise InventoryError(self.file, [problem])
+
+
+def _plain(node: object, budget: _Budget, path: tuple[str | int, ...] = ()) -> object:
+    """ruamel's round-trip nodes as plain dicts and lists (pydantic's strict input), within
+    the budget's depth and count of values."""
+    budget.spend(path)
     if isinstance(node, CommentedMap):
-        return {str(k): _plain(v) for k, v in node.items()}
+        return {str(k): _plain(v, budget, (*path, str(k))) for k, v in node.items()}
     if isinstance(node, CommentedSeq):
-        return [_plain(v) for v in node]
+        return [_plain(v, budget, (*path, i)) for i, v in enumerate(node)]
     return node
 
 
@@ -120,6 +239,8 @@ def _problem_from_error(file: str, document: CommentedMap, err: typing.Any) -> P
             reason += f" (allowed: {', '.join(sorted(known))})"
     elif err["type"] == "missing":
         reason = "required field is missing"
+    elif err["type"] == "string_pattern_mismatch" and err["ctx"]["pattern"] in NAME_RULES:
+        reason = f"{err['input']!r} is {NAME_RULES[err['ctx']['pattern']]}"
     elif "input" in err and err["type"] not in {"value_error"}:
         reason = f"{reason} (got {err['input']!r})"
     return Problem(file, _line_of(document, path), _dotted(path), reason)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterator
 
-from homelab_dagster.inventory import Cluster, Inventory, check_label
+from homelab_dagster.inventory import Cluster, Endpoint, Inventory, Model, check_label
 
-__all__ = ["RULES", "Finding", "check"]
+__all__ = ["CPU_HEAD_SIZES", "RULES", "Finding", "check"]
 
 Path = tuple[str | int, ...]
 Finding = tuple[Path, str]
@@ -178,6 +178,12 @@ def _endpoints(inv: Inventory) -> Iterator[Finding]:
                 (*path, "node_role"),
                 f"cluster {ep.cluster!r} has no node with role {ep.node_role!r}",
             )
+        elif ep.accelerator == "cpu":
+            if ep.tensor_parallel_size > 1:
+                yield (
+                    (*path, "tensor_parallel_size"),
+                    "a cpu endpoint runs one process per replica: tensor-parallel size must be 1",
+                )
         elif ep.tensor_parallel_size > gpus:
             yield (
                 (*path, "tensor_parallel_size"),
@@ -190,6 +196,70 @@ def _endpoints(inv: Inventory) -> Iterator[Finding]:
                 (*path, "namespace"),
                 f"namespace {ep.namespace!r} is not declared on {ep.cluster!r}",
             )
+        model = inv.models.get(ep.model)
+        if model is not None:
+            yield from _servable(name, ep, ep.model, model)
+
+
+def _endpoint_gpus(inv: Inventory) -> Iterator[Finding]:
+    """The endpoints on one cluster's nodes of one role hold, together, at most those nodes'
+    GPUs (a GPU is a whole device to Kubernetes: the one that does not fit stays Pending)."""
+    wanted: dict[tuple[str, str], list[str]] = {}
+    for name, ep in inv.endpoints.items():
+        if ep.gpus and ep.cluster in inv.clusters:
+            # One that fits no node at all is _endpoints' finding already.
+            _, _, most = _gpu_fit(inv.clusters[ep.cluster], ep.node_role)
+            if ep.gpus <= most:
+                wanted.setdefault((ep.cluster, ep.node_role), []).append(name)
+    for (cluster, role), names in wanted.items():
+        have = sum(n.gpus for n in inv.clusters[cluster].expanded_nodes() if n.role == role)
+        asks = {n: inv.endpoints[n].gpus * inv.endpoints[n].replicas for n in names}
+        if sum(asks.values()) > have:
+            each = ", ".join(f"{n} {g}" for n, g in asks.items())
+            yield (
+                ("endpoints", names[-1], "tensor_parallel_size"),
+                f"the endpoints on {cluster!r}'s {role!r} nodes ask {sum(asks.values())} GPUs "
+                f"({each}) and those nodes have {have}: one would stay Pending (serve a small "
+                "model with accelerator: cpu, or move an endpoint)",
+            )
+
+
+# The head widths (n_embd / n_head) that vLLM's CPU attention kernel computes, the runtime of
+# the twin's endpoints (vLLM 0.32, vllm/v1/attention/backends/cpu_attn.py,
+# CPUAttentionBackend.get_supported_head_sizes). A model with another width loads, then fails.
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def _servable(name: str, ep: Endpoint, model_name: str, model: Model) -> Iterator[Finding]:
+    """Whether the runtime can serve ``model`` as endpoint ``name`` declares it: the twin's
+    architecture (what the twin trains and serves) against vLLM's CPU kernel and its positions."""
+    arch = model.architecture
+    if arch is None:
+        return
+    where = ("models", model_name, "architecture", "n_head")
+    if arch.n_embd % arch.n_head == 0:
+        width = arch.n_embd // arch.n_head
+        if width not in CPU_HEAD_SIZES:
+            fits = [
+                f"n_head {arch.n_embd // w} -> {w}"
+                for w in CPU_HEAD_SIZES
+                if arch.n_embd % w == 0 and w < arch.n_embd
+            ]
+            yield (
+                where,
+                f"head width n_embd {arch.n_embd} / n_head {arch.n_head} = {width}, which vLLM's "
+                f"CPU attention (the twin's runtime, serving endpoint {name!r}) does not "
+                f"support (it supports {', '.join(map(str, CPU_HEAD_SIZES))})"
+                + (f"; e.g. {fits[0]}" if fits else ""),
+            )
+    else:
+        yield where, f"n_embd {arch.n_embd} is not a multiple of n_head {arch.n_head}"
+    if ep.max_model_len > arch.n_positions:
+        yield (
+            ("endpoints", name, "max_model_len"),
+            f"max_model_len {ep.max_model_len} exceeds the {arch.n_positions} positions of "
+            f"model {model_name!r} (architecture.n_positions): vLLM refuses to start",
+        )
 
 
 def _models(inv: Inventory) -> Iterator[Finding]:
@@ -246,6 +316,7 @@ RULES: tuple[Callable[[Inventory], Iterator[Finding]], ...] = (
     _models,
     _training_runs,
     _endpoints,
+    _endpoint_gpus,
     _orchestrator,
     _real_nodes,
 )

@@ -9,6 +9,14 @@
 | ``HOMELAB_GIT_REPO``  | ``<project>`` (this checkout)    | the Git sensor's repo: path or URL  |
 | ``HOMELAB_GIT_BRANCH`` | the repository's ``HEAD`` branch | the branch the Git sensor watches   |
 | ``HOMELAB_DAGSTER_POSTGRES_URL`` | unset: SQLite files    | Dagster's storage in PostgreSQL     |
+| ``HOMELAB_RECONCILE_CRON`` | ``*/5 * * * *``             | when the ``reconcile`` schedule runs |
+| ``HOMELAB_AUTO_REPAIR`` | twin: ``all``; homelab: ``none`` | families repaired on drift   |
+| ``HOMELAB_WEBHOOK_URL`` | unset: no webhook              | failed runs announced (a secret)    |
+| ``HOMELAB_IMAGE``     | ``homelab_dagster/images.py``'s | the project's image for Dagster's pods |
+| ``HOMELAB_RUNS``      | twin: ``local``; homelab: ``kubernetes`` | steps as processes or pods |
+
+``HOMELAB_AUTO_REPAIR``: comma-separated families (``cluster``, ``mesh_link``,
+``model_weights``), ``all`` or ``none``.
 
 ``<project>`` is the directory holding ``pyproject.toml`` above the current directory,
 or the current directory itself. The target is chosen here and nowhere else.
@@ -17,6 +25,7 @@ or the current directory itself. The target is chosen here and nowhere else.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -24,10 +33,23 @@ from pathlib import Path
 
 from homelab_dagster.errors import SettingsError
 
-__all__ = ["DAGSTER_POSTGRES_URL_VAR", "Settings", "Target", "project_root"]
+__all__ = [
+    "DAGSTER_POSTGRES_URL_VAR",
+    "REPAIR_FAMILIES",
+    "WEBHOOK_URL_VAR",
+    "Settings",
+    "Target",
+    "project_root",
+]
 
 DAGSTER_POSTGRES_URL_VAR = "HOMELAB_DAGSTER_POSTGRES_URL"
 """The variable holding the Dagster instance's PostgreSQL URL (password included)."""
+WEBHOOK_URL_VAR = "HOMELAB_WEBHOOK_URL"
+"""The variable holding the failure webhook's URL (a secret: receivers put tokens in it)."""
+REPAIR_FAMILIES = ("cluster", "mesh_link", "model_weights")
+"""The asset families the reconcile can repair (the first part of their keys)."""
+_DEFAULT_CRON = "*/5 * * * *"
+_CRON_FIELD = re.compile(r"[0-9A-Za-z*/,\-]+")
 _PSYCOPG2 = "postgresql+psycopg2://"
 
 
@@ -61,6 +83,19 @@ class Settings:
     # schedules in PostgreSQL. Only the switch is kept: the URL (and its password) is read
     # by Dagster itself from the environment when the instance loads (cli/launch.py).
     dagster_postgres: bool = False
+    reconcile_cron: str = _DEFAULT_CRON
+    # The families whose drifted assets the reconcile re-materialises; None: the target's
+    # default (resources/deployment.py: every family on the twin, none on the homelab).
+    auto_repair: frozenset[str] | None = None
+    # HOMELAB_WEBHOOK_URL is set: failed runs are announced there. Only the switch is kept;
+    # the URL is read at launch (dg.EnvVar), never stored or logged.
+    webhook: bool = False
+    # Where steps run: "local" (processes of the machine that launched the run) or
+    # "kubernetes" (pods on the orchestrator's nodes, dagster-k8s); None: the target's default.
+    runs: str | None = None
+    # HOMELAB_IMAGE: the project's image for Dagster's pods; None: its reference in
+    # homelab_dagster/images.py (what `homelab twin images` and the Dockerfile build).
+    image: str | None = None
 
     @property
     def steps_log(self) -> Path:
@@ -102,6 +137,12 @@ class Settings:
                 f"{DAGSTER_POSTGRES_URL_VAR} must start with {_PSYCOPG2} "
                 f"({_PSYCOPG2}USER:PASSWORD@HOST:PORT/DATABASE)"
             )
+        cron = env.get("HOMELAB_RECONCILE_CRON") or _DEFAULT_CRON
+        if not _valid_cron(cron):
+            raise SettingsError(
+                f"HOMELAB_RECONCILE_CRON={cron!r} is not a cron expression (five fields, "
+                "e.g. '*/5 * * * *')"
+            )
         return cls(
             inventory_path=inventory.resolve(),
             target=target,
@@ -110,4 +151,54 @@ class Settings:
             git_repo=env.get("HOMELAB_GIT_REPO") or None,
             git_branch=env.get("HOMELAB_GIT_BRANCH") or None,
             dagster_postgres=bool(postgres_url),
+            reconcile_cron=cron,
+            auto_repair=_repair_families(env.get("HOMELAB_AUTO_REPAIR")),
+            webhook=bool(env.get(WEBHOOK_URL_VAR)),
+            runs=_runs(env.get("HOMELAB_RUNS")),
+            image=env.get("HOMELAB_IMAGE") or None,
         )
+
+
+def _runs(raw: str | None) -> str | None:
+    """``HOMELAB_RUNS``: None when unset (the target's default), else ``local`` or
+    ``kubernetes``.
+
+    Raises:
+        SettingsError: anything else.
+    """
+    if raw is None or not raw.strip():
+        return None
+    if raw not in ("local", "kubernetes"):
+        raise SettingsError(
+            f"HOMELAB_RUNS={raw!r} is not where runs go (choose local or kubernetes)"
+        )
+    return raw
+
+
+def _valid_cron(expression: str) -> bool:
+    """Five fields of digits, names, ``*``, ``/``, ``,`` and ``-`` (Dagster checks the rest
+    when the schedule loads)."""
+    fields = expression.split()
+    return len(fields) == 5 and all(_CRON_FIELD.fullmatch(f) for f in fields)
+
+
+def _repair_families(raw: str | None) -> frozenset[str] | None:
+    """``HOMELAB_AUTO_REPAIR``: None when unset (the target's default), else its families.
+
+    Raises:
+        SettingsError: a name that is not a family, ``all`` or ``none``.
+    """
+    if raw is None or not raw.strip():
+        return None
+    names = {n.strip() for n in raw.split(",") if n.strip()}
+    if names == {"all"}:
+        return frozenset(REPAIR_FAMILIES)
+    if names == {"none"}:
+        return frozenset()
+    unknown = sorted(names - set(REPAIR_FAMILIES))
+    if unknown:
+        raise SettingsError(
+            f"HOMELAB_AUTO_REPAIR={raw!r}: {', '.join(unknown)} is not a family (choose from "
+            f"{', '.join(REPAIR_FAMILIES)}, or all, or none)"
+        )
+    return frozenset(names)

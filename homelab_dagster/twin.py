@@ -9,8 +9,9 @@ scheduler places (or refuses) work as it would on the homelab. Nodes the invento
 where the machine allows it (Linux, root, the packages); elsewhere they are KWOK nodes too,
 and the twin says so once (:attr:`Twin.real_fallback`).
 
-State lives under ``<state dir>/twin``: kwokctl's work directory and one kubeconfig with a
-context ``twin-<cluster>`` per cluster (mode 0600: it holds client keys).
+State lives under ``<state dir>/twin``: kwokctl's work directory, one kubeconfig with a
+context ``twin-<cluster>`` per cluster (mode 0600: it holds client keys), and the image
+registry the real nodes pull from (:mod:`homelab_dagster.twin_registry`).
 """
 
 from __future__ import annotations
@@ -37,8 +38,17 @@ from homelab_dagster import twin_nodes, twin_real
 from homelab_dagster.errors import PortInUseError, RealNodesUnavailable, TwinError
 from homelab_dagster.inventory import Inventory
 from homelab_dagster.twin_real import RealNodes, RealNodeStatus
+from homelab_dagster.twin_registry import Registry, RegistryStatus
 
-__all__ = ["DEFAULT_API_PORT_BASE", "ClusterStatus", "Twin", "TwinTools", "context_name"]
+__all__ = [
+    "DEFAULT_API_PORT_BASE",
+    "ClusterStatus",
+    "Twin",
+    "TwinTools",
+    "cluster_kubeconfig",
+    "context_name",
+    "service_port",
+]
 
 DEFAULT_API_PORT_BASE = 16443
 _CREATE_TIMEOUT_S = 180
@@ -59,6 +69,18 @@ _PORT_BLOCK = 8  # offsets 6 and 7: the cluster's real nodes (homelab_dagster.tw
 # (which the real kubelets' client CA accepts). Set on every cluster, real nodes or not.
 _FAKE_SELECTOR = f"{twin_nodes.FAKE_ANNOTATION}=fake"
 _log = logging.getLogger(__name__)
+
+
+def service_port(inventory: Inventory, api_port_base: int, index: int) -> int:
+    """The twin's ``index``-th port after its clusters' blocks: 0 is its image registry,
+    1 the orchestrator's webserver when it runs as a pod (resources/deployment.py)."""
+    return api_port_base + _PORT_BLOCK * len(inventory.clusters) + index
+
+
+def cluster_kubeconfig(state_dir: Path, cluster: str) -> Path:
+    """kwokctl's kubeconfig of one twin cluster, its only context current: for tools that
+    take a file and no context (dagster-k8s's run launcher and step executor)."""
+    return state_dir / "twin" / "kwok" / "clusters" / cluster / "kubeconfig.yaml"
 
 
 def context_name(cluster: str) -> str:
@@ -119,12 +141,15 @@ class Twin:
         self.api_port_base = api_port_base
         self.workdir = self.root / "kwok"
         self.kubeconfig = self.root / "kubeconfig"
+        # The image registry on loopback, on the first port after the clusters' blocks.
+        self.registry = Registry(self.root / "registry", service_port(inventory, api_port_base, 0))
         self.real = RealNodes(
             inventory,
             self.root / "real",
             toolchain,
             block_port=self.api_port,
             kubeconfig=self._kubelet_credentials,
+            mirror=self.registry.address,
         )
         # Why the inventory's real nodes run as KWOK nodes, when they do (set by up()).
         self.real_fallback: RealNodesUnavailable | None = None
@@ -156,13 +181,15 @@ class Twin:
         """Start what is missing, restart what crashed, reconcile nodes to the inventory.
 
         Real nodes start (or restart: a killed kubelet or containerd) after their control
-        plane; where they cannot run, they are KWOK nodes, and ``real_fallback`` says why
-        (reported once, through ``progress`` and the log).
+        plane, with the image registry they pull from (started or restarted); where they
+        cannot run, they are KWOK nodes, and ``real_fallback`` says why (reported once,
+        through ``progress`` and the log).
 
         Raises:
             PortInUseError: a cluster's API port is taken by another process.
             TwinError: a control plane did not start; the message has kwokctl's reason.
             RealNodeError: a real node's containerd or kubelet did not start.
+            TwinRegistryError: the image registry did not start.
         """
         names = self._select(clusters)
         report = progress or (lambda _c, _m: None)
@@ -176,6 +203,8 @@ class Twin:
                 pass
         self._write_kubeconfig()
         real = self._real_plan(names, report)
+        if any(real.values()):  # the real nodes pull the homelab's images from it
+            report(names[0], f"registry: {self.registry.up()}")
         for name in names:
             report(name, "reconciling nodes")
             api = self.client(name)
@@ -198,6 +227,8 @@ class Twin:
 
         Real nodes stop first; their host changes (addresses, bridges, mounts, cgroups,
         iptables chains, sysctls) are undone either way, their data kept unless ``purge``.
+        The registry stops with the last cluster (every cluster selected); ``purge`` deletes
+        its storage.
         """
         stopped = []
         names = self._select(clusters)
@@ -208,6 +239,8 @@ class Twin:
                     continue
                 self._kwokctl("delete" if purge else "stop", "cluster", "--name", name)
                 stopped.append(name)
+            if set(names) == set(self.inventory.clusters):
+                self.registry.stop(purge=purge)
             if purge and not self._existing():
                 shutil.rmtree(self.root, ignore_errors=True)
         return stopped
@@ -235,6 +268,10 @@ class Twin:
         processes; ``message`` names a real node whose kubelet or containerd is down.
         """
         return [self._status(name) for name in self.inventory.clusters]
+
+    def registry_status(self) -> RegistryStatus:
+        """The twin's image registry: its address, whether it runs and answers."""
+        return self.registry.status()
 
     def real_nodes(self, cluster: str) -> list[twin_real.RealNodeSpec]:
         """The real nodes of ``cluster`` as this twin runs them (empty where they fell back)."""
@@ -277,6 +314,15 @@ class Twin:
             "--timeout",
             f"{_CREATE_TIMEOUT_S}s",
         )
+        self._protect_secrets(name)
+
+    def _protect_secrets(self, name: str) -> None:
+        """kwokctl leaves the cluster's private keys readable by all (0644) and its kubeconfig
+        by the group: make them the owner's only (0600), as every file holding a secret is."""
+        cluster_dir = self.workdir / "clusters" / name
+        for path in [*cluster_dir.glob("pki/*.key"), cluster_dir / "kubeconfig.yaml"]:
+            if path.exists():
+                path.chmod(0o600)
 
     def _status(self, name: str) -> ClusterStatus:
         server = f"https://127.0.0.1:{self.api_port(name)}"

@@ -17,6 +17,7 @@ from homelab_dagster.inventory import Node, Taint
 __all__ = [
     "FAKE_ANNOTATION",
     "GPU_RESOURCE",
+    "REAL_NODE_LABELS",
     "ObservedNode",
     "node_manifest",
     "observe",
@@ -28,6 +29,9 @@ __all__ = [
 FAKE_ANNOTATION = "kwok.x-k8s.io/node"
 GPU_RESOURCE = "nvidia.com/gpu"
 _MAX_PODS = "110"
+# What a real node (a kubelet, `twin: real`) carries instead of `type: kwok`: workloads that
+# must execute (Dagster's pods) select it.
+REAL_NODE_LABELS = {"type": "real"}
 
 
 def node_manifest(node: Node) -> dict[str, Any]:

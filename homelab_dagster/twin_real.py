@@ -7,14 +7,17 @@ The kubelet registers the node with its cluster's API server; the node's labels,
 ``nvidia.com/gpu`` capacity then come from the inventory (the GPUs are patched into the node
 status after each kubelet start: there is no GPU here).
 
-Everything a real node owns lives under ``<state>/twin/real/<node>/``: configuration, data,
-logs, pids and ``host_changes.json``, the record of what it changed on the host (its address
-on ``lo``, its bridge, its cgroups). What the kubelets change for the whole host (iptables
-chains, sysctls such as ``ip_forward``, ``/var/log/containers``) is recorded once, before the
-first real node starts, in ``<state>/twin/real/host.json``. :meth:`RealNodes.stop` kills the
-node's processes, unmounts what was mounted under its directory and undoes its record; the
-last node to stop also undoes the host record. Stopping always leaves the host as it was;
-``purge`` also deletes the node's data (images, pods' state).
+Everything a real node owns lives under ``<state>/twin/real/<port>/`` (named by its port):
+configuration, data, logs, pids and ``host_changes.json``, the record of what it changed on the
+host (its address on ``lo``, its bridge, its cgroups). What the kubelets change for the whole
+host (iptables chains, sysctls such as ``ip_forward``, ``/var/log/containers``) is recorded
+once, before the first real node starts, in ``<state>/twin/real/host.json``.
+:meth:`RealNodes.stop` kills the node's processes, unmounts what was mounted under its
+directory and undoes its record; the last node to stop also undoes the host record. Stopping
+always leaves the host as it was; ``purge`` also deletes the node's data (images, pods' state).
+The process, mount, cgroup and host-record helpers are :mod:`homelab_dagster.twin_host`'s. A
+real node's containerd pulls the homelab's image names (``ghcr.io/...``) from the twin's
+registry on loopback (:mod:`homelab_dagster.twin_registry`), through ``certs.d`` mirrors.
 
 Real nodes need Linux, root, the toolchain's kubelet and pause binary, and Debian's
 containerd, runc, containernetworking-plugins and iptables. :func:`unavailable` says which
@@ -24,20 +27,14 @@ of these is missing; the twin then runs every node as a KWOK node and says so on
 from __future__ import annotations
 
 import contextlib
-import gzip
-import hashlib
-import io
 import ipaddress
 import json
 import os
-import shlex
 import shutil
 import signal
-import subprocess
 import sys
-import tarfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,8 +42,27 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from homelab_dagster.errors import RealNodeError
+from homelab_dagster.images import MIRRORED_REGISTRIES, mirror_hosts_toml, oci_archive
 from homelab_dagster.inventory import Inventory, Node
-from homelab_dagster.twin_nodes import GPU_RESOURCE, node_manifest
+from homelab_dagster.twin_host import (
+    alive,
+    cgroup_mounts,
+    cgroup_pids,
+    pids_with_argument,
+    read_pid,
+    record_host,
+    remove_cgroup,
+    remove_log_links,
+    run,
+    start_process,
+    tail,
+    terminate,
+    undo_host,
+    unmount_under,
+    which,
+)
+from homelab_dagster.twin_nodes import GPU_RESOURCE, REAL_NODE_LABELS, node_manifest
+from homelab_dagster.twin_registry import APT_PACKAGE as REGISTRY_APT
 
 if TYPE_CHECKING:
     from homelab_dagster.twin import TwinTools
@@ -57,48 +73,32 @@ __all__ = [
     "RealNodeSpec",
     "RealNodeStatus",
     "RealNodes",
-    "oci_archive",
     "real_nodes_of",
     "unavailable",
 ]
 
 # What `make system-deps` installs for real nodes (Debian package names).
-APT_PACKAGES = ("containerd", "runc", "containernetworking-plugins", "iptables")
+APT_PACKAGES = ("containerd", "runc", "containernetworking-plugins", "iptables", REGISTRY_APT)
 PAUSE_IMAGE_REPOSITORY = "registry.k8s.io/pause"
 CNI_BIN_DIR = Path("/usr/lib/cni")
 _CNI_PLUGINS = ("bridge", "host-local", "portmap", "loopback")
-_HOST_BINARIES = ("containerd", "containerd-shim-runc-v2", "runc", "ctr", "iptables", "ip")
-# Sysctls the kubelet sets (protectKernelDefaults: false) or the bridge plugin turns on.
-_SYSCTLS = (
-    "net.ipv4.ip_forward",
-    "vm.overcommit_memory",
-    "vm.panic_on_oom",
-    "kernel.panic",
-    "kernel.panic_on_oops",
-    "kernel.keys.root_maxkeys",
-    "kernel.keys.root_maxbytes",
+_HOST_BINARIES = (
+    "containerd",
+    "containerd-shim-runc-v2",
+    "runc",
+    "ctr",
+    "iptables",
+    "ip",
+    "docker-registry",  # the twin's registry, which the real nodes pull from
 )
-# Made on the host whatever the configuration says: the kubelet's symlinks to pod logs, its
-# device-plugin socket and checkpoint (a fixed path), containerd's shim sockets, the CNI
-# library's result cache, util-linux's mount table. Removed with the last real node if they
-# did not exist before the first; the last three hold only the twin's files by then, unless
-# another kubelet or containerd runs on the machine.
-_HOST_DIRS = (
-    "/var/log/containers",
-    "/run/mount",
-    "/var/lib/kubelet",
-    "/var/lib/cni",
-    "/run/containerd",
-)
-_HOST_DIRS_OWNED = ("/var/lib/kubelet", "/var/lib/cni", "/run/containerd")
 _KUBELET_PORT = 10250
 _READY_TIMEOUT_S = 90
-_STOP_TIMEOUT_S = 10
 # Real nodes take the two ports of their cluster's port block that the control plane does not
 # use (offsets 6 and 7, homelab_dagster.twin): the port names the node's address on `lo`
 # (198.18.0.0/15, the benchmarking range, never routed), its bridge and its cgroup.
 _PORT_OFFSETS = (6, 7)
 _ADDRESS_NET = ipaddress.IPv4Network("198.18.0.0/15")
+_MAX_SOCKET_PATH = 107  # sockaddr_un's sun_path, less its terminating NUL
 
 
 def real_nodes_of(inventory: Inventory, cluster: str) -> list[Node]:
@@ -128,17 +128,9 @@ def unavailable(toolchain: TwinTools) -> str | None:
             f"missing {', '.join(missing)}: install Debian's packages with `make system-deps` "
             f"(apt-get install -y {' '.join(APT_PACKAGES)})"
         )
-    if not _cgroup_mounts():
+    if not cgroup_mounts():
         return "no cgroup file system is mounted under /sys/fs/cgroup"
     return None
-
-
-def _which(binary: str) -> str:
-    path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin", "/usr/bin"])
-    found = shutil.which(binary, path=path)
-    if not found:
-        raise RealNodeError(f"{binary} is not installed (`make system-deps`)")
-    return found
 
 
 @dataclass(frozen=True)
@@ -207,8 +199,10 @@ class RealNodes:
         *,
         block_port: Callable[[str], int],
         kubeconfig: Callable[[str], dict[str, Any]],
+        mirror: str | None = None,
     ) -> None:
         self.inventory = inventory
+        self.mirror = mirror  # the twin's registry (host:port), where the homelab's images are
         self.root = root
         self.toolchain = toolchain
         self._block_port = block_port
@@ -225,7 +219,9 @@ class RealNodes:
             )
         base = self._block_port(cluster)
         return [
-            RealNodeSpec(cluster, node, base + offset, self.root / node.name)
+            # Named by its port, not its name: the kubelet's sockets live below this directory,
+            # and a Unix socket's path has at most 107 bytes.
+            RealNodeSpec(cluster, node, base + offset, self.root / str(base + offset))
             for node, offset in zip(nodes, _PORT_OFFSETS, strict=False)
         ]
 
@@ -247,12 +243,19 @@ class RealNodes:
         return done
 
     def _up_one(self, spec: RealNodeSpec, api: Any, report: Report) -> str:
-        containerd_up = _alive(self._pid(spec, "containerd"), spec.dir)
-        kubelet_up = _alive(self._pid(spec, "kubelet"), spec.dir)
+        containerd_up = alive(self._pid(spec, "containerd"), spec.dir)
+        kubelet_up = alive(self._pid(spec, "kubelet"), spec.dir)
         if containerd_up and kubelet_up:
             self._apply_inventory(spec, api)
             return "running"
-        _record_host(self.root / "host.json")
+        socket = spec.path("kubelet", "root", "pod-resources", "0123456789")
+        if len(str(socket).encode()) > _MAX_SOCKET_PATH:
+            raise RealNodeError(
+                f"real node {spec.name}: the twin's state directory {self.root.parent.parent} is "
+                f"too deep for the kubelet's Unix sockets ({socket} is over "
+                f"{_MAX_SOCKET_PATH} bytes); set HOMELAB_STATE_DIR to a shorter path"
+            )
+        record_host(self.root / "host.json")
         self._prepare(spec)
         actions = []
         if not containerd_up:
@@ -260,7 +263,7 @@ class RealNodes:
             self._start(
                 spec,
                 "containerd",
-                [_which("containerd"), "--config", str(spec.path("containerd.toml"))],
+                [which("containerd"), "--config", str(spec.path("containerd.toml"))],
             )
             self._wait_socket(spec)
             actions.append("containerd started")
@@ -291,15 +294,15 @@ class RealNodes:
             spec.path(*sub.split("/")).mkdir(parents=True, exist_ok=True)
         changes = self._changes(spec)
         # The address: the kubelet refuses a loopback node IP; one on `lo` stays local.
-        ip = _which("ip")
-        shown = _run([ip, "-o", "addr", "show", "dev", "lo"]).stdout
+        ip = which("ip")
+        shown = run([ip, "-o", "addr", "show", "dev", "lo"]).stdout
         if f" {spec.address}/" not in shown:
-            _run([ip, "addr", "add", f"{spec.address}/32", "dev", "lo"], check=True)
+            run([ip, "addr", "add", f"{spec.address}/32", "dev", "lo"], check=True)
             changes["address"] = spec.address
         changes["bridge"] = spec.bridge
         changes["cgroup_root"] = spec.cgroup_root
         # The kubelet requires its cgroup root to exist (in every hierarchy on cgroup v1).
-        for mount in _cgroup_mounts():
+        for mount in cgroup_mounts():
             path = mount / spec.cgroup_root.lstrip("/")
             if not path.exists():
                 path.mkdir()
@@ -352,6 +355,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
     config_path = "{spec.path("certs.d")}"
 """
         spec.path("containerd.toml").write_text(containerd)
+        self._write_mirrors(spec)
         subnet = self.pod_subnet(spec)
         cni = {
             "cniVersion": "1.0.0",
@@ -416,6 +420,17 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         with os.fdopen(fd, "w") as f:
             yaml.safe_dump(cluster_dir["kubeconfig"], f)
 
+    def _write_mirrors(self, spec: RealNodeSpec) -> None:
+        """``certs.d/<registry>/hosts.toml`` per registry of the homelab's images: containerd
+        resolves and pulls them from the twin's registry (read at each pull: no restart)."""
+        certs = spec.path("certs.d")
+        shutil.rmtree(certs, ignore_errors=True)
+        if self.mirror is None:
+            return
+        for host in MIRRORED_REGISTRIES:
+            (certs / host).mkdir(parents=True, exist_ok=True)
+            (certs / host / "hosts.toml").write_text(mirror_hosts_toml(host, self.mirror))
+
     def _kubelet_command(self, spec: RealNodeSpec) -> list[str]:
         return [
             str(self.toolchain.kubelet),
@@ -435,39 +450,23 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         ]
 
     def _start(self, spec: RealNodeSpec, what: str, cmd: list[str]) -> None:
-        log = spec.path("logs", f"{what}.log").open("ab")
-        env = {
-            **os.environ,
-            "PATH": os.pathsep.join(
-                ["/usr/local/sbin", "/usr/sbin", "/sbin", os.environ.get("PATH", "/usr/bin:/bin")]
-            ),
-        }
-        proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=spec.dir,
-            start_new_session=True,  # outlives the command that started it, like kwokctl's
-        )
-        log.close()
-        spec.path("pids", f"{what}.pid").write_text(str(proc.pid))
+        log, pid_file = spec.path("logs", f"{what}.log"), spec.path("pids", f"{what}.pid")
+        start_process(cmd, log=log, pid_file=pid_file, cwd=spec.dir)
 
     def _wait_socket(self, spec: RealNodeSpec) -> None:
-        ctr = _which("ctr")
+        ctr = which("ctr")
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if (
                 spec.socket.exists()
-                and _run([ctr, "--address", str(spec.socket), "version"]).returncode == 0
+                and run([ctr, "--address", str(spec.socket), "version"]).returncode == 0
             ):
                 return
-            if not _alive(self._pid(spec, "containerd"), spec.dir):
+            if not alive(self._pid(spec, "containerd"), spec.dir):
                 break
             time.sleep(0.2)
         log = spec.path("logs", "containerd.log")
-        raise RealNodeError(f"real node {spec.name}: containerd did not start:\n{_tail(log)}")
+        raise RealNodeError(f"real node {spec.name}: containerd did not start:\n{tail(log)}")
 
     def _import_pause(self, spec: RealNodeSpec) -> None:
         version = self.toolchain.versions["tools"]["pause"]["version"]
@@ -482,8 +481,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 
     def images(self, spec: RealNodeSpec) -> set[str]:
         """The image names in the node's containerd (the namespace the kubelet uses)."""
-        res = _run(
-            [_which("ctr"), "--address", str(spec.socket), "-n", "k8s.io", "images", "ls", "-q"]
+        res = run(
+            [which("ctr"), "--address", str(spec.socket), "-n", "k8s.io", "images", "ls", "-q"]
         )
         return set(res.stdout.split())
 
@@ -492,9 +491,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         path = spec.path(f".import-{os.getpid()}.tar")
         path.write_bytes(archive)
         try:
-            res = _run(
+            res = run(
                 [
-                    _which("ctr"),
+                    which("ctr"),
                     "--address",
                     str(spec.socket),
                     "-n",
@@ -518,7 +517,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         core = client.CoreV1Api(api)
         deadline = time.monotonic() + _READY_TIMEOUT_S
         while time.monotonic() < deadline:
-            if not _alive(self._pid(spec, "kubelet"), spec.dir):
+            if not alive(self._pid(spec, "kubelet"), spec.dir):
                 break
             with contextlib.suppress(*_api_errors()):
                 node = core.read_node(spec.name, _request_timeout=5)
@@ -530,7 +529,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         raise RealNodeError(
             f"real node {spec.name} of {spec.cluster!r}: not Ready within {_READY_TIMEOUT_S}s "
             f"of starting its kubelet; its log ({spec.path('logs', 'kubelet.log')}) ends:\n"
-            + _tail(spec.path("logs", "kubelet.log"))
+            + tail(spec.path("logs", "kubelet.log"))
         )
 
     def _apply_inventory(self, spec: RealNodeSpec, api: Any) -> None:
@@ -544,7 +543,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 
         core = client.CoreV1Api(api)
         manifest = node_manifest(spec.node)
-        labels = {**manifest["metadata"]["labels"], "type": "real"}
+        labels = {**manifest["metadata"]["labels"], **REAL_NODE_LABELS}
         node = core.read_node(spec.name, _request_timeout=10)
         current = node.metadata.labels or {}
         taints = [
@@ -580,8 +579,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
     def status(self, cluster: str, api: Any | None) -> list[RealNodeStatus]:
         out = []
         for spec in self.specs(cluster):
-            containerd = _alive(self._pid(spec, "containerd"), spec.dir)
-            kubelet = _alive(self._pid(spec, "kubelet"), spec.dir)
+            containerd = alive(self._pid(spec, "containerd"), spec.dir)
+            kubelet = alive(self._pid(spec, "kubelet"), spec.dir)
             ready, gpus, version, message = False, 0, "", ""
             if api is not None:
                 from kubernetes import client
@@ -630,49 +629,49 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                 self._stop_one(spec, purge=purge)
                 stopped.append(spec.name)
         if stopped and not self._any_running():
-            _undo_host(self.root / "host.json")
+            undo_host(self.root / "host.json")
             if purge and self.root.is_dir() and not any(self.root.iterdir()):
                 self.root.rmdir()
         return stopped
 
     def _stop_one(self, spec: RealNodeSpec, *, purge: bool) -> None:
-        _terminate(self._pid(spec, "kubelet"), spec.dir)
+        terminate(self._pid(spec, "kubelet"), spec.dir)
         # The pods: through containerd while it runs (its shims then exit and clean up after
         # themselves), then whatever is left in the node's cgroups, then leftover shims.
-        if _alive(self._pid(spec, "containerd"), spec.dir):
-            ctr = [_which("ctr"), "--address", str(spec.socket), "-n", "k8s.io", "tasks"]
-            tasks = _run([*ctr, "ls", "-q"]).stdout.split()
+        if alive(self._pid(spec, "containerd"), spec.dir):
+            ctr = [which("ctr"), "--address", str(spec.socket), "-n", "k8s.io", "tasks"]
+            tasks = run([*ctr, "ls", "-q"]).stdout.split()
             for task in tasks:
-                _run([*ctr, "kill", "--all", "--signal", "SIGKILL", task])
+                run([*ctr, "kill", "--all", "--signal", "SIGKILL", task])
             for task in tasks:
-                _run([*ctr, "delete", "--force", task])
-        for pid in _cgroup_pids(spec.cgroup_root):
+                run([*ctr, "delete", "--force", task])
+        for pid in cgroup_pids(spec.cgroup_root):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        for pid in _pids_with_argument(str(spec.socket)):
+        for pid in pids_with_argument(str(spec.socket)):
             if pid != self._pid(spec, "containerd"):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-        _terminate(self._pid(spec, "containerd"), spec.dir)
+        terminate(self._pid(spec, "containerd"), spec.dir)
         for what in ("kubelet", "containerd"):
             spec.path("pids", f"{what}.pid").unlink(missing_ok=True)
-        _unmount_under(spec.dir)
+        unmount_under(spec.dir)
         changes = self._changes(spec)
-        _remove_cgroup(spec.cgroup_root)
+        remove_cgroup(spec.cgroup_root)
         ip = shutil.which("ip", path="/usr/sbin:/sbin:/usr/bin:/bin")
         if ip:
-            links = _run([ip, "-o", "link", "show", "master", spec.bridge]).stdout
+            links = run([ip, "-o", "link", "show", "master", spec.bridge]).stdout
             for line in links.splitlines():  # veths whose namespace is not gone yet
                 name = line.split(":")[1].strip().split("@")[0]
-                _run([ip, "link", "del", name])
-            if _run([ip, "link", "show", spec.bridge]).returncode == 0:
-                _run([ip, "link", "del", spec.bridge])
+                run([ip, "link", "del", name])
+            if run([ip, "link", "show", spec.bridge]).returncode == 0:
+                run([ip, "link", "del", spec.bridge])
             # Its address: recorded when added; also removed when a lost record left it (the
             # address comes from the twin's own port, in a range no network uses).
             for address in {changes.get("address"), spec.address} - {None}:
-                if f" {address}/" in _run([ip, "-o", "addr", "show", "dev", "lo"]).stdout:
-                    _run([ip, "addr", "del", f"{address}/32", "dev", "lo"])
-        _remove_log_links(spec.dir)
+                if f" {address}/" in run([ip, "-o", "addr", "show", "dev", "lo"]).stdout:
+                    run([ip, "addr", "del", f"{address}/32", "dev", "lo"])
+        remove_log_links(spec.dir)
         shutil.rmtree(spec.path("cni", "ipam"), ignore_errors=True)  # no sandbox survives
         sandboxes = spec.path("containerd", "root", "io.containerd.grpc.v1.cri", "sandboxes")
         ids = [d.name for d in sandboxes.iterdir()] if sandboxes.is_dir() else []
@@ -690,7 +689,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             return False
         for d in self.root.iterdir():
             if d.is_dir() and any(
-                _alive(_read_pid(d / "pids" / f"{w}.pid"), d) for w in ("kubelet", "containerd")
+                alive(read_pid(d / "pids" / f"{w}.pid"), d) for w in ("kubelet", "containerd")
             ):
                 return True
         return False
@@ -698,7 +697,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
     # ------------------------------------------------------------------ records
 
     def _pid(self, spec: RealNodeSpec, what: str) -> int | None:
-        return _read_pid(spec.path("pids", f"{what}.pid"))
+        return read_pid(spec.path("pids", f"{what}.pid"))
 
     def _changes(self, spec: RealNodeSpec) -> dict[str, Any]:
         try:
@@ -708,386 +707,6 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 
     def _save_changes(self, spec: RealNodeSpec, changes: dict[str, Any]) -> None:
         spec.path("host_changes.json").write_text(json.dumps(changes, indent=1))
-
-
-# --------------------------------------------------------------------------- images
-
-
-def oci_archive(
-    name: str,
-    files: dict[str, Path | str],
-    *,
-    entrypoint: list[str] | None = None,
-    cmd: list[str] | None = None,
-) -> bytes:
-    """A one-layer OCI image archive, as ``ctr images import`` takes it, named ``name``.
-
-    ``files`` maps a path in the image to a file on this machine (copied, mode kept) or, for a
-    ``str`` value starting with ``->``, a symlink target (``{"bin/sh": "->busybox"}``).
-    The layer is reproducible (fixed mtimes and owners), so the same files give the same digest.
-    """
-    layer_buf = io.BytesIO()
-    with tarfile.open(fileobj=layer_buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        dirs: set[str] = set()
-        for target in sorted(files):
-            parts = target.strip("/").split("/")
-            for i in range(1, len(parts)):
-                d = "/".join(parts[:i])
-                if d not in dirs:
-                    info = tarfile.TarInfo(d)
-                    info.type, info.mode = tarfile.DIRTYPE, 0o755
-                    tar.addfile(info)
-                    dirs.add(d)
-            source = files[target]
-            info = tarfile.TarInfo(target.strip("/"))
-            if isinstance(source, str) and source.startswith("->"):
-                info.type, info.linkname, info.mode = tarfile.SYMTYPE, source[2:], 0o777
-                tar.addfile(info)
-            else:
-                data = Path(source).read_bytes()
-                info.size, info.mode = len(data), Path(source).stat().st_mode & 0o7777
-                tar.addfile(info, io.BytesIO(data))
-    layer = layer_buf.getvalue()
-    diff_id = "sha256:" + hashlib.sha256(layer).hexdigest()
-    blob = gzip.compress(layer, mtime=0)
-    config = json.dumps(
-        {
-            "architecture": "amd64",
-            "os": "linux",
-            "config": {"Entrypoint": entrypoint, "Cmd": cmd, "Env": ["PATH=/bin:/usr/bin"]},
-            "rootfs": {"type": "layers", "diff_ids": [diff_id]},
-        },
-        sort_keys=True,
-    ).encode()
-
-    def descriptor(media: str, data: bytes, **extra: Any) -> dict[str, Any]:
-        return {
-            "mediaType": media,
-            "digest": "sha256:" + hashlib.sha256(data).hexdigest(),
-            "size": len(data),
-            **extra,
-        }
-
-    manifest = json.dumps(
-        {
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": descriptor("application/vnd.oci.image.config.v1+json", config),
-            "layers": [descriptor("application/vnd.oci.image.layer.v1.tar+gzip", blob)],
-        },
-        sort_keys=True,
-    ).encode()
-    tag = name.rsplit(":", 1)[1] if ":" in name.rsplit("/", 1)[-1] else "latest"
-    index = json.dumps(
-        {
-            "schemaVersion": 2,
-            "manifests": [
-                descriptor(
-                    "application/vnd.oci.image.manifest.v1+json",
-                    manifest,
-                    annotations={
-                        "io.containerd.image.name": name,
-                        "org.opencontainers.image.ref.name": tag,
-                    },
-                    platform={"architecture": "amd64", "os": "linux"},
-                )
-            ],
-        }
-    ).encode()
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w") as tar:
-
-        def add(path: str, data: bytes) -> None:
-            info = tarfile.TarInfo(path)
-            info.size, info.mode = len(data), 0o644
-            tar.addfile(info, io.BytesIO(data))
-
-        add("oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
-        add("index.json", index)
-        for data in (config, manifest, blob):
-            add(f"blobs/sha256/{hashlib.sha256(data).hexdigest()}", data)
-    return out.getvalue()
-
-
-# --------------------------------------------------------------------------- host record
-
-
-def _sysctl_path(name: str) -> Path:
-    return Path("/proc/sys") / name.replace(".", "/")
-
-
-def _iptables_state(binary: str) -> dict[str, dict[str, list[str]]]:
-    """``{table: {"chains": [...], "rules": [...]}}`` from ``<binary>-save`` (no counters)."""
-    save = shutil.which(f"{binary}-save", path="/usr/sbin:/sbin:/usr/bin")
-    if not save:
-        return {}
-    text = _run([save]).stdout
-    tables: dict[str, dict[str, list[str]]] = {}
-    table = ""
-    for line in text.splitlines():
-        if line.startswith("*"):
-            table = line[1:]
-            tables[table] = {"chains": [], "rules": []}
-        elif line.startswith(":") and table:
-            tables[table]["chains"].append(line[1:].split()[0])
-        elif line.startswith("-A") and table:
-            tables[table]["rules"].append(line)
-    return tables
-
-
-def host_snapshot() -> dict[str, Any]:
-    """What real nodes may change on the host: iptables, sysctls, a few directories."""
-    return {
-        "sysctls": {
-            s: _sysctl_path(s).read_text().strip() for s in _SYSCTLS if _sysctl_path(s).exists()
-        },
-        "iptables": {b: _iptables_state(b) for b in ("iptables", "ip6tables")},
-        "dirs": {d: Path(d).exists() for d in _HOST_DIRS},
-    }
-
-
-def _record_host(path: Path) -> None:
-    """Take the host-wide record once, before the first real node of the twin starts."""
-    if path.exists():
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(host_snapshot(), indent=1))
-    os.replace(tmp, path)
-
-
-def _undo_host(path: Path) -> None:
-    """Put back what the record says: iptables chains and rules, sysctls, directories."""
-    try:
-        before = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return
-    for binary, tables_before in before.get("iptables", {}).items():
-        exe = shutil.which(binary, path="/usr/sbin:/sbin:/usr/bin")
-        if not exe:
-            continue
-        now = _iptables_state(binary)
-        for table, state in now.items():
-            old = tables_before.get(table, {"chains": [], "rules": []})
-            new_chains = [c for c in state["chains"] if c not in old["chains"]]
-            for rule in state["rules"]:
-                if rule in old["rules"]:
-                    continue
-                args = shlex.split(rule)
-                if args[1] in new_chains:
-                    continue  # flushed with its chain below
-                _run([exe, "-w", "-t", table, "-D", *args[1:]])
-            for chain in new_chains:
-                _run([exe, "-w", "-t", table, "-F", chain])
-            for chain in new_chains:
-                _run([exe, "-w", "-t", table, "-X", chain])
-    for name, value in before.get("sysctls", {}).items():
-        with contextlib.suppress(OSError):
-            if _sysctl_path(name).read_text().strip() != value:
-                _sysctl_path(name).write_text(value)
-    others = _other_runtimes()
-    for d, existed in before.get("dirs", {}).items():
-        if existed:
-            continue
-        if d in _HOST_DIRS_OWNED and not others:
-            shutil.rmtree(d, ignore_errors=True)
-        else:
-            _remove_empty_tree(Path(d))
-    path.unlink(missing_ok=True)
-
-
-def _other_runtimes() -> list[int]:
-    """Kubelets and containerds running on the machine (this twin's are stopped by now)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError):
-                name, rest = (entry / "stat").read_text().split(" (", 1)[1].rsplit(") ", 1)
-                if name in ("kubelet", "containerd") and rest.split()[0] != "Z":  # not zombies
-                    pids.append(int(entry.name))
-    return pids
-
-
-def _remove_empty_tree(path: Path) -> None:
-    if not path.is_dir() or path.is_symlink():
-        return
-    for child in path.iterdir():
-        if child.is_dir() and not child.is_symlink():
-            _remove_empty_tree(child)
-    with contextlib.suppress(OSError):
-        path.rmdir()
-
-
-def _remove_log_links(node_dir: Path) -> None:
-    """The kubelet's symlinks in /var/log/containers that point into ``node_dir``."""
-    logs = Path("/var/log/containers")
-    if not logs.is_dir():
-        return
-    for link in logs.iterdir():
-        with contextlib.suppress(OSError):
-            if link.is_symlink() and os.readlink(link).startswith(str(node_dir) + "/"):
-                link.unlink()
-
-
-# --------------------------------------------------------------------------- processes
-
-
-def _read_pid(path: Path) -> int | None:
-    try:
-        return int(path.read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def _alive(pid: int | None, node_dir: Path) -> bool:
-    """Whether ``pid`` runs and is one of ``node_dir``'s processes (its command line says so)."""
-    if not pid:
-        return False
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    # A process exec'd a moment ago may show an empty command line for a few milliseconds.
-    return state != "Z" and (not cmdline or str(node_dir) in cmdline)
-
-
-def _terminate(pid: int | None, node_dir: Path) -> None:
-    if not _alive(pid, node_dir):
-        return
-    assert pid is not None
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + _STOP_TIMEOUT_S
-    while _alive(pid, node_dir) and time.monotonic() < deadline:
-        _reap(pid)
-        time.sleep(0.1)
-    if _alive(pid, node_dir):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        while _alive(pid, node_dir):
-            _reap(pid)
-            time.sleep(0.05)
-    _reap(pid)
-
-
-def _reap(pid: int) -> None:
-    """Collect ``pid`` if this process started it (a child left as a zombie otherwise)."""
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)
-
-
-def _pids_with_argument(arg: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if arg.encode() in argv:
-            pids.append(int(entry.name))
-    return pids
-
-
-# --------------------------------------------------------------------------- mounts, cgroups
-
-
-def _cgroup_mounts() -> list[Path]:
-    """Every cgroup hierarchy's mount point (v1 controllers, and the v2 tree if mounted)."""
-    mounts = []
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/mounts").read_text().splitlines():
-            fields = line.split()
-            if len(fields) > 2 and fields[2] in ("cgroup", "cgroup2"):
-                mounts.append(Path(fields[1]))
-    return mounts
-
-
-def _cgroup_pids(root: str) -> list[int]:
-    pids: set[int] = set()
-    for mount in _cgroup_mounts():
-        base = mount / root.lstrip("/")
-        if not base.is_dir():
-            continue
-        for procs in base.rglob("cgroup.procs"):
-            with contextlib.suppress(OSError, ValueError):
-                pids.update(int(p) for p in procs.read_text().split())
-    return sorted(pids)
-
-
-def _remove_cgroup(root: str) -> None:
-    """Remove ``root`` from every hierarchy, deepest first (killed tasks take a moment to go)."""
-    deadline = time.monotonic() + _STOP_TIMEOUT_S
-    while True:
-        left = []
-        for mount in _cgroup_mounts():
-            base = mount / root.lstrip("/")
-            if not base.is_dir():
-                continue
-            for d in sorted(
-                (p for p in base.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)
-            ):
-                with contextlib.suppress(OSError):
-                    d.rmdir()
-            try:
-                base.rmdir()
-            except OSError:
-                left.append(base)
-        if not left:
-            return
-        if time.monotonic() > deadline:
-            raise RealNodeError(
-                f"cgroups left behind (processes still in them?): {', '.join(map(str, left))}"
-            )
-        for pid in _cgroup_pids(root):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.2)
-
-
-def mounts_under(path: Path) -> list[str]:
-    """Mount points at or below ``path`` (from /proc/self/mountinfo, escapes decoded)."""
-    prefix = str(path)
-    found = []
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/mountinfo").read_text().splitlines():
-            point = line.split()[4].encode().decode("unicode_escape")
-            if point == prefix or point.startswith(prefix + "/"):
-                found.append(point)
-    return found
-
-
-def _unmount_under(path: Path) -> None:
-    for _ in range(10):
-        points = mounts_under(path)
-        if not points:
-            return
-        for point in sorted(set(points), key=lambda p: -p.count("/")):
-            if _run(["umount", point]).returncode != 0:
-                _run(["umount", "-l", point])
-    left = mounts_under(path)
-    if left:
-        raise RealNodeError(f"could not unmount {', '.join(left)}")
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _run(cmd: Iterable[str], *, check: bool = False) -> subprocess.CompletedProcess[str]:
-    args = list(cmd)
-    res = subprocess.run(args, capture_output=True, text=True, check=False)
-    if check and res.returncode != 0:
-        raise RealNodeError(f"{' '.join(args)} failed: {(res.stderr or res.stdout).strip()}")
-    return res
-
-
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
 
 
 def _api_errors() -> tuple[type[Exception], ...]:

@@ -66,7 +66,9 @@ class Toolchain:
     kubectl: Path
     kwok: Path
     kwokctl: Path
-    etcd: Path
+    # Debian's etcd, for the twin's control planes; None where it is not installed (a step
+    # pod needs Pulumi only): :meth:`kwokctl_create_args` then says how to install it.
+    etcd: Path | None
     pulumi_kubernetes: Path  # the plugin binary pulumi-resource-kubernetes
     pulumi_python: Path | None  # pulumi-resource-pulumi-python, for Python dynamic providers
     bin_dirs: list[Path]
@@ -106,7 +108,7 @@ class Toolchain:
             "KWOK_KUBE_SCHEDULER_BINARY": str(self.kube_scheduler),
             "KWOK_KUBECTL_BINARY": str(self.kubectl),
             "KWOK_CONTROLLER_BINARY": str(self.kwok),
-            "KWOK_ETCD_BINARY": str(self.etcd),
+            **({"KWOK_ETCD_BINARY": str(self.etcd)} if self.etcd else {}),
             "KWOK_ETCD_VERSION": t["etcd"]["version"],
         }
 
@@ -120,7 +122,15 @@ class Toolchain:
 
         kwokctl has no --kube-version/--etcd-version flags: env() sets KWOK_KUBE_VERSION and
         KWOK_ETCD_VERSION (our kwokctl's default kube version is ours anyway, see ldflags).
+
+        Raises:
+            ToolchainError: etcd is not installed.
         """
+        if self.etcd is None:
+            try:
+                steps.find_etcd(self.versions["tools"]["etcd"])
+            except steps.StepError as e:
+                raise ToolchainError(e.tool, e.reason) from e
         flags = {
             "--name": name,
             "--kubeconfig": str(kubeconfig),
@@ -348,11 +358,14 @@ def _assemble(
     """The toolchain from what was found or built, with etcd and the Python plugin."""
     tools = versions["tools"]
     try:
-        etcd = steps.find_etcd(tools["etcd"])
         plugin = steps.write_python_plugin(cache_root(), python or sys.executable)
     except steps.StepError as e:
         raise ToolchainError(e.tool, e.reason) from e
-    sources["etcd"] = "PATH"
+    try:
+        etcd: Path | None = steps.find_etcd(tools["etcd"])
+        sources["etcd"] = "PATH"
+    except steps.StepError:
+        etcd, sources["etcd"] = None, "missing"  # only the control planes need it
     bin_dirs = list(
         dict.fromkeys(
             p.parent
@@ -429,6 +442,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tc: Toolchain | None = ensure_toolchain(build=not args.check, console=console)
         error = None
+        if tc is not None and tc.etcd is None:  # the twin's control planes need it
+            try:
+                steps.find_etcd(versions["tools"]["etcd"])
+            except steps.StepError as missing:
+                error = ToolchainError(missing.tool, missing.reason)
     except ToolchainError as e:
         tc, error = None, e
     if args.env and tc:

@@ -32,6 +32,7 @@ __all__ = [
     "ResourceStep",
     "StackResult",
     "change_counts",
+    "changed_paths",
     "mask_outputs",
     "mask_value",
     "read_outputs",
@@ -56,6 +57,9 @@ _GERUND = {
     "refresh": "refreshing",
     "import": "importing",
 }
+# What Kubernetes changes on any write: never the drift itself, so left out of its paths.
+_VOLATILE = {"resourceVersion", "managedFields", "generation"}
+_DIFF_DEPTH = 4
 _PAST = {
     "create": "created",
     "update": "updated",
@@ -112,6 +116,24 @@ def mask_outputs(outputs: Mapping[str, Any]) -> dict[str, Any]:
         else mask_value(getattr(out, "value", out))
         for name, out in sorted(outputs.items())
     }
+
+
+def changed_paths(old: Any, new: Any, prefix: str = "", depth: int = _DIFF_DEPTH) -> list[str]:
+    """The dotted paths (``metadata.labels.role``) where two property trees differ, at most
+    ``depth`` levels down; paths only, never values (they may be secret)."""
+    if (
+        isinstance(old, dict)
+        and isinstance(new, dict)
+        and depth > 0
+        and _SECRET_SIG not in old
+        and _SECRET_SIG not in new
+    ):
+        paths = []
+        for key in sorted(set(old) | set(new), key=str):
+            if key not in _VOLATILE and old.get(key) != new.get(key):
+                paths += changed_paths(old.get(key), new.get(key), f"{prefix}{key}.", depth - 1)
+        return paths
+    return [prefix.rstrip(".")] if old != new and prefix else []
 
 
 def change_counts(result: Any, recorder: EventRecorder) -> dict[str, int]:
@@ -240,6 +262,9 @@ class EventRecorder:
         op = str(getattr(meta.op, "value", meta.op))
         name = meta.urn.rsplit("::", 1)[-1]
         diffs = tuple(meta.diffs or ())
+        if not diffs and op not in _NO_CHANGE and meta.old is not None and meta.new is not None:
+            # A refresh names no diffs: the properties whose state and live values differ.
+            diffs = tuple(changed_paths(meta.old.outputs or {}, meta.new.outputs or {}))
         previous = self._steps.get(meta.urn)
         self._steps[meta.urn] = ResourceStep(
             op, meta.type, name, status, diffs or (previous.diffs if previous else ())

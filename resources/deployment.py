@@ -19,6 +19,10 @@ other module asks which target it runs on.
 | training schedules | stopped | running |
 | the twin's control planes | started by the CLI before a run | none |
 | the Git sensor (``git``: ``$HOMELAB_GIT_REPO``, default this checkout) | running | stopped |
+| the ``reconcile`` schedule (``$HOMELAB_RECONCILE_CRON``) and the failure sensor | running | running |
+| auto-repair of drifted assets (``$HOMELAB_AUTO_REPAIR``) | every family | none: drift stays visible |
+| the automation sensor (links, weights, endpoints follow their upstreams) | running | stopped |
+| the failure webhook (``$HOMELAB_WEBHOOK_URL``, read at launch) | where set | where set |
 """  # noqa: E501
 
 from __future__ import annotations
@@ -29,12 +33,26 @@ from pathlib import Path
 
 import dagster as dg
 
+from homelab_dagster.errors import SettingsError
+from homelab_dagster.images import image_reference
 from homelab_dagster.inventory import Distribution, Inventory, Ml, Orchestrator
-from homelab_dagster.settings import Settings, Target
+from homelab_dagster.settings import (
+    DAGSTER_POSTGRES_URL_VAR,
+    REPAIR_FAMILIES,
+    WEBHOOK_URL_VAR,
+    Settings,
+    Target,
+)
+from homelab_dagster.twin import cluster_kubeconfig, service_port
+from homelab_dagster.twin_nodes import REAL_NODE_LABELS
+from infra.toolchain import cache_root
 from resources.flyte import LocalFlyteLauncher, RemoteFlyteLauncher
 from resources.git import GitRepository
 from resources.kubernetes import KubernetesClusters
+from resources.orchestrator import DagsterOnKubernetes
 from resources.pulumi import PulumiStacks
+from resources.vllm import VllmServers
+from resources.webhook import Webhook
 from resources.weights import WeightsStore
 
 __all__ = ["PRELOAD_MODULES", "Deployment", "build_deployment", "twin_kubeconfig"]
@@ -62,6 +80,12 @@ class Deployment:
     schedules_running: bool
     local_twin: bool  # the CLI starts the twin's control planes before a run
     git_sensor_running: bool  # the Git sensor starts running (the UI can toggle it)
+    reconcile_running: bool = False  # the reconcile schedule and the failure sensor
+    automation_running: bool = False  # the automation sensor (declarative automation)
+    auto_repair: frozenset[str] = frozenset()  # the families the reconcile repairs
+    # The Dagster instance's dagster.yaml when steps run as pods (HOMELAB_RUNS=kubernetes):
+    # its run launcher is dagster-k8s's; None: Dagster's defaults (cli/launch.py).
+    instance_yaml: str | None = None
 
 
 def twin_kubeconfig(state_dir: Path) -> Path:
@@ -71,21 +95,49 @@ def twin_kubeconfig(state_dir: Path) -> Path:
 
 def build_deployment(settings: Settings, inventory: Inventory | None) -> Deployment:
     """The deployment of ``settings.target`` for ``inventory`` (None: an invalid inventory)."""
+    dagster = _dagster_on_kubernetes(settings, inventory)
+    default_runs = "local" if settings.target is Target.TWIN else "kubernetes"
+    on_kubernetes = (settings.runs or default_runs) == "kubernetes"
+    if on_kubernetes and settings.target is Target.TWIN and settings.dagster_postgres:
+        raise SettingsError(
+            "HOMELAB_RUNS=kubernetes on the twin keeps Dagster's storage in SQLite files that "
+            f"its pods share; unset {DAGSTER_POSTGRES_URL_VAR} or HOMELAB_RUNS"
+        )
+    executor = _k8s_executor(dagster) if on_kubernetes else _local_executor()
+    instance_yaml = dagster.instance_yaml() if on_kubernetes else None
     if settings.target is Target.TWIN:
         return Deployment(
-            resources=_twin_resources(settings),
-            executor=_local_executor(),
+            resources={**_twin_resources(settings), "dagster_on_kubernetes": dagster},
+            executor=executor,
+            instance_yaml=instance_yaml,
             schedules_running=False,
             local_twin=True,
             git_sensor_running=True,
+            reconcile_running=True,
+            automation_running=True,
+            auto_repair=_auto_repair(settings, frozenset(REPAIR_FAMILIES)),
         )
     return Deployment(
-        resources=_homelab_resources(settings, inventory),
-        executor=_k8s_executor(inventory.orchestrator if inventory else Orchestrator()),
+        resources={**_homelab_resources(settings, inventory), "dagster_on_kubernetes": dagster},
+        executor=executor,
+        instance_yaml=instance_yaml,
         schedules_running=True,
         local_twin=False,
         git_sensor_running=False,
+        reconcile_running=True,
+        automation_running=False,
+        auto_repair=_auto_repair(settings, frozenset()),
     )
+
+
+def _auto_repair(settings: Settings, default: frozenset[str]) -> frozenset[str]:
+    """``settings.auto_repair`` where set, else the target's ``default``."""
+    return default if settings.auto_repair is None else settings.auto_repair
+
+
+def _webhook(settings: Settings) -> Webhook:
+    """The failure webhook: its URL read at launch (never at import), where one is set."""
+    return Webhook(url=dg.EnvVar(WEBHOOK_URL_VAR)) if settings.webhook else Webhook()
 
 
 def _twin_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
@@ -108,7 +160,18 @@ def _twin_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
             corpus_root=str(settings.inventory_path.parent), work_dir=str(state / "flyte")
         ),
         "weights_store": WeightsStore(url=str(state / "weights")),
+        # vLLM's CPU build (docs/serving.md); the real node runs on this machine, so the
+        # store's directory is mounted by hostPath.
+        "vllm": VllmServers(
+            image=image_reference("vllm-cpu"),
+            runtime_args=["--enforce-eager", "--dtype", "float32"],
+            runtime_env={"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"},
+            memory="4Gi",
+            weights_host_path=str((state / "weights").resolve()),
+            serves_unstored=False,
+        ),
         "git": _git_repository(settings),
+        "webhook": _webhook(settings),
     }
 
 
@@ -141,7 +204,12 @@ def _homelab_resources(
             url=f"s3://{ml.weights_bucket}",
             endpoint_url=dg.EnvVar("HOMELAB_WEIGHTS_S3_ENDPOINT"),
         ),
+        "vllm": VllmServers(
+            weights_bucket_url=f"s3://{ml.weights_bucket}",
+            weights_endpoint_url=dg.EnvVar("HOMELAB_WEIGHTS_S3_ENDPOINT"),
+        ),
         "git": _git_repository(settings),
+        "webhook": _webhook(settings),
     }
 
 
@@ -168,21 +236,70 @@ def _local_executor() -> dg.ExecutorDefinition:
     )
 
 
-def _k8s_executor(orchestrator: Orchestrator) -> dg.ExecutorDefinition:
+def _k8s_executor(dagster: DagsterOnKubernetes) -> dg.ExecutorDefinition:
     """Each step a Kubernetes Job in the orchestrator's namespace, on its nodes, with the
-    project's image (``HOMELAB_IMAGE``, read at launch); an asset's ``dagster-k8s/config``
-    tag adds its resources."""
+    project's image (:class:`~resources.orchestrator.DagsterOnKubernetes`); an asset's
+    ``dagster-k8s/config`` tag adds its resources."""
     from dagster_k8s import k8s_job_executor
 
-    return k8s_job_executor.configured(
-        {
-            "job_namespace": orchestrator.namespace,
-            "load_incluster_config": True,
-            "job_image": {"env": "HOMELAB_IMAGE"},
-            "max_concurrent": MAX_CONCURRENT_STEPS,
-            "step_k8s_config": {
-                "pod_spec_config": {"node_selector": {"role": orchestrator.node_role}}
-            },
+    return k8s_job_executor.configured(dagster.executor_config(MAX_CONCURRENT_STEPS), name="k8s")
+
+
+def _dagster_on_kubernetes(settings: Settings, inventory: Inventory | None) -> DagsterOnKubernetes:
+    """Where Dagster's run and step pods run, and the orchestrator stack's settings.
+
+    The homelab: the orchestrator's nodes by role, in-cluster API access, the official chart,
+    PostgreSQL, secrets from the ``homelab-dagster`` Secret (docs/deploy.md). The twin: the
+    orchestrator cluster's real node; the twin's state, the inventory file and the toolchain
+    mounted at their own paths; the host's network (the API servers listen on loopback); the
+    cluster's kubeconfig file; SQLite files in the state directory, shared with the host.
+    """
+    orchestrator = inventory.orchestrator if inventory else Orchestrator()
+    image = settings.image or image_reference("homelab-dagster")
+    if settings.target is Target.HOMELAB:
+        return DagsterOnKubernetes(
+            cluster=orchestrator.cluster,
+            namespace=orchestrator.namespace,
+            image=image,
+            chart_version=dg.__version__,
+            node_selector={"role": orchestrator.node_role},
+            deploy="chart",
+            env={"HOMELAB_TARGET": Target.HOMELAB.value, "HOMELAB_RUNS": "kubernetes"},
+            env_secret="homelab-dagster",
+            storage_yaml=_POSTGRES_STORAGE,
+        )
+    state = settings.state_dir
+    home = state / "dagster"
+    return DagsterOnKubernetes(
+        cluster=orchestrator.cluster,
+        namespace=orchestrator.namespace,
+        image=image,
+        chart_version=dg.__version__,
+        node_selector={"role": orchestrator.node_role, **REAL_NODE_LABELS},
+        deploy="manifests",
+        image_pull_policy="Always",
+        webserver_port=service_port(inventory, settings.twin_port_base, 1) if inventory else 3000,
+        kubeconfig_file=str(cluster_kubeconfig(state, orchestrator.cluster)),
+        host_network=True,
+        host_paths={
+            str(state): True,
+            str(settings.inventory_path): False,
+            # Written to: Pulumi's Python plugin for the image's interpreter is made there.
+            str(cache_root()): True,
         },
-        name="k8s",
+        env={
+            "HOMELAB_TARGET": Target.TWIN.value,
+            "HOMELAB_STATE_DIR": str(state),
+            "HOMELAB_INVENTORY": str(settings.inventory_path),
+            "HOMELAB_TWIN_PORT_BASE": str(settings.twin_port_base),
+            "HOMELAB_RUNS": "kubernetes",
+            "XDG_CACHE_HOME": str(cache_root().parent.parent),
+        },
+        storage_yaml=f"storage:\n  sqlite:\n    base_dir: {home}\n",
+        storage_root=str(home),
     )
+
+
+_POSTGRES_STORAGE = (
+    "storage:\n  postgres:\n    postgres_url:\n      env: HOMELAB_DAGSTER_POSTGRES_URL\n"
+)

@@ -12,6 +12,10 @@ credentials). Kubernetes client errors are translated into
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +25,7 @@ import yaml
 from pydantic import Field
 
 from homelab_dagster.errors import KubernetesError
+from homelab_dagster.serving import ObservedPod, observed_pod
 from homelab_dagster.twin_nodes import ObservedNode, observed_node
 
 __all__ = ["ClusterAccess", "KubernetesClusters", "ObservedNode", "ServiceRef"]
@@ -209,6 +214,98 @@ class KubernetesClusters(dg.ConfigurableResource):
             api_client.close()
         return sorted((service_ref(s) for s in found.items), key=lambda s: s.ref)
 
+    def pods(self, cluster: str, namespace: str, selector: str) -> list[ObservedPod]:
+        """The pods of ``namespace`` matching the label ``selector``, as a rollout sees them."""
+        from kubernetes import client
+
+        api = client.CoreV1Api(self.api_client(cluster))
+        found = self._call(
+            cluster,
+            f"list pods ({namespace}, {selector})",
+            api.list_namespaced_pod,
+            namespace=namespace,
+            label_selector=selector,
+        )
+        return [observed_pod(p) for p in found.items]
+
+    def pod_log(self, cluster: str, namespace: str, pod: str, *, tail: int = 20) -> str:
+        """The last ``tail`` lines of ``pod``'s log (its previous container's, if it restarted)."""
+        from kubernetes import client
+        from kubernetes.client.exceptions import ApiException
+
+        api = client.CoreV1Api(self.api_client(cluster))
+        for previous in (True, False):
+            try:
+                # The raw response: deserialised, the client returns the repr of the bytes.
+                response = api.read_namespaced_pod_log(
+                    pod,
+                    namespace,
+                    tail_lines=tail,
+                    previous=previous,
+                    _request_timeout=self.request_timeout_s,
+                    _preload_content=False,
+                )
+            except ApiException:
+                continue  # no previous container: the current one's log
+            return str(response.data.decode(errors="replace"))
+        return ""
+
+    # ------------------------------------------------------------------ port-forward
+
+    @contextlib.contextmanager
+    def port_forward(self, cluster: str, namespace: str, pod: str, port: int) -> Iterator[int]:
+        """Forward a local port to ``pod``'s ``port`` through the API server (what ``kubectl
+        port-forward`` does), for as long as the context lasts; yields the local port.
+
+        Each connection to ``127.0.0.1:<local port>`` opens its own port-forward stream
+        through the API server and the pod's kubelet, with this resource's credentials: it
+        works wherever the API server does, whatever the cluster's network allows.
+        """
+        from kubernetes import client
+
+        api = client.CoreV1Api(self.api_client(cluster))
+        listener = socket.create_server(("127.0.0.1", 0))
+        listener.settimeout(0.2)
+        stop = threading.Event()
+
+        def relay(conn: socket.socket) -> None:
+            from kubernetes.client.exceptions import ApiException
+            from kubernetes.stream import portforward
+            from websocket import WebSocketException
+
+            try:
+                forward = portforward(
+                    api.connect_get_namespaced_pod_portforward, pod, namespace, ports=str(port)
+                )
+            except (ApiException, WebSocketException, OSError):
+                conn.close()  # the client sees the connection closed: its error to report
+                return
+            remote = forward.socket(port)
+            try:
+                _pump(conn, remote, stop)
+            finally:
+                conn.close()
+                forward.close()
+
+        def serve() -> None:
+            while not stop.is_set():
+                try:
+                    conn, _ = listener.accept()
+                except TimeoutError:
+                    continue
+                except OSError:
+                    return
+                threading.Thread(target=relay, args=(conn,), daemon=True).start()
+
+        server = threading.Thread(target=serve, name=f"port-forward {pod}:{port}", daemon=True)
+        server.start()
+        try:
+            yield listener.getsockname()[1]
+        finally:
+            stop.set()
+            listener.close()
+            server.join(timeout=2)
+
     # ------------------------------------------------------------------ helpers
 
     def _config(self) -> dict[str, Any]:
@@ -231,6 +328,22 @@ class KubernetesClusters(dg.ConfigurableResource):
             ) from exc
         except HTTPError as exc:
             raise KubernetesError(f"cluster {cluster}: {what}: unreachable ({exc})") from exc
+
+
+def _pump(local: socket.socket, remote: Any, stop: threading.Event) -> None:
+    """Copy bytes both ways between ``local`` and ``remote`` until either side closes."""
+    import select
+
+    while not stop.is_set():
+        readable, _, _ = select.select([local, remote], [], [], 0.2)
+        for source in readable:
+            try:
+                data = source.recv(65536)
+                if not data:
+                    return
+                (remote if source is local else local).sendall(data)
+            except OSError:  # either side reset the connection: it is over
+                return
 
 
 def service_ref(service: Any) -> ServiceRef:

@@ -38,6 +38,10 @@ restore command (``homelab repair state <stack>``: :meth:`PulumiStacks.restore_s
 the newest readable copy Pulumi keeps). A deleted state is never silently re-created empty:
 the next ``up`` would try to create, again, everything the stack already owns.
 
+**Interrupts.** A step stopped while an operation runs (Dagster's terminate, SIGTERM)
+cancels the Pulumi CLI gracefully (SIGINT: the operations in flight finish, the state is
+saved, the lock released) before the interrupt goes on (:mod:`resources._stack_cancel`).
+
 **Pending operations.** An update whose CLI was killed leaves the operations it had started in
 the state (their outcome unknown). A failure names them; the next ``up`` (refreshing, the
 default) first runs ``refresh --clear-pending-creates`` (the public
@@ -65,6 +69,7 @@ from pydantic import Field
 
 from homelab_dagster.errors import StackError, StackLockedError, StackStateError, ToolchainError
 from resources import _stack_locks
+from resources._stack_cancel import cancel_on_interrupt
 from resources._stack_result import (
     EventRecorder,
     Log,
@@ -292,7 +297,8 @@ class PulumiStacks(dg.ConfigurableResource):
                 recorder = EventRecorder(stack_name, operation, log)
                 start = time.monotonic()
                 try:
-                    raw = call(stack, recorder)
+                    with cancel_on_interrupt(stack_name, self.backend, log):
+                        raw = call(stack, recorder)
                 except auto.ConcurrentUpdateError as exc:
                     if time.monotonic() >= deadline:
                         raise self._locked(stack_name, exc) from exc

@@ -35,6 +35,7 @@ from assets._keys import (
     model_weights_key,
     training_run_key,
 )
+from assets._stack import COMMIT_TAG
 from homelab_dagster.changes import AssetRef, Impact, affected
 from homelab_dagster.errors import GitError, InventoryError, StaleCodeLocationError
 from homelab_dagster.inventory import Inventory
@@ -56,7 +57,7 @@ __all__ = [
 
 SENSOR_NAME = "git_changes"
 MINIMUM_INTERVAL_S = 60
-TAG_COMMIT = "homelab/commit"  # the head commit's full SHA
+TAG_COMMIT = COMMIT_TAG  # the head commit's full SHA (what materialisations record)
 TAG_AUTHOR = "homelab/commit-author"  # "Name <email>"
 TAG_SUBJECT = "homelab/commit-subject"  # its subject line
 TAG_BASE = "homelab/commit-base"  # the last commit handled before (the diff's other side)

@@ -84,6 +84,8 @@ def test_the_checks_are_blocking_and_run_in_the_materialisations_step(shipped_in
     defs = build_cluster_defs("forge", shipped_inventory.clusters["forge"])
     (asset,) = defs.assets
     specs = {spec.name: spec for spec in asset.check_specs}
+    drift = specs.pop("no_drift")  # the reconcile's: reported, not blocking
+    assert not drift.blocking
     assert set(specs) == {"nodes_ready", "nodes_match_inventory", "namespaces_present"}
     assert all(spec.blocking for spec in specs.values())
     assert {spec.asset_key for spec in specs.values()} == {dg.AssetKey(["cluster", "forge"])}

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
 import dagster as dg
 import pytest
+import yaml
 
 from assets import build_inventory_defs
 from homelab_dagster.definitions import build_definitions
 from homelab_dagster.loader import load_inventory
 from homelab_dagster.settings import Settings, Target
+from resources.deployment import build_deployment
 
 
 def settings_for(project_root, target: Target) -> Settings:
@@ -130,15 +133,12 @@ def test_the_twin_runs_every_job_with_the_forkserver_executor(project_root, inve
         assert "homelab_dagster.definitions" in start["preload_modules"]
 
 
-def test_the_homelab_runs_every_step_as_a_pod_on_the_orchestrators_nodes(
-    project_root, inventory, monkeypatch
-):
-    monkeypatch.delenv("HOMELAB_IMAGE", raising=False)
-    defs = build_definitions(settings_for(project_root, Target.HOMELAB), inventory)
-    schema = defs.resolve_job_def("up").executor_def.config_schema
-    unset = schema.resolve_config({})  # the image is read when a run starts, not at load
-    assert not unset.success and "HOMELAB_IMAGE" in unset.errors[0].message
-    monkeypatch.setenv("HOMELAB_IMAGE", "registry.homelab/homelab-dagster:1")
+def test_the_homelab_runs_every_step_as_a_pod_on_the_orchestrators_nodes(project_root, inventory):
+    """The executor and the instance's run launcher: where each step's pod goes is the run
+    launcher's (``dagster.yaml``), which dagster-k8s merges into every step pod
+    (tests/test_orchestrator.py builds those pods)."""
+    settings = settings_for(project_root, Target.HOMELAB)
+    defs = build_definitions(settings, inventory)
     for name in ("up", "preview", "teardown"):
         executor = defs.resolve_job_def(name).executor_def
         assert executor.name == "k8s"
@@ -147,7 +147,18 @@ def test_the_homelab_runs_every_step_as_a_pod_on_the_orchestrators_nodes(
         defs.resolve_job_def("up").executor_def.config_schema.resolve_config({}).value["config"]
     )
     assert config["job_namespace"] == inventory.orchestrator.namespace == "dagster"
-    assert config["step_k8s_config"]["pod_spec_config"]["node_selector"] == {"role": "platform"}
+    assert config["load_incluster_config"] is True
+    assert config["job_image"] == "ghcr.io/homelab/homelab-dagster:0.1.0"
+    launcher = yaml.safe_load(build_deployment(settings, inventory).instance_yaml)
+    pod = launcher["run_launcher"]["config"]["run_k8s_config"]["pod_spec_config"]
+    assert pod["nodeSelector"] == {"role": "platform"}
+    other = dataclasses.replace(settings, image="registry.homelab/homelab-dagster:1")
+    config = (
+        build_definitions(other, inventory)
+        .resolve_job_def("up")
+        .executor_def.config_schema.resolve_config({})
+        .value["config"]
+    )
     assert config["job_image"] == "registry.homelab/homelab-dagster:1"
 
 

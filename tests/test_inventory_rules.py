@@ -195,12 +195,15 @@ def test_twin_is_fake_or_real(inventory_text):
     assert "clusters.air.nodes[1].twin" in problem
 
 
-def test_the_shipped_inventory_makes_forge_inference_real(project_root):
+def test_the_shipped_inventory_makes_forge_inference_and_a_studio_platform_node_real(
+    project_root,
+):
+    """Forge's inference node serves vLLM; a Studio platform node runs Dagster's pods."""
     inventory = load_inventory(project_root / "homelab.yaml").inventory
     real = [
         n.name for c in inventory.clusters.values() for n in c.expanded_nodes() if n.twin == "real"
     ]
-    assert real == ["forge-inference"]
+    assert real == ["studio-platform-a", "forge-inference"]
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ replace, the twin tests (tests/test_clusters_twin.py), which run the same progra
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,9 @@ class Recorder(pulumi.runtime.Mocks):
 
 
 def run(program, stack: str = "twin.test") -> Recorder:
+    # Pulumi's mocks run on the thread's current event loop; a test before this one may
+    # have left none (``asyncio.run`` unsets it when it ends).
+    asyncio.set_event_loop(asyncio.new_event_loop())
     mocks = Recorder()
     pulumi.runtime.set_mocks(mocks, project="homelab", stack=stack, preview=False)
 

@@ -161,8 +161,14 @@ def event(**kinds):
 
 
 def step(op: str, typ: str, name: str, diffs=()):
+    """A step event's payload as the Automation API gives it (its own dataclass)."""
+    from pulumi.automation import events
+
     urn = f"urn:pulumi:twin.cluster.forge::homelab::{typ}::{name}"
-    return SimpleNamespace(metadata=SimpleNamespace(op=op, urn=urn, type=typ, diffs=list(diffs)))
+    metadata = events.StepEventMetadata(
+        op=events.OpType(op), urn=urn, type=typ, provider="", diffs=list(diffs)
+    )
+    return SimpleNamespace(metadata=metadata)
 
 
 def test_events_are_logged_resource_by_resource(caplog):

@@ -22,8 +22,9 @@ from pathlib import Path
 import pytest
 from _twin_support import assert_refused_for_gpus, wait
 
-from homelab_dagster import twin_real
+from homelab_dagster import twin_host, twin_real
 from homelab_dagster.errors import RealNodesUnavailable
+from homelab_dagster.images import oci_archive
 from homelab_dagster.twin import Twin
 from homelab_dagster.twin_nodes import FAKE_ANNOTATION, GPU_RESOURCE
 
@@ -45,7 +46,7 @@ def _busybox_archive() -> bytes:
     files: dict[str, Path | str] = {"bin/busybox": Path(busybox)}
     for applet in ("sh", "echo", "mkdir", "httpd", "sleep", "cat"):
         files[f"bin/{applet}"] = "->busybox"
-    return twin_real.oci_archive(IMAGE, files, cmd=["sh"])
+    return oci_archive(IMAGE, files, cmd=["sh"])
 
 
 def _import_busybox(twin: Twin) -> None:
@@ -143,7 +144,7 @@ def _iptables(binary: str) -> dict[str, tuple[list[str], list[str]]]:
     """Per table: non-built-in chains and rules (built-in empty chains are not changes: the
     nf_tables backend keeps a table once touched, with its empty built-in chains)."""
     builtin = {"INPUT", "OUTPUT", "FORWARD", "PREROUTING", "POSTROUTING"}
-    state = twin_real._iptables_state(binary)
+    state = twin_host.iptables_state(binary)
     out = {}
     for table, s in state.items():
         chains = sorted(c for c in s["chains"] if c not in builtin)
@@ -163,7 +164,7 @@ def _host_state(port: int, state: Path) -> dict:
         return not other or other.group(2) == str(port)
 
     cgroups = {}
-    for mount in twin_real._cgroup_mounts():
+    for mount in twin_host.cgroup_mounts():
         cgroups[str(mount)] = sorted(p.name for p in mount.iterdir() if p.is_dir() and ours(p.name))
     links = subprocess.run([ip, "-o", "link"], capture_output=True, text=True).stdout
     names = [line.split(":")[1].strip().split("@")[0] for line in links.splitlines()]
@@ -184,11 +185,11 @@ def _host_state(port: int, state: Path) -> dict:
         ),
         "mounts": sorted(
             m
-            for m in twin_real.mounts_under(Path("/"))
+            for m in twin_host.mounts_under(Path("/"))
             if "/twin/real/" not in m or f"/{port}" in m
         ),
         "cgroups": cgroups,
-        "sysctls": twin_real.host_snapshot()["sysctls"],
+        "sysctls": twin_host.host_snapshot()["sysctls"],
         "paths": {
             p: Path(p).exists()
             for p in (
@@ -243,12 +244,12 @@ def test_down_purge_leaves_the_host_as_before(
         assert spec.bridge in during["links"]
         assert f"{spec.address}/32" in during["lo"]
         assert any(spec.cgroup_root.strip("/") in c for c in during["cgroups"].values())
-        assert twin_real.mounts_under(state)
+        assert twin_host.mounts_under(state)
     finally:
         fresh.down(purge=True)
     after = _host_state(port, state)
     assert after == before
-    assert not twin_real.mounts_under(state)
+    assert not twin_host.mounts_under(state)
     assert not _processes_naming(state)
     assert not (state / "twin").exists()
 

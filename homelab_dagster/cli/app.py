@@ -10,10 +10,13 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from homelab_dagster.cli.endpoints import rollback
 from homelab_dagster.cli.output import console, error_exit, exit_if_failed, load_for
 from homelab_dagster.cli.plan import plan
+from homelab_dagster.cli.reconcile import reconcile
 from homelab_dagster.cli.repair import repair_app
 from homelab_dagster.cli.stacks import down, preview
+from homelab_dagster.cli.status import status
 from homelab_dagster.cli.twin import twin_app
 from homelab_dagster.errors import HomelabError
 from homelab_dagster.inventory import Inventory
@@ -33,6 +36,9 @@ app.add_typer(repair_app, name="repair")
 app.command()(preview)
 app.command()(down)
 app.command()(plan)
+app.command()(rollback)
+app.command()(reconcile)
+app.command()(status)
 InventoryArg = Annotated[
     Path | None,
     typer.Argument(help="Inventory file (default: $HOMELAB_INVENTORY or ./homelab.yaml)."),
@@ -157,7 +163,15 @@ def up(
 
 @app.command()
 def dev(
-    port: Annotated[int, typer.Option(help="The UI's port on 127.0.0.1.")] = 3000,
+    port: Annotated[int, typer.Option(help="The UI's port.")] = 3000,
+    host: Annotated[
+        str,
+        typer.Option(
+            help="The address the UI listens on. Dagster's open-source UI has no "
+            "authentication: keep 127.0.0.1 unless an authenticating proxy is in front "
+            "(docs/reliability.md, 'Who can reach the UI')."
+        ),
+    ] = "127.0.0.1",
 ) -> None:
     """The Dagster UI and daemon for this homelab (the instance `homelab up` records into).
 
@@ -176,10 +190,16 @@ def dev(
         raise error_exit(exc) from exc
     home = launch.ensure_dagster_home(settings)
     storage = "PostgreSQL" if settings.dagster_postgres else "SQLite"
-    console.print(f"DAGSTER_HOME={home} ({storage}); the UI will be on http://127.0.0.1:{port}")
+    console.print(f"DAGSTER_HOME={home} ({storage}); the UI will be on http://{host}:{port}")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        console.print(
+            f"[yellow]warning:[/] the UI listens on {host} and has no authentication: anyone "
+            "who can reach it can launch and terminate runs (docs/reliability.md, 'Who can "
+            "reach the UI')"
+        )
     # dg compares the active environment with the project's .venv and warns when they differ.
     os.environ.setdefault("VIRTUAL_ENV", sys.prefix)
-    args = ["-m", "dagster_dg_cli.cli", "dev", "--host", "127.0.0.1", "--port", str(port)]
+    args = ["-m", "dagster_dg_cli.cli", "dev", "--host", host, "--port", str(port)]
     raise typer.Exit(_serve([sys.executable, *args], cwd=project_root()))
 
 

@@ -23,7 +23,9 @@ from dagster import DagsterEventType
 
 from homelab_dagster.cli.output import steps_output_to
 from homelab_dagster.inventory import Inventory
+from homelab_dagster.loader import inventory_or_none
 from homelab_dagster.settings import DAGSTER_POSTGRES_URL_VAR, Settings
+from resources.deployment import build_deployment
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -113,6 +115,11 @@ def ensure_dagster_home(settings: Settings) -> str:
     text = _WRITTEN_BY + "telemetry:\n  enabled: false\nnux:\n  enabled: false\n"
     if settings.dagster_postgres:
         text += f"storage:\n  postgres:\n    postgres_url:\n      env: {DAGSTER_POSTGRES_URL_VAR}\n"
+    # Steps as pods (HOMELAB_RUNS=kubernetes): dagster-k8s's run launcher, whose settings the
+    # step executor reads too, and the storage the pods share (resources/orchestrator.py).
+    pods_instance = build_deployment(settings, inventory_or_none(settings.inventory_path))
+    if pods_instance.instance_yaml is not None:
+        text = _WRITTEN_BY + pods_instance.instance_yaml
     try:
         with open(config, encoding="utf-8") as f:
             current: str | None = f.read()
@@ -132,11 +139,13 @@ def materialize(
     job: str = "up",
     op_selection: Sequence[str] | None = None,
     title: str = "materialising",
+    ops_config: dict[str, object] | None = None,
 ) -> RunOutcome:
     """Materialise ``selection`` (all assets when None), showing progress on ``console``.
 
     ``job``/``op_selection``: the job of the code location to run (``up``, ``preview``,
     ``teardown``), all its ops or those named. ``title``: the progress table's.
+    ``ops_config``: run configuration by op name (e.g. an endpoint's ``serve_version``).
     """
     ensure_dagster_home(settings)
     invocation = uuid.uuid4().hex
@@ -151,7 +160,10 @@ def materialize(
                 tags={_TAG: invocation},
                 asset_selection=list(selection) if selection is not None else None,
                 op_selection=list(op_selection) if op_selection is not None else None,
-                run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
+                run_config={
+                    "loggers": {"console": {"config": {"log_level": "WARNING"}}},
+                    **({"ops": ops_config} if ops_config else {}),
+                },
             )
         finally:
             follower.stop()

@@ -4,7 +4,9 @@ The change is the diff between ``REV``'s merge base with ``HEAD`` and the workin
 ``HEAD`` with ``--head``), mapped to assets by the same function the Git sensor applies
 (:func:`homelab_dagster.changes.affected`). The downstream assets come from the code
 location's asset graph: what would follow once the selected ones are materialised.
-Pulumi's previews are not run here: ``homelab preview --env <cluster>`` shows them.
+``--preview`` also runs Pulumi's preview of each selected stack (the ``preview`` job's ops of
+those stacks, in parallel, after starting the twin's clusters they touch): what each would
+change, resource by resource.
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ def plan(
     head: Annotated[
         bool, typer.Option("--head", help="Plan HEAD, not the working tree's changes.")
     ] = False,
+    preview: Annotated[
+        bool,
+        typer.Option("--preview", help="Also run Pulumi's preview of each selected stack."),
+    ] = False,
 ) -> None:
     """The assets a change would materialise (with why), and what would follow them."""
     try:
@@ -59,7 +65,9 @@ def plan(
     impact = affected(old, new, [p for p in paths.split("\0") if p], inventory_file=file)
     against = f"{rev} (merge base {base[:12]})"
     console.print(f"plan: {'HEAD' if head else 'the working tree'} against {against}")
-    _print(impact)
+    _print(impact, preview)
+    if preview:
+        _previews(impact)
 
 
 def _git(checkout: Path, *args: str, ok: tuple[int, ...] = (0,)) -> str:
@@ -90,7 +98,7 @@ def _old_inventory(text: str, name: str) -> Inventory | None:
         return None
 
 
-def _print(impact: Impact) -> None:
+def _print(impact: Impact, previewed: bool) -> None:
     from dagster import AssetSelection
 
     from homelab_dagster.definitions import defs
@@ -117,4 +125,52 @@ def _print(impact: Impact) -> None:
     follow = sorted(k.to_user_string() for k in downstream - set(known))
     if follow:
         console.print(f"then downstream (by the graph's automation): {', '.join(follow)}")
-    console.print("  [dim]Pulumi's previews are not run here: homelab preview --env <cluster>[/]")
+    if not previewed:
+        console.print("  [dim]Pulumi's previews: homelab plan --preview[/]")
+
+
+def _previews(impact: Impact) -> None:
+    """Pulumi's preview of each selected stack (the ``preview`` job's ops), then each plan."""
+    import dagster as dg
+
+    from assets.jobs import preview_op_name, stack_specs
+    from homelab_dagster.cli import launch
+    from homelab_dagster.cli.output import exit_if_failed, load_for
+    from sensors.git import asset_key
+
+    settings, inventory = load_for(None)
+    clusters, links = stack_specs(inventory)
+    specs = {spec.key: spec for spec in clusters + links}
+    chosen = [specs[k] for k in (asset_key(a) for a in impact.assets) if k in specs]
+    if not chosen:
+        console.print("no stack to preview")
+        return
+    touched = sorted({c for spec in chosen for c in spec.clusters})
+    try:
+        launch.start_world(settings, inventory, touched)
+    except HomelabError as exc:
+        raise error_exit(exc) from exc
+    outcome = launch.materialize(
+        None,
+        settings=settings,
+        console=console,
+        job="preview",
+        op_selection=[preview_op_name(spec) for spec in chosen],
+        title="previewing",
+    )
+    exit_if_failed(outcome, settings, "previewing")
+    with dg.DagsterInstance.get() as instance:
+        records = instance.get_records_for_run(
+            outcome.run_id, of_type=dg.DagsterEventType.ASSET_OBSERVATION
+        ).records
+    for record in records:
+        event = record.event_log_entry.dagster_event
+        observation = event.asset_observation_data.asset_observation if event else None
+        if observation is None:
+            continue
+        plan_text = observation.metadata.get("pulumi_plan")
+        changed = observation.metadata.get("pulumi_changed")
+        count = changed.value if changed is not None else "?"
+        console.print(f"[bold]{observation.asset_key.to_user_string()}[/]: {count} change(s)")
+        if plan_text is not None:
+            console.print(str(plan_text.value), highlight=False)

@@ -1,4 +1,4 @@
-"""``homelab twin up|down|status|env``: the twin, by hand."""
+"""``homelab twin up|down|status|env|images``: the twin, by hand."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from rich.table import Table
 
 from homelab_dagster.cli.output import console, err_console, error_exit
 from homelab_dagster.errors import HomelabError
+from homelab_dagster.images import IMAGES
 from homelab_dagster.loader import load_inventory
 from homelab_dagster.settings import Settings
 from homelab_dagster.twin import Twin
@@ -55,6 +56,7 @@ def twin_up(clusters: ClustersArg = None) -> None:
     except HomelabError as exc:
         raise error_exit(exc) from exc
     console.print(_status_table(twin))
+    console.print(_registry_line(twin), highlight=False)
     console.print(f'kubeconfig: {twin.kubeconfig}  (eval "$(homelab twin env)")')
 
 
@@ -75,9 +77,51 @@ def twin_down(
 
 @twin_app.command("status")
 def twin_status() -> None:
-    """Each cluster's API server, nodes, GPU capacity and health."""
+    """Each cluster's API server, nodes, GPU capacity and health; the image registry."""
     twin = _open_or_exit()
     console.print(_status_table(twin))
+    console.print(_registry_line(twin), highlight=False)
+
+
+@twin_app.command("images")
+def twin_images(
+    names: Annotated[
+        list[str] | None,
+        typer.Argument(help=f"Images (default: every one: {', '.join(IMAGES)})."),
+    ] = None,
+) -> None:
+    """Build the images from their lock files and push them to the twin's registry.
+
+    Cached by content: an unchanged lock file (and sources) costs no build and no push.
+    """
+    from infra.images import ImageBuilder
+
+    twin = _open_or_exit()
+    try:
+        with console.status("images") as status:
+
+            def report(name: str, message: str) -> None:
+                status.update(f"{name}: {message}")
+                console.print(f"  image {name}: {message}", highlight=False)
+
+            report("registry", twin.registry.up())
+            builder = ImageBuilder(progress=report)
+            results = builder.build_and_push(names or list(IMAGES), twin.registry)
+    except HomelabError as exc:
+        raise error_exit(exc) from exc
+    table = Table(title=f"images (registry {twin.registry.address})", title_justify="left")
+    for column in ("image", "reference", "build", "push", "size", "digest"):
+        table.add_column(column)
+    for r in results:
+        table.add_row(
+            r.name,
+            r.reference,
+            f"built in {r.seconds:.0f} s" if r.built else "cached",
+            "pushed" if r.pushed else "in the registry",
+            f"{r.size / 2**20:.0f} MiB",
+            r.digest.removeprefix("sha256:")[:12],
+        )
+    console.print(table)
 
 
 @twin_app.command("env")
@@ -94,6 +138,12 @@ def _open_or_exit() -> Twin:
         return open_twin(build=False)
     except HomelabError as exc:
         raise error_exit(exc) from exc
+
+
+def _registry_line(twin: Twin) -> str:
+    r = twin.registry_status()
+    state = "[green]up[/]" if r.answering else f"[dim]{r.message}[/]"
+    return f"registry: {r.address} {state}  (homelab twin images builds and pushes the images)"
 
 
 def _status_table(twin: Twin) -> Table:

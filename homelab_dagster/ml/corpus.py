@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from homelab_dagster.errors import TrainingError
+from homelab_dagster.inventory import check_corpus_glob
 from homelab_dagster.ml.digest import directory_digest, file_sha256, tree_digest
 
 __all__ = ["Corpus", "read_corpus_dir", "resolve_corpus"]
@@ -43,18 +44,25 @@ def resolve_corpus(root: str | Path, globs: list[str] | tuple[str, ...]) -> Corp
     """The non-empty text files below ``root`` that ``globs`` match.
 
     Raises:
-        TrainingError: a glob is absolute or leaves the root; no file matches; every match
-            is empty; a matched file is not UTF-8 text.
+        TrainingError: a glob is absolute or leaves the root; a match is a link out of the
+            root; no file matches; every match is empty; a matched file is not UTF-8 text.
     """
     root = Path(root).resolve()
     matched: set[Path] = set()
     for pattern in globs:
-        pure = PurePosixPath(pattern)
-        if pure.is_absolute() or ".." in pure.parts:
-            raise TrainingError(
-                f"corpus glob {pattern!r} must be relative to {root} and stay below it"
-            )
-        matched.update(p for p in root.glob(pattern) if p.is_file())
+        reason = check_corpus_glob(pattern)
+        if reason:
+            raise TrainingError(f"{reason} ({root})")
+        for path in root.glob(pattern):
+            if not path.is_file():
+                continue
+            real = path.resolve()
+            if not real.is_relative_to(root):
+                raise TrainingError(
+                    f"corpus glob {pattern!r} matches {path.relative_to(root)}, a link to "
+                    f"{real} outside {root}: the corpus must stay in the project"
+                )
+            matched.add(path)
     if not matched:
         raise TrainingError(
             f"the corpus is empty: the globs {list(globs)} match no files under {root}"

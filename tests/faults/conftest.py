@@ -43,12 +43,17 @@ def log() -> logging.Logger:
     return logging.getLogger("faults")
 
 
-def homelab(state_dir: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``homelab ARGS`` (``python -m homelab_dagster``) on ``state_dir``, its output captured."""
+def homelab(
+    state_dir: Path, *args: str, timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """``homelab ARGS`` (``python -m homelab_dagster``) on ``state_dir``, its output captured
+    (``env``: more variables, e.g. ``HOMELAB_INVENTORY``)."""
     import os
 
+    extra = env or {}
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HOMELAB_", "PULUMI_"))}
     env["HOMELAB_STATE_DIR"] = str(state_dir)
+    env |= extra
     return subprocess.run(
         [sys.executable, "-m", "homelab_dagster", *args],
         env=env,
@@ -57,3 +62,134 @@ def homelab(state_dir: Path, *args: str, timeout: float = 300) -> subprocess.Com
         timeout=timeout,
         cwd=Path(__file__).resolve().parents[2],
     )
+
+
+class DevUI:
+    """``homelab dev`` (the UI's webserver, daemon and code server) on the session twin's state
+    directory, driven as the UI drives it: GraphQL over HTTP (launchpad, terminate, run logs)."""
+
+    LOCATION = "homelab"
+
+    def __init__(self, dev) -> None:
+        self.dev = dev
+
+    def query(self, query: str, **variables: object) -> dict:
+        import json
+        import urllib.error
+        import urllib.request
+
+        request = urllib.request.Request(
+            f"{self.dev.url}/graphql",
+            data=json.dumps({"query": query, "variables": variables}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                body = json.load(response)
+        except urllib.error.HTTPError as exc:
+            pytest.fail(f"GraphQL answered {exc.code}: {exc.read().decode(errors='replace')}")
+        assert "errors" not in body, body
+        return body["data"]
+
+    def wait_loaded(self, timeout: float = 300) -> None:
+        """Until the code location is loaded (the webserver answers before it is)."""
+        import time
+
+        query = "{ workspaceOrError { ... on Workspace { locationEntries { name loadStatus } } } }"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            entries = self.query(query)["workspaceOrError"].get("locationEntries") or []
+            if any(e["name"] == self.LOCATION and e["loadStatus"] == "LOADED" for e in entries):
+                return
+            time.sleep(1)
+        pytest.fail(f"the code location did not load within {timeout}s:\n{self.dev.output()}")
+
+    def launch(self, asset_path: list[str], run_config: dict | None = None) -> dict:
+        """The launchpad's *Materialize*: ``launchRun`` of job ``up`` for one asset."""
+        params = {
+            "selector": {
+                "repositoryLocationName": self.LOCATION,
+                "repositoryName": "__repository__",
+                "jobName": "up",
+                "assetSelection": [{"path": asset_path}],
+            },
+            "runConfigData": run_config or {},
+        }
+        data = self.query(
+            """mutation($p: ExecutionParams!) { launchRun(executionParams: $p) {
+                __typename
+                ... on LaunchRunSuccess { run { runId } }
+                ... on RunConfigValidationInvalid { errors { message reason } }
+                ... on PythonError { message }
+                ... on InvalidSubsetError { message }
+            } }""",
+            p=params,
+        )
+        return data["launchRun"]
+
+    def terminate(self, run_id: str) -> dict:
+        """The run page's *Terminate*."""
+        data = self.query(
+            """mutation($id: String!) { terminateRun(runId: $id) {
+                __typename ... on TerminateRunFailure { message } ... on PythonError { message }
+            } }""",
+            id=run_id,
+        )
+        return data["terminateRun"]
+
+    def status(self, run_id: str) -> str:
+        data = self.query(
+            "query($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }", id=run_id
+        )
+        return data["runOrError"]["status"]
+
+    def run_ids(self) -> list[str]:
+        data = self.query("{ runsOrError { ... on Runs { results { runId } } } }")
+        return [r["runId"] for r in data["runsOrError"]["results"]]
+
+    def messages(self, run_id: str) -> list[str]:
+        """Every message of the run's event log."""
+        data = self.query(
+            """query($id: ID!) { logsForRun(runId: $id, limit: 100000) {
+                ... on EventConnection { events { ... on MessageEvent { message } } }
+            } }""",
+            id=run_id,
+        )
+        return [e["message"] for e in data["logsForRun"]["events"] if e]
+
+    def wait_for_status(self, run_id: str, wanted: set[str], timeout: float = 600) -> str:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while (status := self.status(run_id)) not in wanted:
+            if status in {"SUCCESS", "FAILURE", "CANCELED"} or time.monotonic() > deadline:
+                tail = "\n".join(self.messages(run_id)[-30:])
+                pytest.fail(f"run {run_id} is {status}, not {wanted}:\n{tail}")
+            time.sleep(1)
+        return status
+
+
+@pytest.fixture(scope="session")
+def dev_ui(twin, twin_port_base, tmp_path_factory):
+    """``homelab dev`` whose target is the session twin (its state directory and ports)."""
+    import os
+
+    from conftest import HomelabDev, free_port
+
+    tmp = tmp_path_factory.mktemp("dev-ui")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HOMELAB_", "DAGSTER_"))}
+    env.pop("PULUMI_CONFIG_PASSPHRASE", None)
+    env.pop("PULUMI_BACKEND_URL", None)
+    env |= {
+        "DAGSTER_HOME": str(tmp / "dagster-home"),
+        "HOMELAB_STATE_DIR": str(twin.root.parent),
+        "HOMELAB_TWIN_PORT_BASE": str(twin_port_base),
+    }
+    dev = HomelabDev(env, tmp / "dev.log", free_port())
+    try:
+        dev.wait_ready()
+        ui = DevUI(dev)
+        ui.wait_loaded()
+        yield ui
+    finally:
+        dev.stop(timeout=60)

@@ -1,0 +1,218 @@
+"""The rules an endpoint is held to: its rollout, the name it serves, its latency, its history.
+
+``vllm_endpoint/<endpoint>`` (:mod:`assets.endpoints`) observes the world through its
+resources and applies these functions; nothing here reads or writes anything or imports
+Dagster, so the rules are tested on their own.
+
+- :func:`observed_pod` and :func:`rollout_state`: whether the server's pods serve, wait, or
+  failed (the scheduler's refusal, a crashed container), in words an SRE reads;
+- :func:`serves_weights`, :func:`within_budget`, :func:`chat_answers`: the serving checks'
+  verdicts, observed and expected values in their metadata;
+- :func:`latency_stats`: p50 and p95 latency and tokens per second over a few requests;
+- :func:`previous_version`: which weights version ``homelab rollback`` goes back to.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from homelab_dagster.checks import Verdict
+
+__all__ = [
+    "ObservedPod",
+    "Rollout",
+    "chat_answers",
+    "crash_cause",
+    "latency_stats",
+    "observed_pod",
+    "previous_version",
+    "rollout_state",
+    "serves_weights",
+    "within_budget",
+]
+
+
+@dataclass(frozen=True)
+class ObservedPod:
+    """What a rollout needs of one pod: where it runs, whether it serves, and why not."""
+
+    name: str
+    digest: str  # the weights-digest annotation of its template
+    node: str | None
+    phase: str
+    ready: bool
+    unschedulable: str | None = None  # the scheduler's message, while it cannot place the pod
+    waiting: str | None = None  # a container's waiting reason and message (CrashLoopBackOff)
+    terminated: str | None = None  # a container's last termination (exit code, reason)
+    restarts: int = 0
+    deleting: bool = False
+
+
+def observed_pod(pod: Any) -> ObservedPod:
+    """An :class:`ObservedPod` of a Kubernetes client ``V1Pod``."""
+    conditions = {c.type: c for c in (pod.status.conditions or [])}
+    scheduled = conditions.get("PodScheduled")
+    unschedulable = (
+        scheduled.message or scheduled.reason
+        if scheduled is not None and scheduled.status == "False"
+        else None
+    )
+    waiting = terminated = None
+    restarts = 0
+    for status in pod.status.container_statuses or []:
+        restarts += status.restart_count or 0
+        state, last = status.state, status.last_state
+        if state and state.waiting and state.waiting.reason not in (None, "ContainerCreating"):
+            waiting = f"{state.waiting.reason}: {state.waiting.message or ''}".strip(": ")
+        ended = (state and state.terminated) or (last and last.terminated)
+        if ended:
+            terminated = f"exit code {ended.exit_code} ({ended.reason or 'no reason'})"
+    ready = conditions.get("Ready")
+    return ObservedPod(
+        name=pod.metadata.name,
+        digest=(pod.metadata.annotations or {}).get("homelab.dev/weights-digest", ""),
+        node=pod.spec.node_name,
+        phase=pod.status.phase or "Unknown",
+        ready=ready is not None and ready.status == "True",
+        unschedulable=unschedulable,
+        waiting=waiting,
+        terminated=terminated,
+        restarts=restarts,
+        deleting=pod.metadata.deletion_timestamp is not None,
+    )
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """Where a rollout stands: ``state`` is ``serving``, ``waiting`` or ``failed``."""
+
+    state: str
+    reason: str
+    pod: ObservedPod | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.state != "waiting"
+
+
+def rollout_state(
+    pods: Sequence[ObservedPod], digest: str, *, scheduled_is_enough: bool = False
+) -> Rollout:
+    """The rollout of ``digest`` from its pods (others, leaving, are ignored).
+
+    Failed at once when the scheduler refuses a pod (its message names what is missing, e.g.
+    ``Insufficient nvidia.com/gpu``) or a container crashed (a model vLLM cannot load exits;
+    its log says why). ``scheduled_is_enough``: a pod placed on a node is the goal (an
+    endpoint whose weights are not here proves only its scheduling).
+    """
+    current = [p for p in pods if p.digest == digest and not p.deleting]
+    if not current:
+        return Rollout("waiting", "no pod of this version yet")
+    for pod in current:
+        if pod.unschedulable:
+            return Rollout(
+                "failed", f"the scheduler cannot place pod {pod.name}: {pod.unschedulable}", pod
+            )
+        if pod.waiting and ("ImagePull" in pod.waiting or "InvalidImageName" in pod.waiting):
+            return Rollout("failed", f"pod {pod.name} cannot pull its image: {pod.waiting}", pod)
+        if pod.restarts or (pod.waiting and "BackOff" in pod.waiting) or pod.phase == "Failed":
+            why = pod.waiting or pod.terminated or pod.phase
+            return Rollout("failed", f"the server in pod {pod.name} crashed: {why}", pod)
+    if scheduled_is_enough:
+        placed = [p for p in current if p.node]
+        if placed:
+            return Rollout("serving", f"pod {placed[0].name} placed on {placed[0].node}", placed[0])
+    ready = [p for p in current if p.ready]
+    if ready:
+        return Rollout("serving", f"pod {ready[0].name} serves on {ready[0].node}", ready[0])
+    pod = current[0]
+    what = pod.unschedulable or pod.waiting or f"{pod.phase}, not ready yet"
+    return Rollout("waiting", f"pod {pod.name}: {what}", pod)
+
+
+_ERROR_LINE = re.compile(r"\b(\w+(?:Error|Exception)): (.+)$")
+
+
+def crash_cause(log: str, most: int = 3) -> str:
+    """The distinct ``SomeError: message`` lines of a crashed server's log, in order (the
+    root cause comes first: the process that reports the failure last only says it failed),
+    else its last line."""
+    found: list[str] = []
+    for line in log.splitlines():
+        if " WARNING " in line:
+            continue  # vLLM warns of errors that may come (`OSError: [Errno 24]` at start)
+        match = _ERROR_LINE.search(line)
+        if match:
+            text = f"{match.group(1)}: {match.group(2).strip()}"
+            if text not in found:
+                found.append(text)
+    if found:
+        return "; ".join(found[:most])
+    lines = [line for line in log.splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "(no log)"
+
+
+def serves_weights(listed: Sequence[str], expected: str) -> Verdict:
+    """``/v1/models`` lists ``expected`` (``<served name>@<digest>``)."""
+    metadata = {"observed": list(listed), "expected": expected}
+    if expected in listed:
+        return Verdict(True, f"the server lists {expected}", metadata)
+    return Verdict(
+        False,
+        f"the server lists {', '.join(listed) or 'no model'}, not {expected}: it does not serve "
+        "this weights version",
+        metadata,
+    )
+
+
+def within_budget(text: str, tokens: int, latency_s: float, budget_ms: int) -> Verdict:
+    """A completion returned text (at least one token) within ``budget_ms``."""
+    ms = round(latency_s * 1000, 1)
+    metadata = {
+        "latency_ms": ms,
+        "latency_budget_ms": budget_ms,
+        "completion_tokens": tokens,
+        "sample": text[:200],
+    }
+    if tokens < 1:
+        return Verdict(False, "the completion returned no tokens", metadata)
+    if ms > budget_ms:
+        return Verdict(
+            False, f"the completion took {ms} ms, above the {budget_ms} ms budget", metadata
+        )
+    return Verdict(True, f"{tokens} tokens in {ms} ms (budget {budget_ms} ms)", metadata)
+
+
+def chat_answers(text: str, tokens: int, latency_s: float) -> Verdict:
+    """A chat completion (the server applied the chat template) returned tokens."""
+    metadata = {"latency_ms": round(latency_s * 1000, 1), "completion_tokens": tokens}
+    if tokens < 1:
+        return Verdict(False, "the chat completion returned no tokens", metadata)
+    return Verdict(
+        True, f"the chat completion answered ({tokens} tokens)", {**metadata, "sample": text[:200]}
+    )
+
+
+def latency_stats(latencies_s: Sequence[float], tokens: Sequence[int]) -> dict[str, float]:
+    """p50 and p95 latency (ms) and tokens per second (all tokens over all time)."""
+    if not latencies_s:
+        return {}
+    ordered = sorted(latencies_s)
+    p95_index = min(len(ordered) - 1, max(0, round(0.95 * len(ordered) + 0.5) - 1))
+    total = sum(latencies_s)
+    return {
+        "latency_p50_ms": round(statistics.median(ordered) * 1000, 1),
+        "latency_p95_ms": round(ordered[p95_index] * 1000, 1),
+        "tokens_per_s": round(sum(tokens) / total, 2) if total > 0 else 0.0,
+        "requests": float(len(latencies_s)),
+    }
+
+
+def previous_version(history: Sequence[str], current: str | None) -> str | None:
+    """The version served before ``current`` (``history``: digests, oldest first)."""
+    earlier = [d for d in history if d and d != current]
+    return earlier[-1] if earlier else None

@@ -1,0 +1,331 @@
+"""The Pulumi program of an endpoint stack (``<target>.vllm_endpoint.<name>``).
+
+One stack per endpoint, on the endpoint's cluster, in its namespace:
+
+- a Deployment running vLLM's OpenAI-compatible server (``python3 -m
+  vllm.entrypoints.openai.api_server``) with the served names, ``--tensor-parallel-size``,
+  ``--max-model-len`` and the other serving arguments of the inventory; GPU limits equal to the
+  tensor-parallel size; a node selector on the endpoint's node role and tolerations for the
+  taints of those nodes (and the usual ``nvidia.com/gpu`` taint); a startup probe long enough
+  for model loading, then a readiness probe; strategy ``Recreate`` (a rolling update would
+  need the GPUs twice: on a node with exactly the endpoint's GPUs the new pod could never be
+  scheduled);
+- the weights version mounted read-only at ``/models/<digest>``: on the twin by ``hostPath``
+  from the weights store's directory (the real node runs on the machine that holds it); on the
+  homelab by an init container that copies the version from the store's bucket into an
+  ``emptyDir`` (:class:`WeightsSource`);
+- ``/dev/shm`` as a memory ``emptyDir`` (vLLM's engine needs more than a container's 64 MiB);
+- where the endpoint has a chat template, a ConfigMap holding it, mounted at
+  ``/etc/vllm/`` (outside the weights: their digest is unchanged);
+- a Service with the inventory's NodePort, labelled for the mesh's export when
+  ``export_to_mesh`` (Linkerd mirrors it on the linked clusters as ``<name>-<cluster>``:
+  docs/serving.md).
+
+The Deployment and the Service carry ``pulumi.com/skipAwait``: the endpoint asset waits for
+the rollout itself, through the Kubernetes API, so that a pod the scheduler refuses fails in
+the scheduler's words instead of after Pulumi's ten-minute timeout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from homelab_dagster.inventory import Cluster, Endpoint
+
+__all__ = [
+    "CHAT_TEMPLATE_PATH",
+    "CONTAINER",
+    "GPU_RESOURCE",
+    "MODELS_DIR",
+    "SERVER_PORT",
+    "ServedWeights",
+    "ServerRuntime",
+    "WeightsSource",
+    "endpoint_labels",
+    "endpoint_program",
+    "served_names",
+    "server_args",
+]
+
+GPU_RESOURCE = "nvidia.com/gpu"
+SERVER_PORT = 8000
+CONTAINER = "vllm"
+MODELS_DIR = "/models"
+CHAT_TEMPLATE_PATH = "/etc/vllm/chat-template.jinja"
+# Model loading: up to 15 minutes (a 70B model from local disk; vLLM's CPU build under load
+# takes minutes for a tiny one), probed every 10 s; then ready is probed every 10 s.
+_STARTUP_PERIOD_S, _STARTUP_FAILURES = 10, 90
+_MANAGED_BY = {"app.kubernetes.io/managed-by": "homelab-dagster"}
+_SHM_SIZE = "1Gi"
+
+
+@dataclass(frozen=True)
+class ServedWeights:
+    """The weights version the endpoint serves: its digest and its directory in the store.
+
+    ``digest`` None: the store holds no version of the model (an external model on the twin);
+    the server then runs ``--model <model_id>`` (the hub id), which only the homelab can reach.
+    """
+
+    digest: str | None
+    relative_path: str = ""  # <model>/versions/<digest>, below the store's root
+    model_id: str = ""
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """Where the server's pod finds the store's versions.
+
+    ``host_path``: the store's directory on the node (the twin). Otherwise ``bucket_url``
+    (``s3://bucket``), read by an init container with ``copy_image``, credentials from the
+    Secret ``credentials_secret`` (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``) and the
+    store's ``endpoint_url``.
+    """
+
+    host_path: str | None = None
+    bucket_url: str = ""
+    endpoint_url: str = ""
+    credentials_secret: str = "weights-store-credentials"
+    copy_image: str = "amazon/aws-cli:2.22.35"
+
+
+@dataclass(frozen=True)
+class ServerRuntime:
+    """What the deployment's vLLM needs besides the inventory: its image (None: the
+    endpoint's), runtime arguments and environment (vLLM's CPU build on the twin), the memory
+    its container requests, and where the weights are."""
+
+    image: str | None = None
+    args: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    memory: str | None = None
+    weights: WeightsSource = field(default_factory=WeightsSource)
+
+
+def served_names(endpoint_name: str, endpoint: Endpoint, digest: str | None) -> list[str]:
+    """The names ``/v1/models`` lists: the stable name, and ``<name>@<digest[:12]>``, which
+    says which weights version answers."""
+    name = endpoint.served_model_name(endpoint_name)
+    return [name, f"{name}@{digest[:12]}"] if digest else [name]
+
+
+def endpoint_labels(endpoint_name: str) -> dict[str, str]:
+    """The labels of the endpoint's pods (the Service's selector)."""
+    return {"app.kubernetes.io/name": "vllm", "app.kubernetes.io/instance": endpoint_name}
+
+
+def server_args(
+    endpoint_name: str, endpoint: Endpoint, weights: ServedWeights, runtime: ServerRuntime
+) -> list[str]:
+    """The server's command line: module, model, served names, parallelism, length, port."""
+    model = f"{MODELS_DIR}/{weights.digest}" if weights.digest else weights.model_id
+    args = [
+        "python3",
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        model,
+        "--served-model-name",
+        *served_names(endpoint_name, endpoint, weights.digest),
+        "--tensor-parallel-size",
+        str(endpoint.tensor_parallel_size),
+        "--max-model-len",
+        str(endpoint.max_model_len),
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(SERVER_PORT),
+    ]
+    if endpoint.chat_template:
+        args += ["--chat-template", CHAT_TEMPLATE_PATH]
+    return [*args, *runtime.args, *endpoint.extra_args]
+
+
+def _tolerations(cluster: Cluster, role: str) -> list[dict[str, str]]:
+    """Tolerate every taint of the role's nodes, and the GPU operator's usual taint."""
+    seen: dict[tuple[str, str], dict[str, str]] = {
+        (GPU_RESOURCE, "NoSchedule"): {
+            "key": GPU_RESOURCE,
+            "operator": "Exists",
+            "effect": "NoSchedule",
+        }
+    }
+    for node in cluster.expanded_nodes():
+        if node.role != role:
+            continue
+        for taint in node.taints:
+            toleration = {"key": taint.key, "operator": "Exists", "effect": taint.effect}
+            seen.setdefault((taint.key, taint.effect), toleration)
+    return list(seen.values())
+
+
+def _weights_volume(
+    weights: ServedWeights, source: WeightsSource
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(volumes, init containers) that put the version at ``/models/<digest>``, read-only."""
+    if not weights.digest:
+        return [], []
+    if source.host_path:
+        path = f"{source.host_path.rstrip('/')}/{weights.relative_path}"
+        return [{"name": "weights", "hostPath": {"path": path, "type": "Directory"}}], []
+    copy = {
+        "name": "fetch-weights",
+        "image": source.copy_image,
+        "command": ["aws", "s3", "cp", "--recursive", "--no-progress"],
+        "args": [
+            f"{source.bucket_url.rstrip('/')}/{weights.relative_path}/",
+            f"{MODELS_DIR}/{weights.digest}/",
+            *(["--endpoint-url", source.endpoint_url] if source.endpoint_url else []),
+        ],
+        "envFrom": [{"secretRef": {"name": source.credentials_secret}}],
+        "volumeMounts": [{"name": "weights", "mountPath": f"{MODELS_DIR}/{weights.digest}"}],
+    }
+    return [{"name": "weights", "emptyDir": {}}], [copy]
+
+
+def pod_spec(
+    endpoint_name: str,
+    endpoint: Endpoint,
+    cluster: Cluster,
+    weights: ServedWeights,
+    runtime: ServerRuntime,
+) -> dict[str, Any]:
+    """The server's pod: the part of the program that the fast tests read."""
+    volumes, init = _weights_volume(weights, runtime.weights)
+    # vLLM's engine and workers talk through shared memory (160 MiB and more); a container's
+    # /dev/shm is 64 MiB by default, and the engine then refuses to start.
+    volumes.append({"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": _SHM_SIZE}})
+    mounts: list[dict[str, Any]] = [{"name": "shm", "mountPath": "/dev/shm"}]
+    if volumes:
+        mounts.append(
+            {"name": "weights", "mountPath": f"{MODELS_DIR}/{weights.digest}", "readOnly": True}
+        )
+    if endpoint.chat_template:
+        volumes.append(
+            {"name": "chat-template", "configMap": {"name": f"{endpoint_name}-chat-template"}}
+        )
+        mounts.append({"name": "chat-template", "mountPath": CHAT_TEMPLATE_PATH.rsplit("/", 1)[0]})
+    gpus = {GPU_RESOURCE: str(endpoint.gpus)} if endpoint.gpus else {}
+    probe = {"httpGet": {"path": "/health", "port": SERVER_PORT}, "periodSeconds": 10}
+    container = {
+        "name": CONTAINER,
+        "image": runtime.image or endpoint.image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": server_args(endpoint_name, endpoint, weights, runtime),
+        "env": [{"name": k, "value": v} for k, v in sorted(runtime.env.items())],
+        "ports": [{"name": "http", "containerPort": SERVER_PORT}],
+        "resources": {
+            "limits": gpus,
+            "requests": {**gpus, **({"memory": runtime.memory} if runtime.memory else {})},
+        },
+        "startupProbe": {**probe, "failureThreshold": _STARTUP_FAILURES},
+        "readinessProbe": {**probe, "failureThreshold": 3},
+        "volumeMounts": mounts,
+    }
+    return {
+        "nodeSelector": {"role": endpoint.node_role},
+        "tolerations": _tolerations(cluster, endpoint.node_role),
+        "automountServiceAccountToken": False,
+        "terminationGracePeriodSeconds": 10,
+        "initContainers": init,
+        "containers": [container],
+        "volumes": volumes,
+    }
+
+
+def endpoint_program(
+    endpoint_name: str,
+    endpoint: Endpoint,
+    cluster: Cluster,
+    weights: ServedWeights,
+    runtime: ServerRuntime,
+    *,
+    kubeconfig: str,
+    context: str,
+    cluster_identifier: str,
+    export_label: str,
+    replicas: int | None = None,
+    history: list[str] | None = None,
+) -> Callable[[], None]:
+    """The inline program of endpoint ``endpoint_name`` serving ``weights``.
+
+    ``replicas``: None for the inventory's; 0 keeps the Deployment with no pod (an external
+    model on the twin, once its scheduling is proven). ``history``: the digests served so
+    far, oldest first, exported with the stack (``homelab rollback`` reads it).
+    """
+    labels = endpoint_labels(endpoint_name)
+    spec = pod_spec(endpoint_name, endpoint, cluster, weights, runtime)
+    service_labels = {**labels, **_MANAGED_BY}
+    if endpoint.export_to_mesh:
+        service_labels[export_label] = "true"
+
+    def program() -> None:
+        import pulumi
+        import pulumi_kubernetes as k8s
+
+        provider = k8s.Provider(
+            f"{endpoint.cluster}-{endpoint_name}",
+            kubeconfig=kubeconfig,
+            context=context,
+            cluster_identifier=cluster_identifier,
+            enable_server_side_apply=True,
+        )
+        opts = pulumi.ResourceOptions(provider=provider)
+        meta = {"namespace": endpoint.namespace, "labels": {**labels, **_MANAGED_BY}}
+        if endpoint.chat_template:
+            k8s.core.v1.ConfigMap(
+                "chat-template",
+                metadata={**meta, "name": f"{endpoint_name}-chat-template"},
+                data={CHAT_TEMPLATE_PATH.rsplit("/", 1)[1]: endpoint.chat_template},
+                opts=opts,
+            )
+        annotations = {
+            "pulumi.com/skipAwait": "true",
+            "homelab.dev/weights-digest": weights.digest or "",
+        }
+        deployment = k8s.apps.v1.Deployment(
+            "server",
+            metadata={**meta, "name": endpoint_name, "annotations": annotations},
+            spec={
+                "replicas": endpoint.replicas if replicas is None else replicas,
+                "strategy": {"type": "Recreate"},
+                "selector": {"matchLabels": labels},
+                "template": {
+                    "metadata": {
+                        "labels": labels,
+                        "annotations": {"homelab.dev/weights-digest": weights.digest or ""},
+                    },
+                    "spec": spec,
+                },
+            },
+            opts=opts,
+        )
+        port: dict[str, Any] = {"name": "http", "port": SERVER_PORT, "targetPort": SERVER_PORT}
+        if endpoint.node_port is not None:
+            port["nodePort"] = endpoint.node_port
+        service = k8s.core.v1.Service(
+            "service",
+            metadata={
+                **meta,
+                "name": endpoint_name,
+                "labels": service_labels,
+                "annotations": {"pulumi.com/skipAwait": "true"},  # its pods: awaited above
+            },
+            spec={
+                "type": "NodePort" if endpoint.node_port is not None else "ClusterIP",
+                "selector": labels,
+                "ports": [port],
+            },
+            opts=opts,
+        )
+        pulumi.export("deployment", deployment.metadata["name"])
+        pulumi.export("service", service.metadata["name"])
+        pulumi.export("namespace", endpoint.namespace)
+        pulumi.export("weights_digest", weights.digest or "")
+        pulumi.export("served_names", served_names(endpoint_name, endpoint, weights.digest))
+        pulumi.export("node_port", endpoint.node_port)
+        pulumi.export("history", list(history or []))
+
+    return program

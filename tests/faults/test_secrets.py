@@ -1,0 +1,184 @@
+"""Fault: secrets that could leak. Canary secrets are planted where the project reads them (a
+webhook URL with a token, the Pulumi passphrase, the PostgreSQL password of Dagster's
+storage, the twin's client keys), a real `homelab up --env pi` and failing runs are made, and
+every place a person or tool could read is searched for them."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = [pytest.mark.faults]
+
+ROOT = Path(__file__).resolve().parents[2]
+# Pulumi's marker of a secret value in a state file.
+SECRET_SIG = "4dabf18193072939515e22adb298388d"
+
+
+def homelab(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "homelab_dagster", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def key_material(path: Path) -> list[str]:
+    """Pieces of a PEM private key as they could appear elsewhere: two lines of its body and
+    a stretch of the file in base64 (a kubeconfig's ``client-key-data``)."""
+    pem = path.read_bytes()
+    body = [line for line in pem.decode().splitlines() if not line.startswith("-----")]
+    return [body[2], body[-2], base64.b64encode(pem).decode()[60:120]]
+
+
+def readable_files(*roots: Path) -> Iterator[Path]:
+    for root in roots:
+        if root.is_file():
+            yield root
+        elif root.exists():
+            yield from (p for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def secret_values(node: Any) -> Iterator[dict[str, Any]]:
+    """Every value of a Pulumi state marked secret."""
+    if isinstance(node, dict):
+        if node.get(SECRET_SIG) == "1b47061264138c4ac30d75fd1eb44270":
+            yield node
+        for value in node.values():
+            yield from secret_values(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from secret_values(value)
+
+
+@pytest.mark.twin
+@pytest.mark.slow
+def test_canary_secrets_never_leak_and_files_holding_secrets_are_private(
+    tmp_path, toolchain, twin_port_base
+):
+    """Injects: a webhook URL with a canary token (HOMELAB_WEBHOOK_URL) for every run; a
+    real `homelab up --env pi` (the twin started, its stacks brought up: the generated Pulumi
+    passphrase and the twin's client keys in use); a run failing because a canary
+    PULUMI_CONFIG_PASSPHRASE is set; a start failing on a PostgreSQL URL whose password is a
+    canary. Asserts: no canary, passphrase or piece of a private key appears in the terminal
+    output, Dagster's storage (event log, run storage, compute logs, asset metadata), the
+    steps' log, Pulumi's state (its backend and work directories) or the project's docs;
+    every value Pulumi's state marks secret is ciphertext only; every file under the state
+    directory holding a secret (passphrase, private keys, kubeconfigs) is mode 0600."""
+    # Short: a real node's containerd socket lives below it (a unix socket path is short).
+    state = Path(tempfile.mkdtemp(prefix="hl-secrets-")) / "state"
+    token = f"canary{secrets.token_hex(8)}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HOMELAB_", "DAGSTER_"))}
+    env = {k: v for k, v in env.items() if not k.startswith("PULUMI_")}
+    env |= {
+        "HOMELAB_STATE_DIR": str(state),
+        "DAGSTER_HOME": str(tmp_path / "dagster"),
+        "HOMELAB_TWIN_PORT_BASE": str(twin_port_base + 800),
+        "HOMELAB_WEBHOOK_URL": f"https://hooks.example.invalid/services/T0/B0/{token}",
+    }
+    passphrase_canary = f"canary{secrets.token_hex(8)}"
+    postgres_canary = f"canary{secrets.token_hex(8)}"
+    try:
+        up = homelab(env, "up", "--env", "pi")
+        assert up.returncode == 0, (up.stdout + up.stderr)[-3000:]
+        failing = homelab(
+            env | {"PULUMI_CONFIG_PASSPHRASE": passphrase_canary}, "up", "--env", "pi"
+        )
+        assert failing.returncode == 1, (failing.stdout + failing.stderr)[-3000:]
+        assert "PULUMI_CONFIG_PASSPHRASE is set" in failing.stderr
+        postgres = env | {
+            "DAGSTER_HOME": str(tmp_path / "dagster-pg"),
+            "HOMELAB_DAGSTER_POSTGRES_URL": (
+                f"postgresql+psycopg2://homelab:{postgres_canary}@127.0.0.1:9/dagster"
+            ),
+        }
+        unreachable = homelab(postgres, "up", "--env", "pi")
+        assert unreachable.returncode != 0
+
+        planted = {
+            "webhook token": token,
+            "PULUMI_CONFIG_PASSPHRASE": passphrase_canary,
+            "PostgreSQL password": postgres_canary,
+            "generated Pulumi passphrase": (state / "pulumi" / "passphrase").read_text().strip(),
+        }
+        for key in (state / "twin").rglob("*.key"):
+            for i, piece in enumerate(key_material(key)):
+                planted[f"{key.relative_to(state)} ({i})"] = piece
+
+        terminal = {
+            "`up`": up.stdout + up.stderr,
+            "failing `up`": failing.stdout + failing.stderr,
+            "`up` on PostgreSQL": unreachable.stdout + unreachable.stderr,
+        }
+        places = readable_files(
+            tmp_path / "dagster",
+            tmp_path / "dagster-pg",
+            state / "logs",
+            state / "pulumi" / "backend",
+            state / "pulumi" / "work",
+            ROOT / "docs",
+        )
+        leaks = [
+            f"{what} in {where}"
+            for where, text in terminal.items()
+            for what, value in planted.items()
+            if value in text
+        ]
+        for path in places:
+            data = path.read_bytes()
+            leaks += [f"{what} in {path}" for what, v in planted.items() if v.encode() in data]
+        assert not leaks, leaks
+
+        states = list((state / "pulumi" / "backend" / ".pulumi" / "stacks").rglob("*.json"))
+        assert states
+        marked = [v for p in states for v in secret_values(json.loads(p.read_text()))]
+        assert all("ciphertext" in v and "plaintext" not in v for v in marked), marked
+
+        holding = [
+            p
+            for p in state.rglob("*")
+            if p.is_file()
+            and not p.is_symlink()
+            and (p.suffix == ".key" or "kubeconfig" in p.name or p.name == "passphrase")
+        ]
+        assert (
+            state / "pulumi" / "passphrase" in holding and state / "twin" / "kubeconfig" in holding
+        )
+        loose = {str(p): oct(p.stat().st_mode & 0o777) for p in holding if p.stat().st_mode & 0o077}
+        assert not loose, loose
+    finally:
+        homelab(env, "twin", "down", "--purge")
+        shutil.rmtree(state.parent, ignore_errors=True)
+
+
+@pytest.mark.twin
+@pytest.mark.slow
+def test_the_ui_listens_on_loopback_only(dev_ui):
+    """Injects: nothing: `homelab dev` as started by default. Asserts: every TCP socket its
+    processes (webserver, daemon, code servers) listen on is bound to a loopback address."""
+    import psutil
+    from conftest import process_tree
+
+    tree = process_tree(dev_ui.dev.process.pid)
+    listening = [
+        (c.pid, c.laddr.ip, c.laddr.port)
+        for c in psutil.net_connections(kind="tcp")
+        if c.status == psutil.CONN_LISTEN and c.pid in tree
+    ]
+    assert any(port == dev_ui.dev.port for _, _, port in listening), listening
+    exposed = [c for c in listening if c[1] not in ("127.0.0.1", "::1")]
+    assert not exposed, exposed

@@ -1,0 +1,202 @@
+"""The twin's images: built from the lock file, pushed to the twin's registry, pulled by a real
+node under the homelab's name; the Dockerfile kept in step with the builder.
+
+The build needs root on Linux with mmdebstrap, umoci and skopeo (`make system-deps`) and the
+network for Debian's packages the first time (about 2 min cold, then cached); the pod test
+needs the real node (tests/test_twin_real.py). Elsewhere they skip with the reason.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+from _twin_support import wait
+
+from homelab_dagster.images import (
+    APP_DIR,
+    BASE_PACKAGES,
+    IMAGES,
+    MIRRORED_REGISTRIES,
+    UV_SYNC_FLAGS,
+    image_reference,
+    mirror_hosts_toml,
+    registry_path,
+)
+
+NODE = "forge-inference"
+PROJECT = IMAGES["homelab-dagster"]
+
+
+# ----------------------------------------------------------------------------- no build
+
+
+def _dockerfile(project_root: Path) -> str:
+    return (project_root / "Dockerfile").read_text()
+
+
+def test_the_dockerfile_installs_the_same_debian_packages_and_runs_the_same_uv_sync(project_root):
+    text = _dockerfile(project_root)
+    (apt,) = re.findall(r"apt-get install -y --no-install-recommends ([^\\\n&]+)", text)
+    assert tuple(apt.split()) == BASE_PACKAGES
+    assert "FROM debian:bookworm-slim" in text
+    (sync,) = re.findall(r"uv sync ([^\n]+)", text)
+    assert tuple(sync.split()) == UV_SYNC_FLAGS
+    assert f"UV_PROJECT_ENVIRONMENT={APP_DIR}/.venv" in text
+    assert f"WORKDIR {APP_DIR}" in text
+    copied = set()
+    for sources in re.findall(r"^COPY (?!--from)(.+) \S+$", text, flags=re.M):
+        copied.update(sources.split())
+    assert copied == {"pyproject.toml", "uv.lock", *PROJECT.sources}
+
+
+def test_each_image_is_tagged_with_its_projects_version():
+    for spec in IMAGES.values():
+        assert spec.tag == spec.version(), spec.name
+
+
+def test_image_references_are_the_homelabs_names_and_map_into_the_twins_registry():
+    assert image_reference("homelab-dagster") == "ghcr.io/homelab/homelab-dagster:0.1.0"
+    assert image_reference("vllm-cpu") == "ghcr.io/homelab/vllm-cpu:0.32.0"
+    with pytest.raises(KeyError, match="known: homelab-dagster, vllm-cpu"):
+        image_reference("nope")
+    assert registry_path("ghcr.io/homelab/x:1") == "ghcr.io/homelab/x:1"
+    assert registry_path("busybox:1.36") == "docker.io/library/busybox:1.36"
+    assert registry_path("docker.io/vllm/vllm-openai:v1") == "docker.io/vllm/vllm-openai:v1"
+
+
+def test_the_mirror_configuration_sends_a_registry_to_the_twins_registry():
+    config = tomllib.loads(mirror_hosts_toml("ghcr.io", "127.0.0.1:5000"))
+    assert config["server"] == "https://ghcr.io"
+    (host,) = config["host"].items()
+    assert host[0] == "http://127.0.0.1:5000/v2/ghcr.io"
+    assert host[1] == {"capabilities": ["pull", "resolve"], "override_path": True}
+
+
+# ----------------------------------------------------------------------------- built
+
+
+@pytest.fixture(scope="module")
+def project_image():
+    """The project's image, built (or found in the cache) from the lock file."""
+    from infra.images import ImageBuilder, missing_tools
+
+    why = missing_tools()
+    if why:
+        pytest.skip(why)
+    builder = ImageBuilder()
+    return builder, builder.build(PROJECT)
+
+
+def _uv_export(project_root: Path) -> dict[str, str]:
+    """``uv export --frozen --no-dev`` of the lock: name -> version, for this platform."""
+    from packaging.markers import Marker
+
+    uv = shutil.which("uv") or str(Path.home() / ".local" / "bin" / "uv")
+    out = subprocess.run(
+        [uv, "export", "--frozen", "--no-dev", "--no-hashes", "--no-emit-project"],
+        cwd=project_root,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    wanted = {}
+    for line in out.splitlines():
+        if not line or line.startswith(("#", " ", "-")):
+            continue
+        requirement, _, marker = line.partition(" ; ")
+        if marker and not Marker(marker).evaluate({"python_full_version": "3.11.2"}):
+            continue
+        name, _, version = requirement.partition("==")
+        wanted[re.sub(r"[-_.]+", "-", name).lower()] = version
+    return wanted
+
+
+# A build may wait for another one holding the cache's lock (the vLLM image: minutes).
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_the_image_installs_exactly_the_lock_file(project_image, project_root):
+    _builder, image = project_image
+    installed = {re.sub(r"[-_.]+", "-", k): v for k, v in image.distributions.items()}
+    assert installed.pop("homelab-dagster") == "0.1.0"  # the project itself, as a wheel
+    assert installed == _uv_export(project_root)
+
+
+@pytest.mark.slow
+@pytest.mark.twin
+@pytest.mark.timeout(1800)
+def test_a_pod_pulls_the_project_image_by_its_homelab_name_and_runs_it(real_forge, project_image):
+    from kubernetes import client
+
+    builder, image = project_image
+    builder.push(image, real_forge.registry)
+    repository, _, tag = registry_path(PROJECT.reference).rpartition(":")
+    assert real_forge.registry.manifest_digest(repository, tag) == image.digest
+    (spec,) = real_forge.real_nodes("forge")
+    for host in MIRRORED_REGISTRIES:
+        assert real_forge.registry.address in spec.path("certs.d", host, "hosts.toml").read_text()
+
+    core = client.CoreV1Api(real_forge.client("forge"))
+    code = (
+        "import homelab_dagster.images as i, importlib.metadata as m; "
+        "print('homelab-dagster', m.version('homelab-dagster'), i.image_reference('vllm-cpu'))"
+    )
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "project-image"},
+        "spec": {
+            "nodeSelector": {"kubernetes.io/hostname": NODE},
+            "restartPolicy": "Never",
+            "automountServiceAccountToken": False,
+            "containers": [
+                {
+                    "name": "main",
+                    "image": PROJECT.reference,
+                    "imagePullPolicy": "Always",  # through the mirror, every time
+                    # From /: the installed wheel is imported, not the sources in /app.
+                    "workingDir": "/",
+                    "command": ["python", "-c", code],
+                }
+            ],
+        },
+    }
+    core.create_namespaced_pod("default", pod)
+    try:
+        done = wait(
+            lambda: (
+                core.read_namespaced_pod("project-image", "default").status.phase
+                in ("Succeeded", "Failed")
+            ),
+            timeout=180,
+        )
+        status = core.read_namespaced_pod("project-image", "default").status
+        logs = core.read_namespaced_pod_log(
+            "project-image", "default", _preload_content=False
+        ).data.decode()
+        assert done and status.phase == "Succeeded", (logs, status)
+        assert logs.strip() == "homelab-dagster 0.1.0 ghcr.io/homelab/vllm-cpu:0.32.0"
+        assert PROJECT.reference in real_forge.real.images(spec)
+    finally:
+        core.delete_namespaced_pod("project-image", "default", grace_period_seconds=0)
+
+
+@pytest.mark.slow
+@pytest.mark.twin
+@pytest.mark.timeout(1800)
+def test_an_unchanged_lock_file_costs_no_build_and_no_push(real_forge, project_image):
+    builder, _image = project_image
+    # Twice in a row: the second must cost nothing. (The first rebuilds if a source changed
+    # since the fixture built; a pair whose sources changed in between is tried again.)
+    for _ in range(3):
+        first = builder.push(builder.build(PROJECT), real_forge.registry)
+        again = builder.push(builder.build(PROJECT), real_forge.registry)
+        if again.tag == first.tag:
+            break
+    assert again.tag == first.tag, "the project's sources kept changing during the test"
+    assert (again.built, again.pushed) == (False, False), again
+    assert again.digest == first.digest

