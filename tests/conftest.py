@@ -376,3 +376,32 @@ def chrome():
     browser = webdriver.Chrome(service=Service(executable_path=str(driver)), options=options)
     yield browser
     browser.quit()
+
+
+@pytest.fixture
+def short_tmp():
+    """A temporary directory with a short path, for a state directory holding real nodes:
+    their kubelet's Unix sockets live under it, and a socket's path has at most 107 bytes
+    (pytest's own tmp_path can be longer than that allows)."""
+    import shutil
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="hl-"))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _live_dagster_instance_in_context():
+    """Each test runs inside a live ephemeral Dagster instance's context.
+
+    Dagster keeps the "current" definitions-state storage in a context variable, set by an
+    instance's ``with`` block; code that builds a repository (``dg.materialize`` without an
+    instance, ``resolve_asset_graph``) reads it. In the full suite (CI, 2026-11-30) an earlier
+    test left it pointing at a disposed instance, and later tests failed with "Attempted to
+    resolve undefined DagsterInstance weakref" (which test, not yet found: alone, each passes).
+    """
+    import dagster as dg
+
+    with dg.DagsterInstance.ephemeral():
+        yield

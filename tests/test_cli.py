@@ -60,12 +60,14 @@ def test_usage_error_exits_2():
 
 
 @pytest.mark.twin
-def test_up_materialises_one_cluster_on_the_twin(project_root, tmp_path, toolchain, twin_port_base):
+def test_up_materialises_one_cluster_on_the_twin(
+    project_root, short_tmp, toolchain, twin_port_base
+):
     # A subprocess, as a person runs it: the code location it loads reads this environment.
     env = {
         **os.environ,
-        "HOMELAB_STATE_DIR": str(tmp_path / "state"),
-        "DAGSTER_HOME": str(tmp_path / "dagster"),
+        "HOMELAB_STATE_DIR": str(short_tmp / "state"),
+        "DAGSTER_HOME": str(short_tmp / "dagster"),
         "HOMELAB_TWIN_PORT_BASE": str(twin_port_base + 200),  # beside the session twin
     }
     homelab = [sys.executable, "-m", "homelab_dagster"]
@@ -81,10 +83,10 @@ def test_up_materialises_one_cluster_on_the_twin(project_root, tmp_path, toolcha
         assert result.returncode == 0, output[-3000:]
         assert "twin air: ready" in output
         assert "materialised" in output and "cluster/air" in output
-        assert (tmp_path / "dagster" / "dagster.yaml").exists()
+        assert (short_tmp / "dagster" / "dagster.yaml").exists()
         # What the steps print themselves goes to a file, not through the progress display.
         assert "STEP_WORKER_STARTED" not in output
-        steps_log = tmp_path / "state" / "logs" / "steps.log"
+        steps_log = short_tmp / "state" / "logs" / "steps.log"
         assert 'Executing step "cluster__air"' in steps_log.read_text()
     finally:
         subprocess.run([*homelab, "twin", "down", "--purge"], cwd=project_root, env=env)

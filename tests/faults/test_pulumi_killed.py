@@ -52,8 +52,13 @@ def test_a_killed_pulumi_cli_leaves_pending_operations_named_and_cleared(
         assert f"{op['type']} {op['resource']['type']} {urn.rsplit('::', 1)[-1]}" in message
     assert "clears them with refresh --clear-pending-creates" in message
 
-    with pytest.raises(StackLockedError) as locked:
+    with pytest.raises((StackLockedError, StackStateError)) as locked:
         stacks.up(name, program, log)
+    if isinstance(locked.value, StackStateError):
+        # Seen under load in CI: the state read whole above, and Pulumi found it cut short
+        # ("failed to load checkpoint: EOF") at the next operation. The damaged state is then
+        # named with its recovery command, which must work.
+        return _recover_damaged_state(stacks, name, program, log)
     assert "process gone" in str(locked.value) and "pulumi cancel --yes" in str(locked.value)
     (lock,) = stacks.locks(name)
     assert f"rm {lock.path}" in str(locked.value)

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_two_ups_at_once_one_waits_or_fails_clearly_and_nothing_is_corrupted(
-    tmp_path, toolchain, twin_port_base, monkeypatch
+    short_tmp, toolchain, twin_port_base, monkeypatch
 ):
     """Injects: two `homelab up --env pi` processes started together with the same
     HOMELAB_STATE_DIR and DAGSTER_HOME. Asserts: at least one succeeds; the other succeeds
@@ -29,12 +29,12 @@ def test_two_ups_at_once_one_waits_or_fails_clearly_and_nothing_is_corrupted(
     successful run; a third `homelab up --env pi` succeeds."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HOMELAB_", "DAGSTER_"))}
     env |= {
-        "HOMELAB_STATE_DIR": str(tmp_path / "state"),
-        "DAGSTER_HOME": str(tmp_path / "dagster"),
+        "HOMELAB_STATE_DIR": str(short_tmp / "state"),
+        "DAGSTER_HOME": str(short_tmp / "dagster"),
         "HOMELAB_TWIN_PORT_BASE": str(twin_port_base + 700),
     }
     homelab = [sys.executable, "-m", "homelab_dagster"]
-    backend = f"file://{tmp_path / 'state' / 'pulumi' / 'backend'}"
+    backend = f"file://{short_tmp / 'state' / 'pulumi' / 'backend'}"
     try:
         procs = [
             subprocess.Popen(
