@@ -16,6 +16,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+import dagster as dg
 import pytest
 from conftest import HomelabDev, free_port
 from ruamel.yaml import YAML
@@ -114,7 +115,10 @@ def graph(shipped_inventory, tmp_path_factory):
 
     state = tmp_path_factory.mktemp("graph-state")
     settings = Settings.from_env({"HOMELAB_STATE_DIR": str(state)})
-    return build_definitions(settings, shipped_inventory).resolve_asset_graph()
+    # A live instance in context (tests/conftest.py, _live_dagster_instance_in_context: a
+    # module fixture is set up outside that function-scoped one).
+    with dg.DagsterInstance.ephemeral():
+        return build_definitions(settings, shipped_inventory).resolve_asset_graph()
 
 
 def test_graph_shows_every_group_and_family(ui, graph):

@@ -52,11 +52,15 @@ def serving(real_forge, shipped_inventory, tmp_path_factory):
     )
     resources = build_deployment(settings, shipped_inventory).resources
     forge = shipped_inventory.clusters["forge"]
-    cluster = dg.materialize(
-        list(build_cluster_defs("forge", forge, shipped_inventory.components).assets or []),
-        resources=resources,
-        raise_on_error=False,
-    )
+    # A live instance in context (tests/conftest.py, _live_dagster_instance_in_context: a
+    # module fixture is set up outside that function-scoped one).
+    with dg.DagsterInstance.ephemeral() as instance:
+        cluster = dg.materialize(
+            list(build_cluster_defs("forge", forge, shipped_inventory.components).assets or []),
+            resources=resources,
+            instance=instance,
+            raise_on_error=False,
+        )
     assert cluster.success
     from homelab_dagster.ml.train import run_pipeline
 
