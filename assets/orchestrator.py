@@ -121,24 +121,15 @@ class _Orchestrator:
         )
 
     def webserver_pod(self, kubernetes: KubernetesClusters) -> str | None:
-        """The name of a Ready webserver pod, or None."""
-        from kubernetes import client
+        """The name of a Ready webserver pod (not one being replaced), or None.
 
-        api = client.CoreV1Api(kubernetes.api_client(self.cluster))
+        Raises:
+            KubernetesError: the pods cannot be listed.
+        """
         for selector in _WEBSERVER_SELECTORS:
-            try:
-                pods = api.list_namespaced_pod(self.dagster.namespace, label_selector=selector)
-            except Exception as exc:
-                raise KubernetesError(
-                    f"cluster {self.cluster}: cannot list Dagster's pods: {exc}"
-                ) from exc
-            for pod in pods.items:
-                conditions = pod.status.conditions or []
-                leaving = pod.metadata.deletion_timestamp is not None
-                if not leaving and any(
-                    c.type == "Ready" and c.status == "True" for c in conditions
-                ):
-                    return str(pod.metadata.name)
+            for pod in kubernetes.pods(self.cluster, self.dagster.namespace, selector):
+                if pod.ready and not pod.deleting:
+                    return pod.name
         return None
 
     def wait_for_webserver(self, kubernetes: KubernetesClusters, log: dg.DagsterLogManager) -> str:
