@@ -32,6 +32,7 @@ __all__ = [
     "check_result",
     "drift_check",
     "drift_check_spec",
+    "key_slug",
     "not_built_yet",
     "provenance",
     "step_failure",
@@ -74,7 +75,12 @@ class StackSpec:
     @property
     def slug(self) -> str:
         """The key as an op name part: ``cluster_forge``, ``mesh_link_studio__forge``."""
-        return "_".join(self.key.path).replace("-", "_")
+        return key_slug(self.key)
+
+
+def key_slug(key: dg.AssetKey) -> str:
+    """An asset key as an op name part: ``cluster_forge``, ``vllm_endpoint_sre_agent``."""
+    return "_".join(key.path).replace("-", "_")
 
 
 class StackConfig(dg.Config):

@@ -32,6 +32,7 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
+from assets._automation import follow_upstream
 from assets._keys import cluster_key, endpoint_key, mesh_link_key, model_weights_key
 from assets._stack import STACK_STEP_TAGS, step_failure
 from homelab_dagster import serving
@@ -39,7 +40,13 @@ from homelab_dagster.checks import Verdict
 from homelab_dagster.errors import EndpointError, HomelabError
 from homelab_dagster.inventory import Cluster, Endpoint, MeshLink, Model
 from homelab_dagster.weights import WeightsVersion
-from infra.endpoint import ServedWeights, endpoint_labels, endpoint_program, served_names
+from infra.endpoint import (
+    ServedWeights,
+    endpoint_labels,
+    endpoint_program,
+    served_names,
+    service_url,
+)
 from resources.kubernetes import KubernetesClusters
 from resources.pulumi import PulumiStacks
 from resources.vllm import Completion, VllmServers
@@ -124,6 +131,9 @@ def build_endpoint_defs(
                     "tensor_parallel_size": endpoint.tensor_parallel_size,
                     "node_port": endpoint.node_port or 0,
                 },
+                # Rolled forward when its weights (or cluster, or links) change, once each
+                # exists and their blocking checks pass (the weights' gate among them).
+                automation_condition=follow_upstream(),
             )
         ],
         check_specs=[
@@ -445,7 +455,8 @@ class _EndpointEntry:
         verdicts: Mapping[str, Verdict],
         restored: str | None,
     ) -> dict[str, Any]:
-        """Provenance (weights, training run, execution, stack update) and serving figures."""
+        """Provenance (weights, training run, execution, stack update), serving figures, and
+        where clients reach it in its cluster (``url``) with a sample answer."""
         version = store.get(self.endpoint.model, digest) if digest else None
         latency = verdicts["completion_within_budget"].metadata
         return {
@@ -458,6 +469,8 @@ class _EndpointEntry:
             "pod": rollout.pod.name if rollout.pod else "",
             "node": rollout.pod.node if rollout.pod and rollout.pod.node else "",
             "serving": rollout.state == "serving",
+            "url": service_url(self.name, self.endpoint),
+            "sample_completion": str(latency.get("sample", "")),
             "rolled_back_to": restored or "",
             **{
                 k: latency[k]

@@ -8,8 +8,9 @@
 - ``preview``: one op per stack, in parallel, running ``pulumi preview``. The per-resource
   plan goes to the run's log and, as an observation of the asset (not a materialisation:
   nothing changed), to the asset's metadata;
-- ``teardown``: one op per stack running ``pulumi destroy``; links first, then each
-  cluster once every link touching it is gone (reverse dependency order).
+- ``teardown``: one op per stack running ``pulumi destroy``; the links and what runs on a
+  cluster (its endpoints, the orchestrator) first, then each cluster once every stack
+  touching it is gone (reverse dependency order).
 
 No job chooses its executor: the deployment does, once, for every job
 (:mod:`resources.deployment`). Stack ops carry the tag ``homelab/clusters`` (the clusters a
@@ -24,10 +25,11 @@ from assets._keys import (
     INVENTORY_KEY,
     ORCHESTRATOR_KEY,
     cluster_key,
+    endpoint_key,
     mesh_link_key,
     model_weights_key,
 )
-from assets._stack import DRIFT_CHECK, STACK_STEP_TAGS, StackSpec, step_failure
+from assets._stack import DRIFT_CHECK, STACK_STEP_TAGS, StackSpec, key_slug, step_failure
 from assets.clusters import cluster_stack
 from assets.mesh import mesh_link_stack
 from assets.weights import INTACT_CHECK
@@ -47,6 +49,7 @@ __all__ = [
     "cluster_selection",
     "preview_op_name",
     "stack_specs",
+    "workload_stacks",
 ]
 
 UP_JOB = "up"
@@ -80,6 +83,13 @@ def stack_specs(inventory: Inventory) -> tuple[list[StackSpec], list[StackSpec]]
     return clusters, links
 
 
+def workload_stacks(inventory: Inventory) -> list[tuple[dg.AssetKey, tuple[str, ...]]]:
+    """The stacks of what runs on a cluster, with that cluster: each endpoint's, and the
+    orchestrator's."""
+    stacks = [(endpoint_key(n), (e.cluster,)) for n, e in inventory.endpoints.items()]
+    return [*stacks, (ORCHESTRATOR_KEY, (inventory.orchestrator.cluster,))]
+
+
 def build_jobs(inventory: Inventory | None) -> dg.Definitions:
     """``up`` over every asset; ``reconcile``, ``preview`` and ``teardown`` over every stack
     of ``inventory``."""
@@ -101,7 +111,7 @@ def build_jobs(inventory: Inventory | None) -> dg.Definitions:
             up,
             _reconcile_job(inventory, stacks),
             _preview_job(clusters + links),
-            _teardown_job(clusters, links),
+            _teardown_job(clusters, links, workload_stacks(inventory)),
         ]
     )
 
@@ -126,14 +136,14 @@ def preview_op_name(spec: StackSpec) -> str:
     return f"preview_{spec.slug}"
 
 
-def _op_tags(spec: StackSpec) -> dict[str, object]:
-    return {CLUSTERS_TAG: ",".join(spec.clusters), **STACK_STEP_TAGS}
+def _op_tags(clusters: Sequence[str]) -> dict[str, object]:
+    return {CLUSTERS_TAG: ",".join(clusters), **STACK_STEP_TAGS}
 
 
 def _preview_op(spec: StackSpec) -> dg.OpDefinition:
     @dg.op(
         name=preview_op_name(spec),
-        tags=_op_tags(spec),
+        tags=_op_tags(spec.clusters),
         description=f"pulumi preview of {spec.key.to_user_string()}'s stack.",
     )
     def _op(context: dg.OpExecutionContext, pulumi: PulumiStacks, kubernetes: KubernetesClusters):
@@ -148,20 +158,20 @@ def _preview_op(spec: StackSpec) -> dg.OpDefinition:
     return _op
 
 
-def _destroy_op(spec: StackSpec, after: bool) -> dg.OpDefinition:
+def _destroy_op(key: dg.AssetKey, clusters: Sequence[str], after: bool) -> dg.OpDefinition:
     @dg.op(
-        name=f"destroy_{spec.slug}",
+        name=f"destroy_{key_slug(key)}",
         ins={"after": dg.In(dg.Nothing)} if after else {},
-        tags=_op_tags(spec),
-        description=f"pulumi destroy of {spec.key.to_user_string()}'s stack.",
+        tags=_op_tags(clusters),
+        description=f"pulumi destroy of {key.to_user_string()}'s stack.",
     )
     def _op(context: dg.OpExecutionContext, pulumi: PulumiStacks):
-        stack = pulumi.stack_name(spec.key.path)
+        stack = pulumi.stack_name(key.path)
         try:
             result = pulumi.destroy(stack, context.log)
         except HomelabError as exc:
             raise step_failure(exc) from exc
-        context.log_event(dg.AssetObservation(asset_key=spec.key, metadata=result.metadata()))
+        context.log_event(dg.AssetObservation(asset_key=key, metadata=result.metadata()))
 
     return _op
 
@@ -177,19 +187,23 @@ def _preview_job(specs: Sequence[StackSpec]) -> dg.JobDefinition:
     return preview
 
 
-def _teardown_job(clusters: Sequence[StackSpec], links: Sequence[StackSpec]) -> dg.JobDefinition:
-    link_ops = {s.key: _destroy_op(s, after=False) for s in links}
-    touching = {
-        c.key: [ln.key for ln in links if set(c.clusters) & set(ln.clusters)] for c in clusters
-    }
-    cluster_ops = {c.key: _destroy_op(c, after=bool(touching[c.key])) for c in clusters}
+def _teardown_job(
+    clusters: Sequence[StackSpec],
+    links: Sequence[StackSpec],
+    workloads: Sequence[tuple[dg.AssetKey, tuple[str, ...]]],
+) -> dg.JobDefinition:
+    first = [(s.key, s.clusters) for s in links] + list(workloads)
+    first_ops = {key: _destroy_op(key, on, after=False) for key, on in first}
+    touching = {c.key: [key for key, on in first if set(c.clusters) & set(on)] for c in clusters}
+    cluster_ops = {c.key: _destroy_op(c.key, c.clusters, bool(touching[c.key])) for c in clusters}
 
     @dg.job(
         name=TEARDOWN_JOB,
-        description="Destroy every stack: mesh links first, then the clusters (pulumi destroy).",
+        description="Destroy every stack: mesh links, endpoints and the orchestrator first, "
+        "then the clusters (pulumi destroy).",
     )
     def teardown() -> None:
-        gone = {key: op() for key, op in link_ops.items()}
+        gone = {key: op() for key, op in first_ops.items()}
         for key, op in cluster_ops.items():
             if touching[key]:
                 op(after=[gone[k] for k in touching[key]])

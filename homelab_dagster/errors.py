@@ -36,6 +36,7 @@ __all__ = [
     "GitError",
     "HomelabError",
     "ImageBuildError",
+    "InstanceError",
     "InventoryError",
     "KubernetesError",
     "PortInUseError",
@@ -180,6 +181,12 @@ class EndpointError(HomelabError):
 class GitError(HomelabError):
     """The watched repository could not be reached or read: an unreachable remote, a corrupt
     mirror, a missing branch or file, or no ``git`` command. The message carries git's reason."""
+
+
+class InstanceError(HomelabError):
+    """Dagster's instance could not be opened: its storage (PostgreSQL at
+    ``HOMELAB_DAGSTER_POSTGRES_URL``, or the SQLite files under ``$DAGSTER_HOME``) cannot be
+    reached or read. The message names where, and the database's reason, never a password."""
 
 
 class StaleCodeLocationError(HomelabError):

@@ -96,6 +96,9 @@ class Settings:
     # HOMELAB_IMAGE: the project's image for Dagster's pods; None: its reference in
     # homelab_dagster/images.py (what `homelab twin images` and the Dockerfile build).
     image: str | None = None
+    # HOMELAB_AUTOMATION=off: every schedule and sensor starts stopped (nothing launches by
+    # itself; the UI can still start each); on (the default): the target's defaults.
+    automation: bool = True
 
     @property
     def steps_log(self) -> Path:
@@ -156,7 +159,23 @@ class Settings:
             webhook=bool(env.get(WEBHOOK_URL_VAR)),
             runs=_runs(env.get("HOMELAB_RUNS")),
             image=env.get("HOMELAB_IMAGE") or None,
+            automation=_automation(env.get("HOMELAB_AUTOMATION")),
         )
+
+
+def _automation(raw: str | None) -> bool:
+    """``HOMELAB_AUTOMATION``: ``on`` (or unset) or ``off``.
+
+    Raises:
+        SettingsError: anything else.
+    """
+    value = (raw or "on").strip().lower()
+    if value not in ("on", "off"):
+        raise SettingsError(
+            f"HOMELAB_AUTOMATION={raw!r} is neither on nor off (off: every schedule and sensor "
+            "starts stopped)"
+        )
+    return value == "on"
 
 
 def _runs(raw: str | None) -> str | None:

@@ -47,6 +47,7 @@ __all__ = [
     "endpoint_program",
     "served_names",
     "server_args",
+    "service_url",
 ]
 
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -228,11 +229,19 @@ def pod_spec(
         "nodeSelector": {"role": endpoint.node_role},
         "tolerations": _tolerations(cluster, endpoint.node_role),
         "automountServiceAccountToken": False,
+        # No service variables in the environment: a Service named ``vllm`` would become
+        # VLLM_PORT=tcp://..., which vLLM reads as its own setting and refuses to start.
+        "enableServiceLinks": False,
         "terminationGracePeriodSeconds": 10,
         "initContainers": init,
         "containers": [container],
         "volumes": volumes,
     }
+
+
+def service_url(endpoint_name: str, endpoint: Endpoint) -> str:
+    """The OpenAI-compatible API's base URL inside the endpoint's cluster (its Service)."""
+    return f"http://{endpoint_name}.{endpoint.namespace}.svc.cluster.local:{SERVER_PORT}/v1"
 
 
 def endpoint_program(

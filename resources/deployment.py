@@ -23,6 +23,9 @@ other module asks which target it runs on.
 | auto-repair of drifted assets (``$HOMELAB_AUTO_REPAIR``) | every family | none: drift stays visible |
 | the automation sensor (links, weights, endpoints follow their upstreams) | running | stopped |
 | the failure webhook (``$HOMELAB_WEBHOOK_URL``, read at launch) | where set | where set |
+
+``HOMELAB_AUTOMATION=off`` starts every schedule and sensor stopped, on either target: a
+UI to look around in (or a homelab under maintenance) where nothing launches by itself.
 """  # noqa: E501
 
 from __future__ import annotations
@@ -105,6 +108,7 @@ def build_deployment(settings: Settings, inventory: Inventory | None) -> Deploym
         )
     executor = _k8s_executor(dagster) if on_kubernetes else _local_executor()
     instance_yaml = dagster.instance_yaml() if on_kubernetes else None
+    on = settings.automation  # HOMELAB_AUTOMATION=off: nothing starts running
     if settings.target is Target.TWIN:
         return Deployment(
             resources={**_twin_resources(settings), "dagster_on_kubernetes": dagster},
@@ -112,19 +116,19 @@ def build_deployment(settings: Settings, inventory: Inventory | None) -> Deploym
             instance_yaml=instance_yaml,
             schedules_running=False,
             local_twin=True,
-            git_sensor_running=True,
-            reconcile_running=True,
-            automation_running=True,
+            git_sensor_running=on,
+            reconcile_running=on,
+            automation_running=on,
             auto_repair=_auto_repair(settings, frozenset(REPAIR_FAMILIES)),
         )
     return Deployment(
         resources={**_homelab_resources(settings, inventory), "dagster_on_kubernetes": dagster},
         executor=executor,
         instance_yaml=instance_yaml,
-        schedules_running=True,
+        schedules_running=on,
         local_twin=False,
         git_sensor_running=False,
-        reconcile_running=True,
+        reconcile_running=on,
         automation_running=False,
         auto_repair=_auto_repair(settings, frozenset()),
     )

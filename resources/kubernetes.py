@@ -216,6 +216,12 @@ class KubernetesClusters(dg.ConfigurableResource):
 
     def pods(self, cluster: str, namespace: str, selector: str) -> list[ObservedPod]:
         """The pods of ``namespace`` matching the label ``selector``, as a rollout sees them."""
+        return [pod for _, pod in self.labelled_pods(cluster, namespace, selector)]
+
+    def labelled_pods(
+        self, cluster: str, namespace: str, selector: str
+    ) -> list[tuple[dict[str, str], ObservedPod]]:
+        """:meth:`pods`, each with its labels (e.g. a Dagster step pod's ``dagster/op``)."""
         from kubernetes import client
 
         api = client.CoreV1Api(self.api_client(cluster))
@@ -226,7 +232,21 @@ class KubernetesClusters(dg.ConfigurableResource):
             namespace=namespace,
             label_selector=selector,
         )
-        return [observed_pod(p) for p in found.items]
+        return [(dict(p.metadata.labels or {}), observed_pod(p)) for p in found.items]
+
+    def delete_job(self, cluster: str, namespace: str, name: str) -> None:
+        """Delete Job ``name`` and its pods (foreground: the pods go first)."""
+        from kubernetes import client
+
+        api = client.BatchV1Api(self.api_client(cluster))
+        self._call(
+            cluster,
+            f"delete job {namespace}/{name}",
+            api.delete_namespaced_job,
+            name=name,
+            namespace=namespace,
+            propagation_policy="Foreground",
+        )
 
     def pod_log(self, cluster: str, namespace: str, pod: str, *, tail: int = 20) -> str:
         """The last ``tail`` lines of ``pod``'s log (its previous container's, if it restarted)."""

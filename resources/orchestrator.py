@@ -20,17 +20,95 @@ pods and the long-running pods are configured by the same dictionaries.
 from __future__ import annotations
 
 import re
+import time
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import dagster as dg
 import yaml
 from pydantic import Field
 
+from homelab_dagster.errors import KubernetesError
+from homelab_dagster.serving import ObservedPod, crash_cause
 from infra.orchestrator import INSTANCE_CONFIG_MAP, OrchestratorSpec
+from resources.kubernetes import KubernetesClusters
 
-__all__ = ["DagsterOnKubernetes"]
+__all__ = ["DagsterOnKubernetes", "StepPodWatch", "step_pod_problem"]
+
+# A container waiting for one of these waits for something that does not come by itself.
+_STUCK_WAITING = (
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "ErrImageNeverPull",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+)
 
 _DAGSTER_HOME_IN_PODS = "/opt/dagster/dagster_home"
+
+
+def step_pod_problem(pod: ObservedPod) -> tuple[str, bool] | None:
+    """What is wrong with a step's pod, and whether it is stuck (it waits for something that
+    does not come by itself: the step would hang) rather than ended; None: nothing."""
+    if pod.unschedulable:
+        return f"pod {pod.name} cannot be scheduled: {pod.unschedulable}", True
+    if pod.waiting and pod.waiting.startswith(_STUCK_WAITING):
+        return f"pod {pod.name} is waiting: {pod.waiting}", True
+    if pod.phase == "Failed" or (pod.terminated and not pod.terminated.startswith("exit code 0")):
+        return f"pod {pod.name} ended: {pod.terminated or pod.phase}", False
+    return None
+
+
+@dataclass
+class StepPodWatch:
+    """Watches a run's step pods (dagster-k8s's ``k8s_job_executor``), so that a step whose
+    pod fails says why, and a step whose pod is stuck fails instead of hanging.
+
+    dagster-k8s sees only its Job: a pod killed for memory fails the step with "Discovered
+    failed Kubernetes job", and a pod that can never start (an image that cannot be pulled, a
+    missing Secret, no node to place it) leaves the Job active, and the step waiting, for
+    ever. :meth:`check` finds both: an ended pod's reason (exit code, ``OOMKilled``, its
+    log's error lines), and a pod stuck for ``grace_s``, whose Job it deletes (dagster-k8s
+    then fails the step: "Kubernetes job ... could not be found").
+    """
+
+    dagster: DagsterOnKubernetes
+    kubernetes: KubernetesClusters
+    run_id: str
+    grace_s: float = 120.0
+    said: dict[str, str] = field(default_factory=dict)  # step key -> the pod's reason
+    _stuck_since: dict[str, float] = field(default_factory=dict)
+
+    def check(self) -> dict[str, str]:
+        """The steps with news since the last check, each with what its pod says."""
+        cluster, namespace = self.dagster.cluster, self.dagster.namespace
+        news: dict[str, str] = {}
+        try:
+            pods = self.kubernetes.labelled_pods(
+                cluster, namespace, f"dagster/run-id={self.run_id}"
+            )
+        except KubernetesError:
+            return news  # the API is unreachable for a moment: the next check asks again
+        now = time.monotonic()
+        for labels, pod in pods:
+            step, job = labels.get("dagster/op", ""), labels.get("job-name", "")
+            problem = step_pod_problem(pod)
+            if not step or problem is None or step in self.said:
+                self._stuck_since.pop(step, None)
+                continue
+            reason, stuck = problem
+            if not stuck:
+                log = self.kubernetes.pod_log(cluster, namespace, pod.name, tail=200)
+                cause = crash_cause(log) if log.strip() else ""
+                news[step] = f"{reason}{f'; its log says: {cause}' if cause else ''}"
+                continue
+            since = self._stuck_since.setdefault(step, now)
+            if now - since >= self.grace_s and job:
+                self.kubernetes.delete_job(cluster, namespace, job)
+                news[step] = f"{reason} (for {now - since:.0f} s: its Job {job} was deleted)"
+        self.said.update(news)
+        return news
 
 
 def _volume_name(path: str) -> str:

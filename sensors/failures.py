@@ -24,6 +24,8 @@ import dagster as dg
 
 from assets._stack import COMMIT_TAG
 from homelab_dagster.reconcile import RepairRecord
+from resources.kubernetes import KubernetesClusters
+from resources.orchestrator import DagsterOnKubernetes, StepPodWatch
 from resources.webhook import Webhook
 
 __all__ = [
@@ -39,6 +41,7 @@ FAILURE_SENSOR = "run_failures"
 # How many of an asset's newest observations are searched for its record.
 _OBSERVATIONS_SEARCHED = 25
 _REASON_LIMIT = 2000
+_K8S_JOB = "Kubernetes job"  # dagster-k8s's words for a step whose pod failed or vanished
 
 
 def repair_record(instance: dg.DagsterInstance, key: dg.AssetKey) -> RepairRecord | None:
@@ -78,9 +81,13 @@ def record_failure(
     return record
 
 
-def failed_assets(instance: dg.DagsterInstance, run_id: str) -> dict[dg.AssetKey, str]:
+def failed_assets(
+    instance: dg.DagsterInstance, run_id: str, pods: StepPodWatch | None = None
+) -> dict[dg.AssetKey, str]:
     """The assets run ``run_id`` planned and did not materialise, each with the reason its
-    step failed (or the run's, where its step never ran)."""
+    step failed (or the run's, where its step never ran). ``pods``: where the steps ran as
+    pods, what a failed step's pod says is added to its reason (dagster-k8s only says that
+    the step's Job failed)."""
     records = instance.get_records_for_run(
         run_id,
         of_type={
@@ -108,6 +115,10 @@ def failed_assets(instance: dg.DagsterInstance, run_id: str) -> dict[dg.AssetKey
             step_reasons[event.step_key] = error.message.strip() if error else "the step failed"
         elif kind is dg.DagsterEventType.RUN_FAILURE and event.message:
             run_reason = event.message
+    if pods is not None and any(_K8S_JOB in reason for reason in step_reasons.values()):
+        for step, said in pods.check().items():
+            if step in step_reasons:
+                step_reasons[step] = f"{step_reasons[step]} ({said})"
     return {
         key: step_reasons.get(step or "", run_reason)
         for key, step in planned.items()
@@ -158,9 +169,15 @@ def build_failure_sensor(*, running: bool) -> dg.Definitions:
         description="Records each failed run's assets (last reason, failures in a row, "
         "stalled) as observations, and announces the failure by webhook.",
     )
-    def run_failures(context: dg.RunFailureSensorContext, webhook: Webhook) -> None:
+    def run_failures(
+        context: dg.RunFailureSensorContext,
+        webhook: Webhook,
+        dagster_on_kubernetes: DagsterOnKubernetes,
+        kubernetes: KubernetesClusters,
+    ) -> None:
         run = context.dagster_run
-        failed = failed_assets(context.instance, run.run_id)
+        pods = StepPodWatch(dagster_on_kubernetes, kubernetes, run.run_id)
+        failed = failed_assets(context.instance, run.run_id, pods)
         records = {
             key: record_failure(context.instance, key, reason, run.run_id)
             for key, reason in failed.items()

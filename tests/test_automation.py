@@ -2,7 +2,8 @@
 code location's conditions (``dg.evaluate_automation_conditions``) over recorded events.
 
 A link follows its clusters once both exist and their blocking checks pass; a model's
-weights follow any of its training runs; a failing blocking check upstream holds back.
+weights follow any of its training runs; an endpoint follows its weights (rolled forward when
+a new version is current); a failing blocking check upstream holds back.
 """
 
 from __future__ import annotations
@@ -84,3 +85,48 @@ def test_weights_follow_any_of_their_training_runs(defs, instance):
     )
     assert not first.get_num_requested(weights)
     assert then.get_num_requested(weights) == 1
+
+
+def test_an_endpoint_rolls_forward_when_its_weights_change(defs, instance):
+    endpoint = dg.AssetKey(["vllm_endpoint", "sre-agent"])
+    weights = dg.AssetKey(["model_weights", "sre-agent"])
+    upstream = sorted(defs.resolve_asset_graph().get(endpoint).parent_keys)
+    assert FORGE in upstream and weights in upstream
+    selection = dg.AssetSelection.assets(endpoint)
+    result = dg.evaluate_automation_conditions(defs, instance, asset_selection=selection)
+    assert not result.get_num_requested(endpoint)  # nothing upstream exists yet
+    graph = defs.resolve_asset_graph()
+    for key in upstream:  # each materialised, its checks (the weights' gate among them) passed
+        instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=key))
+        for check in graph.get_check_keys_for_assets({key}):
+            instance.report_runless_asset_event(
+                dg.AssetCheckEvaluation(asset_key=key, check_name=check.name, passed=True)
+            )
+    result = dg.evaluate_automation_conditions(
+        defs, instance, asset_selection=selection, cursor=result.cursor
+    )
+    assert result.get_num_requested(endpoint) == 1
+    instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=endpoint))
+    result = dg.evaluate_automation_conditions(
+        defs, instance, asset_selection=selection, cursor=result.cursor
+    )
+    assert not result.get_num_requested(endpoint)  # served, nothing new
+    # A new version whose gate fails: held back; the same version passing: rolled forward.
+    from assets.weights import CHECK_NAME as gate_name  # the promotion gate (blocking)
+
+    gate = dg.AssetCheckKey(weights, gate_name)
+    instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=weights))
+    instance.report_runless_asset_event(
+        dg.AssetCheckEvaluation(asset_key=weights, check_name=gate.name, passed=False)
+    )
+    result = dg.evaluate_automation_conditions(
+        defs, instance, asset_selection=selection, cursor=result.cursor
+    )
+    assert not result.get_num_requested(endpoint)
+    instance.report_runless_asset_event(
+        dg.AssetCheckEvaluation(asset_key=weights, check_name=gate.name, passed=True)
+    )
+    result = dg.evaluate_automation_conditions(
+        defs, instance, asset_selection=selection, cursor=result.cursor
+    )
+    assert result.get_num_requested(endpoint) == 1

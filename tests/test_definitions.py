@@ -133,6 +133,22 @@ def test_the_twin_runs_every_job_with_the_forkserver_executor(project_root, inve
         assert "homelab_dagster.definitions" in start["preload_modules"]
 
 
+def test_teardown_destroys_links_endpoints_and_the_orchestrator_before_their_clusters(
+    project_root, inventory
+):
+    defs = build_definitions(settings_for(project_root, Target.TWIN), inventory)
+    structure = defs.resolve_job_def("teardown").graph.dependency_structure
+    names = [node.name for node in defs.resolve_job_def("teardown").graph.nodes]
+    after = {n: {o.node_name for o in structure.all_upstream_outputs_from_node(n)} for n in names}
+    for name in inventory.endpoints:
+        op = f"destroy_vllm_endpoint_{name.replace('-', '_')}"
+        assert op in after and not after[op]
+        assert op in after[f"destroy_cluster_{inventory.endpoints[name].cluster}"]
+    assert "destroy_orchestrator" in after[f"destroy_cluster_{inventory.orchestrator.cluster}"]
+    assert "destroy_mesh_link_studio__forge" in after["destroy_cluster_forge"]
+    assert "destroy_orchestrator" not in after["destroy_cluster_forge"]
+
+
 def test_the_homelab_runs_every_step_as_a_pod_on_the_orchestrators_nodes(project_root, inventory):
     """The executor and the instance's run launcher: where each step's pod goes is the run
     launcher's (``dagster.yaml``), which dagster-k8s merges into every step pod

@@ -195,6 +195,9 @@ def test_the_homelab_pod_fetches_the_version_from_the_bucket_and_tolerates_node_
     command = container["command"]
     assert command[command.index("--tensor-parallel-size") + 1] == "2"
     assert "--chat-template" not in command
+    # The endpoint named vllm has a Service named vllm: its VLLM_PORT=tcp://... variable
+    # would be read by vLLM as its own port setting (a crash seen on the twin).
+    assert spec["enableServiceLinks"] is False
 
 
 # ----------------------------------------------------------------------------- serving rules

@@ -436,3 +436,59 @@ def test_on_the_twin_a_label_commit_lands_on_forges_node(twin, origin, git, tmp_
     assert result.dagster_run.tags[TAG_COMMIT] == sha
     node = client.CoreV1Api(twin.client("forge")).read_node("forge-platform")
     assert node.metadata.labels["zone-hint"] == "rack-2"
+
+
+@pytest.mark.twin
+@pytest.mark.slow
+def test_plan_preview_shows_pulumis_plan_for_the_stacks_a_change_selects(
+    twin, origin, tmp_path, project_root
+):
+    """`homelab plan --preview` on a working-tree change: Pulumi's preview of the selected
+    stack, resource by resource, and nothing changed on the cluster."""
+    import os
+    import subprocess
+    import sys
+
+    twin.up(["forge"])
+    origin.commit("docs", {"docs/operations.md": "# Operations, again\n"})
+    (origin.path / "homelab.yaml").write_text(
+        origin.inventory().replace(
+            FORGE_PLATFORM, FORGE_PLATFORM.replace("{tier: platform}", "{tier: platform, plan: x}")
+        )
+    )
+    before = _stack_state(twin, "twin.cluster.forge")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HOMELAB_", "DAGSTER_"))}
+    env |= {
+        "HOMELAB_STATE_DIR": str(twin.root.parent),
+        "HOMELAB_TWIN_PORT_BASE": str(twin.api_port_base),
+        "HOMELAB_INVENTORY": str(origin.path / "homelab.yaml"),
+        "DAGSTER_HOME": str(tmp_path / "dagster-home"),
+        "COLUMNS": "200",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "homelab_dagster", "plan", "--preview"],
+        env=env,
+        cwd=project_root,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "clusters.forge.nodes.forge-platform.labels.plan" in done.stdout
+    preview = done.stdout.split("cluster/forge:", 1)[1]
+    assert "change(s)" in preview.splitlines()[0] and " 0 change(s)" not in preview.splitlines()[0]
+    assert "NodePatch" in preview and "forge-platform" in preview, done.stdout
+    # A preview changes no stack: forge's resources in its state are what they were.
+    assert _stack_state(twin, "twin.cluster.forge") == before
+
+
+def _stack_state(twin, stack: str) -> dict[str, object]:
+    """Each resource of ``stack``'s checkpoint in the file backend (URN -> its outputs); empty
+    for a stack never created or never updated (a preview may create an empty stack)."""
+    import json
+
+    found = sorted((twin.root.parent / "pulumi" / "backend").glob(f"**/stacks/**/{stack}.json"))
+    if not found:
+        return {}
+    latest = json.loads(found[0].read_text())["checkpoint"].get("latest") or {}
+    return {r["urn"]: r.get("outputs") for r in latest.get("resources") or []}

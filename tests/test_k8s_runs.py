@@ -192,3 +192,34 @@ def _webserver_port(twin) -> int:
     from homelab_dagster.twin import service_port
 
     return service_port(twin.inventory, twin.api_port_base, 1)
+
+
+def test_a_step_whose_pod_cannot_start_fails_with_the_pods_reason(pods_world, twin):
+    """A step pod that can never start (its image cannot be pulled) leaves dagster-k8s's Job
+    active for ever; the CLI's watch (resources/orchestrator.py, StepPodWatch) fails the
+    step after its grace with the pod's reason, instead of a hang."""
+    env = {
+        **pods_world,
+        "HOMELAB_RUNS": "kubernetes",
+        "HOMELAB_IMAGE": "ghcr.io/homelab/homelab-dagster:no-such-tag",
+    }
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "homelab_dagster", "up", "--env", "forge"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    printed = proc.stdout + proc.stderr
+    assert proc.returncode == 1, printed
+    print(f"failed after {time.monotonic() - started:.0f} s")
+    assert "is waiting: ErrImagePull" in printed or "is waiting: ImagePullBackOff" in printed
+    assert "no-such-tag" in printed and "was deleted" in printed, printed
+    batch, _ = _batch_and_core(twin)
+
+    def stuck_jobs_gone() -> bool:
+        jobs = batch.list_namespaced_job(NAMESPACE).items
+        return not [j for j in jobs if "no-such-tag" in str(j.spec.template.spec.containers)]
+
+    assert wait(stuck_jobs_gone, timeout=60), "a stuck step's Job was left behind"

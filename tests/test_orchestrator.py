@@ -181,3 +181,49 @@ def test_the_webserver_binds_loopback_only(tmp_path, project_root, shipped_inven
     assert args[args.index("-h") + 1] == "127.0.0.1"
     # The twin's webserver shares the host's network: its port is the twin's, not 3000.
     assert args[args.index("-p") + 1] == str(spec.webserver_port) != "3000"
+
+
+def _pod(**fields):
+    from homelab_dagster.serving import ObservedPod
+
+    base = {"name": "dagster-step-1", "digest": "", "node": None, "phase": "Pending"}
+    return ObservedPod(**{**base, "ready": False, **fields})
+
+
+@pytest.mark.parametrize(
+    ("pod", "said", "stuck"),
+    [
+        (_pod(), None, None),
+        (_pod(phase="Running", node="studio-platform-a"), None, None),
+        (_pod(phase="Succeeded", terminated="exit code 0 (Completed)"), None, None),
+        (
+            _pod(waiting="ImagePullBackOff: Back-off pulling image x:nope"),
+            "pod dagster-step-1 is waiting: ImagePullBackOff: Back-off pulling image x:nope",
+            True,
+        ),
+        (
+            _pod(waiting='CreateContainerConfigError: secret "homelab-dagster" not found'),
+            "is waiting: CreateContainerConfigError",
+            True,
+        ),
+        (
+            _pod(unschedulable="0/8 nodes are available: 8 node(s) didn't match selector"),
+            "cannot be scheduled: 0/8 nodes are available",
+            True,
+        ),
+        (
+            _pod(phase="Failed", terminated="exit code 137 (OOMKilled)"),
+            "pod dagster-step-1 ended: exit code 137 (OOMKilled)",
+            False,
+        ),
+        (_pod(waiting="CrashLoopBackOff: back-off 10s"), None, None),  # it restarts by itself
+    ],
+)
+def test_what_a_step_pod_says(pod, said, stuck):
+    from resources.orchestrator import step_pod_problem
+
+    problem = step_pod_problem(pod)
+    if said is None:
+        assert problem is None
+    else:
+        assert problem is not None and said in problem[0] and problem[1] is stuck

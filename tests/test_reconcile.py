@@ -148,6 +148,31 @@ def test_repair_and_automation_defaults_per_target(
         assert defs.resolve_sensor_def(name).default_status == dg.DefaultSensorStatus.RUNNING
 
 
+@pytest.mark.parametrize("target", list(Target))
+def test_automation_off_starts_every_schedule_and_sensor_stopped(project_root, tmp_path, target):
+    settings = Settings.from_env(
+        {
+            "HOMELAB_AUTOMATION": "off",
+            "HOMELAB_TARGET": target.value,
+            "HOMELAB_STATE_DIR": str(tmp_path),
+        }
+    )
+    inventory = load_inventory(settings.inventory_path).inventory
+    defs = build_definitions(settings, inventory)
+    repository = defs.get_repository_def()
+    schedules, sensors = repository.schedule_defs, repository.sensor_defs
+    assert schedules and sensors
+    for schedule in schedules:
+        assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED, schedule.name
+    for sensor in sensors:
+        assert sensor.default_status == dg.DefaultSensorStatus.STOPPED, sensor.name
+
+
+def test_a_bad_automation_setting_is_named():
+    with pytest.raises(SettingsError, match="HOMELAB_AUTOMATION='sometimes' is neither on nor off"):
+        Settings.from_env({"HOMELAB_AUTOMATION": "sometimes"})
+
+
 def test_the_reconcile_job_checks_every_stack_and_model_and_materialises_nothing(
     project_root, tmp_path
 ):

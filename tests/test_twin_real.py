@@ -24,7 +24,7 @@ from _twin_support import assert_refused_for_gpus, wait
 
 from homelab_dagster import twin_host, twin_real
 from homelab_dagster.errors import RealNodesUnavailable
-from homelab_dagster.images import oci_archive
+from homelab_dagster.images import image_reference, oci_archive
 from homelab_dagster.twin import Twin
 from homelab_dagster.twin_nodes import FAKE_ANNOTATION, GPU_RESOURCE
 
@@ -55,7 +55,7 @@ def _import_busybox(twin: Twin) -> None:
             twin.real.import_image(spec, _busybox_archive())
 
 
-def _pod(name: str, gpus: int) -> dict:
+def _pod(name: str, gpus: int, image: str = IMAGE, shell: str = _SHELL) -> dict:
     return {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -67,10 +67,15 @@ def _pod(name: str, gpus: int) -> dict:
             "containers": [
                 {
                     "name": "web",
-                    "image": IMAGE,
-                    "imagePullPolicy": "Never",
-                    "command": ["sh", "-c", _SHELL],
+                    "image": image,
+                    # The busybox image is imported into containerd; others are pulled
+                    # through the registry mirror.
+                    "imagePullPolicy": "Never" if image == IMAGE else "IfNotPresent",
+                    "command": ["sh", "-c", shell],
                     "ports": [{"containerPort": 8080}],
+                    # Ready once it listens: kubectl port-forward gives up at the first
+                    # connection the pod refuses.
+                    "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1},
                     "resources": {"limits": {GPU_RESOURCE: str(gpus)}},
                 }
             ],
@@ -113,6 +118,16 @@ def _kubectl(twin: Twin, *args: str, **kwargs) -> subprocess.CompletedProcess[st
         timeout=60,
         **kwargs,
     )
+
+
+# The project's own image: its Python environment (from uv.lock) imports the project, then
+# serves one page.
+_PROJECT_SHELL = (
+    'python -c \'import dagster, homelab_dagster; print("hello from homelab-dagster, dagster", '
+    "dagster.__version__, flush=True)' && mkdir -p /tmp/www && "
+    "echo project-image-answers > /tmp/www/index.html && "
+    "exec python -m http.server 8080 --directory /tmp/www"
+)
 
 
 def _port_forward_get(twin: Twin, pod: str) -> str:
@@ -295,6 +310,35 @@ def test_a_two_gpu_pod_runs_logs_and_answers_a_three_gpu_pod_stays_pending(real_
         assert_refused_for_gpus(core, "too-big")
     finally:
         _delete_pods(core, "web", "too-big")
+
+
+def test_a_pod_of_the_projects_image_pulled_through_the_registry_runs_logs_and_answers(
+    real_forge,
+):
+    """The acceptance's pod: the project's image (built from uv.lock by `homelab twin images`,
+    pulled through containerd's mirror of ghcr.io), 2 GPUs on Forge's inference node."""
+    from infra.images import ImageBuilder, missing_tools
+
+    why = missing_tools()
+    if why:
+        pytest.skip(f"the project's image cannot be built here: {why}")
+    real_forge.registry.up()
+    ImageBuilder().build_and_push(["homelab-dagster"], real_forge.registry)
+    core = _core(real_forge)
+    image = image_reference("homelab-dagster")
+    start = time.monotonic()
+    core.create_namespaced_pod("default", _pod("project", 2, image=image, shell=_PROJECT_SHELL))
+    try:
+        pod = wait(lambda: _running(core, "project"), timeout=600)
+        assert pod, "the project's pod never reached Running on the real node"
+        print(f"project image pod Running after {time.monotonic() - start:.1f} s (pull included)")
+        assert pod.spec.node_name == NODE
+        assert pod.status.container_statuses[0].image.endswith(image.split("/", 1)[1])
+        logs = wait(lambda: _kubectl(real_forge, "logs", "project").stdout, timeout=60)
+        assert "hello from homelab-dagster, dagster" in logs
+        assert _port_forward_get(real_forge, "project").strip() == "project-image-answers"
+    finally:
+        _delete_pods(core, "project")
 
 
 def test_a_killed_kubelet_or_containerd_is_seen_and_repaired_by_up(real_forge):

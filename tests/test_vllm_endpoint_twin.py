@@ -5,8 +5,8 @@ A tiny GPT-2 (head width 32) is trained on the CPU and registered in the twin's 
 builds from ``images/vllm-cpu/uv.lock``) on ``forge-inference``, mounting that version
 read-only, and its checks talk to it through the API server's port-forward. Then: a killed pod
 is brought back by the next materialisation; a version whose head width the runtime refuses
-is caught and the previous version keeps serving; tensor parallelism 4 fails with the
-scheduler's words.
+is caught and the previous version keeps serving; tensor parallelism 4 on GPUs fails
+with the scheduler's words (forge-inference has 2).
 
 Slow (minutes: vLLM's CPU build starts in about 30 s idle, several minutes under load). Needs
 real nodes (Linux, root, `make system-deps`, `make tools`) and the image tools of
@@ -113,14 +113,17 @@ def _failure(result) -> str:
 
 
 def test_the_trained_weights_serve_from_the_real_node_checked_then_a_bad_version_rolls_back(
-    serving, shipped_inventory, real_forge
+    serving, shipped_inventory, real_forge, capsys
 ):
+    from homelab_dagster.cli.endpoints import print_serving
+
     resources, weights = serving
     store = resources["weights_store"]
     first = store.current(ENDPOINT)
     assert first is not None
 
-    result = _materialize(resources, shipped_inventory)
+    instance = dg.DagsterInstance.ephemeral()
+    result = _materialize(resources, shipped_inventory, instance=instance)
     assert result.success, _failure(result)
     checks = _checks(result)
     assert all(c.passed for c in checks.values()), {k: c.description for k, c in checks.items()}
@@ -129,6 +132,20 @@ def test_the_trained_weights_serve_from_the_real_node_checked_then_a_bad_version
     assert meta["node"] == "forge-inference"
     assert meta["training_run"] == "sre-runbook"
     assert f"{ENDPOINT}@{first.digest[:12]}" in checks["serves_weights"].metadata["observed"].value
+    assert meta["url"] == "http://sre-agent.ml-inference.svc.cluster.local:8000/v1"
+    assert meta["sample_completion"] == checks["completion_within_budget"].metadata["sample"].value
+    # What `homelab up` prints after the run: the endpoint, its node, and how to reach it.
+    capsys.readouterr()
+    settings = Settings(
+        real_forge.root.parent / "homelab.yaml", Target.TWIN, real_forge.root.parent
+    )
+    print_serving(result.run_id, settings, shipped_inventory, instance=instance)
+    printed = capsys.readouterr().out
+    assert f"{ENDPOINT} on forge-inference, weights {first.digest[:12]}" in printed, printed
+    assert f"url (in its cluster): {meta['url']}" in printed
+    assert (
+        f"--context twin-forge -n ml-inference port-forward svc/{ENDPOINT} 8000:8000" in printed
+    ), printed
     print(
         f"p50 {meta['latency_p50_ms']} ms, p95 {meta['latency_p95_ms']} ms, "
         f"{meta['tokens_per_s']} tokens/s"
@@ -164,7 +181,7 @@ def test_the_trained_weights_serve_from_the_real_node_checked_then_a_bad_version
 def test_tensor_parallel_4_fails_with_the_schedulers_reason(serving, shipped_inventory):
     resources, _ = serving
     too_big = shipped_inventory.endpoints[ENDPOINT].model_copy(
-        update={"tensor_parallel_size": 4, "node_port": None}
+        update={"tensor_parallel_size": 4, "accelerator": "gpu", "node_port": None}
     )
     result = _materialize(resources, shipped_inventory, name="too-big", endpoint=too_big)
     assert not result.success
@@ -183,3 +200,27 @@ def test_tensor_parallel_4_fails_with_the_schedulers_reason(serving, shipped_inv
         return [p for p in pods if p.status.phase == "Running"]
 
     assert wait(serving_pods, timeout=10)
+
+
+def test_teardown_destroys_the_endpoints_stack_and_its_server(serving, shipped_inventory):
+    """``homelab down``'s job: the endpoint's stack is destroyed (before its cluster's, whose
+    namespaces would otherwise take the objects from under Pulumi's state)."""
+    from kubernetes import client
+
+    from assets.jobs import build_jobs
+
+    resources, _ = serving
+    defs = dg.Definitions.merge(build_jobs(shipped_inventory), dg.Definitions(resources=resources))
+    result = defs.resolve_job_def("teardown").execute_in_process(
+        op_selection=["destroy_vllm_endpoint_sre_agent"]
+    )
+    assert result.success
+    assert resources["pulumi"].outputs(f"twin.vllm_endpoint.{ENDPOINT}") == {}
+    apps = client.AppsV1Api(resources["kubernetes"].api_client("forge"))
+
+    def gone() -> bool:  # the Deployment goes once its pod has (foreground deletion)
+        return not apps.list_namespaced_deployment(
+            "ml-inference", label_selector=f"app.kubernetes.io/instance={ENDPOINT}"
+        ).items
+
+    assert wait(gone, timeout=60), "the endpoint's Deployment is still there"

@@ -67,6 +67,20 @@ def _failed_run(instance: dg.DagsterInstance) -> dg.ExecuteInProcessResult:
     )
 
 
+def _cluster_resources() -> dict[str, object]:
+    """The twin's Kubernetes resources (the sensor asks the run's step pods, where a step's
+    Job failed; these runs' steps are processes, so it never does)."""
+    import tempfile
+
+    from homelab_dagster.loader import inventory_or_none
+    from homelab_dagster.settings import Settings
+    from resources.deployment import build_deployment
+
+    settings = Settings.from_env({"HOMELAB_STATE_DIR": tempfile.mkdtemp()})
+    resources = build_deployment(settings, inventory_or_none(settings.inventory_path)).resources
+    return {name: resources[name] for name in ("dagster_on_kubernetes", "kubernetes")}
+
+
 def _evaluate(instance: dg.DagsterInstance, run_id: str, webhook: Webhook):
     sensor = build_failure_sensor(running=True).resolve_sensor_def(FAILURE_SENSOR)
     run = instance.get_run_by_id(run_id)
@@ -81,7 +95,7 @@ def _evaluate(instance: dg.DagsterInstance, run_id: str, webhook: Webhook):
         dagster_event=event,
         dagster_instance=instance,
         dagster_run=run,
-        resources={"webhook": webhook},
+        resources={"webhook": webhook, **_cluster_resources()},
     )
     return sensor(context.for_run_failure())
 

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from homelab_dagster.cli.endpoints import rollback
+from homelab_dagster.cli.endpoints import print_serving, rollback
 from homelab_dagster.cli.output import console, error_exit, exit_if_failed, load_for
 from homelab_dagster.cli.plan import plan
 from homelab_dagster.cli.reconcile import reconcile
@@ -131,8 +131,16 @@ def show(file: InventoryArg = None) -> None:
 
 
 def main() -> None:
-    """The ``homelab`` command (and ``python -m homelab_dagster``)."""
-    app()
+    """The ``homelab`` command (and ``python -m homelab_dagster``).
+
+    A core error that a command did not turn into its own message (e.g. Dagster's storage
+    unreachable while opening the instance) is printed the same way: no traceback, exit 1.
+    """
+    try:
+        app()
+    except HomelabError as exc:
+        error_exit(exc)
+        raise SystemExit(1) from None
 
 
 @app.command()
@@ -155,6 +163,7 @@ def up(
     for key in plan.pending:
         console.print(f"  [dim]skipped {key.to_user_string()}: not built yet[/]")
     outcome = launch.materialize(plan.selected, settings=settings, console=console)
+    print_serving(outcome.run_id, settings, inventory)
     names = ", ".join(k.to_user_string() for k in plan.selected)
     exit_if_failed(outcome, settings, f"materialising {names}")
     console.print(f"[green]✓[/] materialised {names} (run {outcome.run_id})")

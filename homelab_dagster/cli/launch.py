@@ -10,18 +10,20 @@ commands that need neither (``validate``, ``show``) stay quick.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 from dagster import DagsterEventType
 
 from homelab_dagster.cli.output import steps_output_to
+from homelab_dagster.errors import InstanceError
 from homelab_dagster.inventory import Inventory
 from homelab_dagster.loader import inventory_or_none
 from homelab_dagster.settings import DAGSTER_POSTGRES_URL_VAR, Settings
@@ -31,16 +33,20 @@ if TYPE_CHECKING:
     from rich.console import Console
     from rich.table import Table
 
+    from resources.orchestrator import StepPodWatch
+
 __all__ = [
     "Plan",
     "RunOutcome",
     "ensure_dagster_home",
     "materialize",
+    "open_instance",
     "plan_selection",
     "start_world",
 ]
 
 _TAG = "homelab/cli-invocation"
+_WATCH_S = 5.0  # how often the run's step pods are looked at (when steps run as pods)
 _STATUS = {
     DagsterEventType.STEP_START: "[yellow]running[/]",
     DagsterEventType.STEP_SUCCESS: "[green]done[/]",
@@ -131,6 +137,57 @@ def ensure_dagster_home(settings: Settings) -> str:
     return home
 
 
+@contextlib.contextmanager
+def open_instance() -> Iterator[dg.DagsterInstance]:
+    """``$DAGSTER_HOME``'s instance (what the CLI's runs record into), open while inside.
+
+    Raises:
+        InstanceError: its storage cannot be reached or read (a PostgreSQL server that does
+            not answer or refuses the credentials; unreadable SQLite files), naming where.
+    """
+    from dagster_postgres.utils import DagsterPostgresException
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        instance = dg.DagsterInstance.get()
+    except (DagsterPostgresException, SQLAlchemyError, OSError) as exc:
+        raise InstanceError(_storage_problem(exc)) from None
+    with instance:
+        yield instance
+
+
+def _storage_problem(exc: BaseException) -> str:
+    """What went wrong opening the instance, in words, without the storage's password."""
+    url = os.environ.get(DAGSTER_POSTGRES_URL_VAR, "")
+    if url:
+        from sqlalchemy.engine import make_url
+
+        try:
+            parsed = make_url(url)
+            where = f"PostgreSQL at {parsed.host}:{parsed.port or 5432}/{parsed.database}"
+            secret = parsed.password or ""
+        except Exception:  # an unparseable URL: name the variable only
+            where, secret = "PostgreSQL", ""
+        where += f" ({DAGSTER_POSTGRES_URL_VAR})"
+    else:
+        where, secret = f"the SQLite files under DAGSTER_HOME={os.environ.get('DAGSTER_HOME')}", ""
+    chain: list[BaseException] = [exc]
+    while (cause := chain[-1].__cause__ or chain[-1].__context__) and len(chain) < 5:
+        chain.append(cause)
+    # The outermost words (what Dagster gave up on) and the root cause (the database's).
+    lines = [str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__ for e in chain]
+    reason = "; ".join(dict.fromkeys([lines[0], lines[-1]]))
+    if secret:
+        reason = reason.replace(secret, "***")
+    what = f"Dagster's storage cannot be opened: {where}: {reason}"
+    if url:
+        what += (
+            ". Check that the server runs and takes the URL's user and database "
+            f"(or unset {DAGSTER_POSTGRES_URL_VAR}: SQLite under DAGSTER_HOME)"
+        )
+    return what
+
+
 def materialize(
     selection: Sequence[dg.AssetKey] | None,
     *,
@@ -149,9 +206,14 @@ def materialize(
     """
     ensure_dagster_home(settings)
     invocation = uuid.uuid4().hex
+    deployment = build_deployment(settings, inventory_or_none(settings.inventory_path))
+    pods = None
+    if deployment.instance_yaml is not None:  # steps run as pods: watch them
+        resources = deployment.resources
+        pods = (resources["dagster_on_kubernetes"], resources["kubernetes"])
     # The steps' own output goes to the steps log, not through the progress display.
-    with dg.DagsterInstance.get() as instance, steps_output_to(settings.steps_log):
-        follower = _Follower(instance, invocation, console, title)
+    with open_instance() as instance, steps_output_to(settings.steps_log):
+        follower = _Follower(instance, invocation, console, title, pods)
         follower.start()
         try:
             result = dg.execute_job(
@@ -167,11 +229,13 @@ def materialize(
             )
         finally:
             follower.stop()
+        said = follower.watch.said if follower.watch else {}
+        failures = {
+            step: f"{message} ({said[step]})" if step in said else message
+            for step, message in follower.failures.items()
+        }
         return RunOutcome(
-            run_id=result.run_id,
-            success=result.success,
-            steps=follower.steps,
-            failures=follower.failures,
+            run_id=result.run_id, success=result.success, steps=follower.steps, failures=failures
         )
 
 
@@ -179,9 +243,19 @@ class _Follower(threading.Thread):
     """Follows a run's events and redraws a table of steps until stopped."""
 
     def __init__(
-        self, instance: dg.DagsterInstance, invocation: str, console: Console, title: str
+        self,
+        instance: dg.DagsterInstance,
+        invocation: str,
+        console: Console,
+        title: str,
+        pods: tuple[Any, Any] | None = None,
     ) -> None:
+        """``pods``: the run's steps run as pods: (DagsterOnKubernetes, KubernetesClusters),
+        to watch them (resources/orchestrator.py, :class:`StepPodWatch`)."""
         super().__init__(daemon=True)
+        self._pods = pods
+        self.watch: StepPodWatch | None = None
+        self._watched = 0.0
         self._title = title
         self._instance = instance
         self._invocation = invocation
@@ -214,10 +288,24 @@ class _Follower(threading.Thread):
                     cursor = conn.cursor
                     for record in conn.records:
                         self._apply(record.event_log_entry)
+                    self._watch_pods(run_id, stopping)
                 live.update(self._table())
                 if stopping:
                     return
                 self._stopped.wait(0.25)
+
+    def _watch_pods(self, run_id: str, last: bool) -> None:
+        """Every few seconds (and once more at the end): what the run's step pods say."""
+        if self._pods is None or (not last and time.monotonic() - self._watched < _WATCH_S):
+            return
+        self._watched = time.monotonic()
+        if self.watch is None:
+            from resources.orchestrator import StepPodWatch
+
+            self.watch = StepPodWatch(*self._pods, run_id=run_id)
+        for step, reason in self.watch.check().items():
+            self.steps[step] = "[red]pod failed[/]"
+            self._console.log(f"[red]{step}[/]: {reason}", highlight=False)
 
     def _apply(self, entry: dg.EventLogEntry) -> None:
         event = entry.dagster_event

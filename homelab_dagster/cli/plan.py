@@ -159,7 +159,7 @@ def _previews(impact: Impact) -> None:
         title="previewing",
     )
     exit_if_failed(outcome, settings, "previewing")
-    with dg.DagsterInstance.get() as instance:
+    with launch.open_instance() as instance:
         records = instance.get_records_for_run(
             outcome.run_id, of_type=dg.DagsterEventType.ASSET_OBSERVATION
         ).records

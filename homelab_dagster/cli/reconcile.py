@@ -25,7 +25,6 @@ def reconcile(
     ] = True,
 ) -> None:
     """Look for drift in every stack, link and weights version; repair it where allowed."""
-    import dagster as dg
 
     from homelab_dagster.cli import launch
     from homelab_dagster.reconcile import repair_decision
@@ -44,7 +43,7 @@ def reconcile(
     for step, message in checked.failures.items():  # a blocking check failed: said, go on
         err_console.print(f"[red]✗ {step}[/]: {message}", highlight=False, soft_wrap=True)
     families = build_deployment(settings, inventory).auto_repair
-    with dg.DagsterInstance.get() as instance:
+    with launch.open_instance() as instance:
         drifted = drifted_assets(instance, checked.run_id)
         chosen = []
         for key, why in sorted(drifted.items()):

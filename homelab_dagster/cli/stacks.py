@@ -62,7 +62,9 @@ def _run(env: str | None, job_name: str, verb: str) -> str:
 def _observations(run_id: str) -> list[dg.AssetObservation]:
     import dagster as dg
 
-    with dg.DagsterInstance.get() as instance:
+    from homelab_dagster.cli import launch
+
+    with launch.open_instance() as instance:
         records = instance.get_records_for_run(
             run_id, of_type=dg.DagsterEventType.ASSET_OBSERVATION
         )
@@ -90,8 +92,9 @@ def down(
     env: EnvOption = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
 ) -> None:
-    """Destroy the stacks (mesh links first, then clusters): what Pulumi made is deleted."""
-    what = f"the stacks of {env} and its mesh links" if env else "every stack"
+    """Destroy the stacks (mesh links, endpoints and the orchestrator first, then the
+    clusters): what Pulumi made is deleted."""
+    what = f"the stacks of {env}, its mesh links and what runs on it" if env else "every stack"
     if not yes and not typer.confirm(f"Destroy {what}?"):
         raise typer.Exit(code=1)
     run_id = _run(env, "teardown", "destroying")

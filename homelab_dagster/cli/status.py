@@ -33,9 +33,8 @@ def status(
 ) -> None:
     """Each asset's last materialisation, checks, drift, stalled state and commit; each
     cluster's readiness from its live checks."""
-    import dagster as dg
 
-    from homelab_dagster.cli.launch import ensure_dagster_home
+    from homelab_dagster.cli.launch import ensure_dagster_home, open_instance
 
     try:
         settings = Settings.from_env()
@@ -44,7 +43,7 @@ def status(
     ensure_dagster_home(settings)
     from homelab_dagster.definitions import defs
 
-    with dg.DagsterInstance.get() as instance:
+    with open_instance() as instance:
         report = collect(instance, defs)
     if as_json:
         typer.echo(json.dumps(report, indent=2, sort_keys=True))
