@@ -164,7 +164,7 @@ def test_a_stack_failing_three_times_is_stalled_while_the_others_reconcile(
             dagster_event=event.event_log_entry.dagster_event,
             dagster_instance=instance,
             dagster_run=run.dagster_run,
-            resources={"webhook": resources["webhook"]},
+            resources={k: resources[k] for k in ("webhook", "dagster_on_kubernetes", "kubernetes")},
         )
         failures(context.for_run_failure())
         record = repair_record(instance, STUDIO)

@@ -56,7 +56,7 @@ def _import_busybox(twin: Twin) -> None:
 
 
 def _pod(name: str, gpus: int, image: str = IMAGE, shell: str = _SHELL) -> dict:
-    return {
+    pod = {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": name},
@@ -73,14 +73,17 @@ def _pod(name: str, gpus: int, image: str = IMAGE, shell: str = _SHELL) -> dict:
                     "imagePullPolicy": "Never" if image == IMAGE else "IfNotPresent",
                     "command": ["sh", "-c", shell],
                     "ports": [{"containerPort": 8080}],
-                    # Ready once it listens: kubectl port-forward gives up at the first
-                    # connection the pod refuses.
-                    "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1},
                     "resources": {"limits": {GPU_RESOURCE: str(gpus)}},
                 }
             ],
         },
     }
+    if image != IMAGE:
+        # Python's server prints before it listens, and kubectl port-forward gives up at the
+        # first connection the pod refuses: Ready once it listens.
+        container = pod["spec"]["containers"][0]
+        container["readinessProbe"] = {"tcpSocket": {"port": 8080}, "periodSeconds": 1}
+    return pod
 
 
 def _core(twin: Twin):

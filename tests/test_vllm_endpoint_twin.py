@@ -30,7 +30,9 @@ from homelab_dagster.ml.spec import Architecture, Hyperparameters, TrainSpec
 from homelab_dagster.settings import Settings, Target
 from resources.deployment import build_deployment
 
-pytestmark = [pytest.mark.twin, pytest.mark.slow, needs_ml]
+# Each test (with the module's training and image build in the first) takes minutes, and more
+# under CI's load: above the suite's 600 s default (seen: the rollback test cut at 600 s).
+pytestmark = [pytest.mark.twin, pytest.mark.slow, needs_ml, pytest.mark.timeout(2400)]
 
 ENDPOINT = "sre-agent"
 # The shipped sre-agent's architecture (head width 64 / 2 = 32).

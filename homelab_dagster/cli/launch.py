@@ -149,11 +149,32 @@ def open_instance() -> Iterator[dg.DagsterInstance]:
     from sqlalchemy.exc import SQLAlchemyError
 
     try:
-        instance = dg.DagsterInstance.get()
+        with _one_opening_at_a_time():
+            instance = dg.DagsterInstance.get()
     except (DagsterPostgresException, SQLAlchemyError, OSError) as exc:
         raise InstanceError(_storage_problem(exc)) from None
     with instance:
         yield instance
+
+
+@contextlib.contextmanager
+def _one_opening_at_a_time() -> Iterator[None]:
+    """While inside, no other process opens ``$DAGSTER_HOME``'s instance: the first opening
+    creates and migrates its SQLite storage, and two at once (two `homelab up` started
+    together) leave it with two schema versions ("more than one head")."""
+    import fcntl
+
+    home = os.environ.get("DAGSTER_HOME")
+    if not home:
+        yield
+        return
+    os.makedirs(home, exist_ok=True)
+    with open(os.path.join(home, ".homelab-open.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _storage_problem(exc: BaseException) -> str:
