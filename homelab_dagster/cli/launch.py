@@ -151,6 +151,9 @@ def open_instance() -> Iterator[dg.DagsterInstance]:
     try:
         with _one_opening_at_a_time():
             instance = dg.DagsterInstance.get()
+            # SQLite's event index is created at its first use, not when the instance opens:
+            # use it here, under the lock, so that two runs never create it at once.
+            instance.fetch_run_status_changes(DagsterEventType.RUN_SUCCESS, limit=1)
     except (DagsterPostgresException, SQLAlchemyError, OSError) as exc:
         raise InstanceError(_storage_problem(exc)) from None
     with instance:
@@ -161,7 +164,7 @@ def open_instance() -> Iterator[dg.DagsterInstance]:
 def _one_opening_at_a_time() -> Iterator[None]:
     """While inside, no other process opens ``$DAGSTER_HOME``'s instance: the first opening
     creates and migrates its SQLite storage, and two at once (two `homelab up` started
-    together) leave it with two schema versions ("more than one head")."""
+    together) leave it with two schema versions ("more than one head": seen in CI)."""
     import fcntl
 
     home = os.environ.get("DAGSTER_HOME")
