@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -40,7 +41,11 @@ def state_file(stacks, name: str) -> Path:
 
 
 def cluster_program(
-    twin, inventory, stacks, gate: threading.Event | None = None
+    twin,
+    inventory,
+    stacks,
+    gate: threading.Event | None = None,
+    slow: threading.Event | None = None,
 ) -> tuple[str, Callable[[], None]]:
     """CLUSTER running on the twin, and its stack's name and program (as the asset builds
     them, reaching the twin's API server).
@@ -49,51 +54,85 @@ def cluster_program(
     the gate (an awaited output: the rest of the update goes on meanwhile). So at least one
     create is still to come when the fault lands, whatever the event stream's delay: without
     it, every create of a small stack can finish before the first "created" event arrives.
+
+    ``slow``: the program also declares a Service whose create Pulumi awaits for as long as
+    ``slow`` is set (its selector matches no pod, so no endpoint ever becomes ready): a create
+    still running, pending in the state, whenever the fault lands. Once ``slow`` is cleared the
+    Service carries ``pulumi.com/skipAwait`` and its create ends at once.
     """
     twin.up([CLUSTER])
     settings = Settings(twin.root.parent / "homelab.yaml", Target.TWIN, twin.root.parent)
     kubernetes = build_deployment(settings, inventory).resources["kubernetes"]
     spec = cluster_stack(CLUSTER, inventory.clusters[CLUSTER], inventory.components)
     program = spec.program(stacks, kubernetes)
-    if gate is None:
+    if gate is None and slow is None:
         return stacks.stack_name(spec.key.path), program
     access = kubernetes.access(CLUSTER)
 
-    def gated() -> None:
+    def with_faults() -> None:
         import pulumi
         import pulumi_kubernetes as k8s
 
         program()
-        provider = k8s.Provider("fault-gate", kubeconfig=access.kubeconfig, context=access.context)
-
-        async def after_gate(value: str) -> str:
-            await asyncio.get_running_loop().run_in_executor(None, gate.wait, 120)
-            return value
-
-        k8s.core.v1.ConfigMap(
-            "fault-gate",
-            metadata={"name": "fault-gate", "namespace": "default"},
-            data={"after": pulumi.Output.from_input("the fault").apply(after_gate)},
-            opts=pulumi.ResourceOptions(provider=provider),
+        provider = k8s.Provider(
+            "fault",
+            kubeconfig=access.kubeconfig,
+            context=access.context,
+            enable_server_side_apply=True,
         )
+        opts = pulumi.ResourceOptions(provider=provider)
+        if gate is not None:
 
-    return stacks.stack_name(spec.key.path), gated
+            async def after_gate(value: str) -> str:
+                await asyncio.get_running_loop().run_in_executor(None, gate.wait, 120)
+                return value
+
+            k8s.core.v1.ConfigMap(
+                "fault-gate",
+                metadata={"name": "fault-gate", "namespace": "default"},
+                data={"after": pulumi.Output.from_input("the fault").apply(after_gate)},
+                opts=opts,
+            )
+        if slow is not None:
+            k8s.core.v1.Service(
+                "fault-slow",
+                metadata={
+                    "name": "fault-slow",
+                    "namespace": "default",
+                    "annotations": {} if slow.is_set() else {"pulumi.com/skipAwait": "true"},
+                },
+                spec={"selector": {"app": "no-such-pod"}, "ports": [{"port": 80}]},
+                opts=opts,
+            )
+
+    return stacks.stack_name(spec.key.path), with_faults
 
 
 class KillOnFirstCreate:
     """The log of ``PulumiStacks.up``: kills the processes ``pids()`` returns (SIGKILL) as soon
-    as the first Kubernetes resource is reported created, keeps every line, and then opens
-    ``gate`` where given (the program's last resource waits for it)."""
+    as the first Kubernetes resource is reported created (and, where ``until`` is given, once
+    it holds: polled for up to a minute), keeps every line, and then opens ``gate`` where
+    given (the program's last resource waits for it)."""
 
-    def __init__(self, pids: Callable[[], list[int]], gate: threading.Event | None = None) -> None:
+    def __init__(
+        self,
+        pids: Callable[[], list[int]],
+        gate: threading.Event | None = None,
+        until: Callable[[], bool] | None = None,
+    ) -> None:
         self.pids = pids
         self.gate = gate
+        self.until = until
         self.lines: list[str] = []
         self.killed_after: str | None = None
 
     def info(self, msg: str) -> None:
         self.lines.append(msg)
         if self.killed_after is None and ": created kubernetes:" in msg:
+            deadline = time.monotonic() + 60
+            while self.until is not None and not self.until():
+                assert time.monotonic() < deadline, "the condition to kill on never held"
+                time.sleep(0.2)
             pids = self.pids()
             assert pids, "nothing to kill"
             for pid in pids:

@@ -1,9 +1,11 @@
 """Fault: the Pulumi CLI itself killed (SIGKILL) in the middle of ``up``, right after the
-first Kubernetes resource is reported created: what a hard-killed run leaves behind."""
+first Kubernetes resource is reported created, while another create is still running: what a
+hard-killed run leaves behind."""
 
 from __future__ import annotations
 
 import json
+import threading
 
 import psutil
 import pytest
@@ -21,20 +23,40 @@ def pulumi_cli() -> list[int]:
     return [p.pid for p in psutil.Process().children(recursive=True) if p.name() == "pulumi"]
 
 
+def pending_creates(stacks, name: str) -> set[str]:
+    """The names of the resources the stack's state holds a pending operation for (none while
+    the file is unreadable: Pulumi may be writing it)."""
+    try:
+        latest = json.loads(state_file(stacks, name).read_text())["checkpoint"]["latest"]
+    except (OSError, ValueError, KeyError):
+        return set()
+    return {
+        op["resource"]["urn"].rsplit("::", 1)[-1] for op in latest.get("pending_operations") or []
+    }
+
+
 def test_a_killed_pulumi_cli_leaves_pending_operations_named_and_cleared(
     twin, shipped_inventory, stacks, log
 ):
     """Injects: SIGKILL to the `pulumi` CLI running `up` when it reports its first resource
-    created. Asserts: `up` fails saying the CLI was killed, and names each pending operation
-    the state holds; the dead process's lock is reported with the command that clears it (never
-    cleared here); once it is removed as the message says, the next `up` clears the pending
-    operations (refresh --clear-pending-creates) and converges: no pending operation left,
-    every namespace exists, and the `up` after it changes nothing."""
+    created and the state holds a create still running (a Service whose endpoints Pulumi
+    awaits, and none ever comes: without it, under load every create of the small stack can
+    end before the first "created" event arrives, leaving nothing pending). Asserts: `up`
+    fails saying the CLI was killed, and names each pending operation the state holds; the
+    dead process's lock is reported with the command that clears it (never cleared here);
+    once it is removed as the message says, the next `up` clears the pending operations
+    (refresh --clear-pending-creates) and converges: no pending operation left, every
+    namespace exists, and the `up` after it changes nothing."""
     cluster = shipped_inventory.clusters[CLUSTER]
-    name, program = cluster_program(twin, shipped_inventory, stacks)
-    killer = KillOnFirstCreate(pulumi_cli)
+    slow = threading.Event()
+    slow.set()
+    name, program = cluster_program(twin, shipped_inventory, stacks, slow=slow)
+    killer = KillOnFirstCreate(
+        pulumi_cli, until=lambda: "fault-slow" in pending_creates(stacks, name)
+    )
     with pytest.raises(StackError) as info:
         stacks.up(name, program, killer)
+    slow.clear()  # from here on, the Service's create no longer waits for endpoints
     message = str(info.value)
     assert "the Pulumi CLI was killed by signal 9" in message
     try:
@@ -45,7 +67,7 @@ def test_a_killed_pulumi_cli_leaves_pending_operations_named_and_cleared(
         # covers that recovery in full).
         return _recover_damaged_state(stacks, name, program, log)
     pending = saved["checkpoint"]["latest"]["pending_operations"]
-    assert pending
+    assert "fault-slow" in {op["resource"]["urn"].rsplit("::", 1)[-1] for op in pending}
     assert f"Pulumi left {len(pending)} pending operation(s)" in message
     for op in pending:
         urn = op["resource"]["urn"]
