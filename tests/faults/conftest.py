@@ -3,20 +3,30 @@ directory, configured as the twin's deployment configures them."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from resources.pulumi import PulumiStacks
 
 
 @pytest.fixture
-def state_dir(tmp_path: Path) -> Path:
-    """A state directory of its own (``HOMELAB_STATE_DIR``)."""
-    return tmp_path / "state"
+def state_dir(tmp_path: Path) -> Iterator[Path]:
+    """A state directory of its own (``HOMELAB_STATE_DIR``). Afterwards, any process still
+    running a program from it is killed: a Pulumi CLI killed by a fault leaves its provider
+    plugins running (about 110 MB each), orphaned."""
+    state = tmp_path / "state"
+    yield state
+    for proc in psutil.process_iter(["cmdline"]):  # the path run (plugins are symlinks)
+        if (proc.info["cmdline"] or [""])[0].startswith(f"{state}/"):
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
 
 
 @pytest.fixture
