@@ -17,6 +17,7 @@ from resources.deployment import build_deployment
 from sensors.failures import build_failure_sensor
 from sensors.git import build_git_sensor
 from sensors.reconcile import build_reconcile_defs
+from sensors.steps import build_step_pod_sensor
 from sensors.training import build_training_schedules
 
 __all__ = ["build_definitions", "defs", "job"]
@@ -43,6 +44,9 @@ def build_definitions(settings: Settings, inventory: Inventory | None) -> dg.Def
         if inventory
         else dg.Definitions(),
         build_failure_sensor(running=deployment.reconcile_running),
+        build_step_pod_sensor(running=deployment.reconcile_running)
+        if deployment.steps_as_pods
+        else dg.Definitions(),
         dg.Definitions(resources=deployment.resources, executor=deployment.executor),
     )
 

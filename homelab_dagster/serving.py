@@ -18,6 +18,7 @@ import re
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from homelab_dagster.checks import Verdict
@@ -50,6 +51,7 @@ class ObservedPod:
     terminated: str | None = None  # a container's last termination (exit code, reason)
     restarts: int = 0
     deleting: bool = False
+    age_s: float = 0.0  # seconds since the pod was created
 
 
 def observed_pod(pod: Any) -> ObservedPod:
@@ -83,7 +85,12 @@ def observed_pod(pod: Any) -> ObservedPod:
         terminated=terminated,
         restarts=restarts,
         deleting=pod.metadata.deletion_timestamp is not None,
+        age_s=_age_s(pod.metadata.creation_timestamp),
     )
+
+
+def _age_s(created: datetime | None) -> float:
+    return (datetime.now(UTC) - created).total_seconds() if created is not None else 0.0
 
 
 @dataclass(frozen=True)

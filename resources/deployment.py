@@ -90,6 +90,11 @@ class Deployment:
     # its run launcher is dagster-k8s's; None: Dagster's defaults (cli/launch.py).
     instance_yaml: str | None = None
 
+    @property
+    def steps_as_pods(self) -> bool:
+        """Each step runs as a pod (``k8s_job_executor``): their pods are watched."""
+        return self.instance_yaml is not None
+
 
 def twin_kubeconfig(state_dir: Path) -> Path:
     """The twin's kubeconfig (as :class:`homelab_dagster.twin.Twin` writes it)."""

@@ -20,7 +20,6 @@ pods and the long-running pods are configured by the same dictionaries.
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -60,6 +59,11 @@ def step_pod_problem(pod: ObservedPod) -> tuple[str, bool] | None:
     return None
 
 
+POD_NOTE = "step pod: "
+"""How an engine event in a run's log that carries a step pod's reason begins (the
+``step_pods`` sensor writes it; the failure sensor reads it back into the step's reason)."""
+
+
 @dataclass
 class StepPodWatch:
     """Watches a run's step pods (dagster-k8s's ``k8s_job_executor``), so that a step whose
@@ -69,8 +73,10 @@ class StepPodWatch:
     failed Kubernetes job", and a pod that can never start (an image that cannot be pulled, a
     missing Secret, no node to place it) leaves the Job active, and the step waiting, for
     ever. :meth:`check` finds both: an ended pod's reason (exit code, ``OOMKilled``, its
-    log's error lines), and a pod stuck for ``grace_s``, whose Job it deletes (dagster-k8s
-    then fails the step: "Kubernetes job ... could not be found").
+    log's error lines), and a pod stuck and older than ``grace_s``, whose Job it deletes
+    (dagster-k8s then fails the step: "Kubernetes job ... could not be found"). It keeps no
+    clock of its own (the pod's age is the API server's), so a watch made afresh each time
+    (the ``step_pods`` sensor) acts as one kept alive (the CLI's follower) does.
     """
 
     dagster: DagsterOnKubernetes
@@ -78,10 +84,10 @@ class StepPodWatch:
     run_id: str
     grace_s: float = 120.0
     said: dict[str, str] = field(default_factory=dict)  # step key -> the pod's reason
-    _stuck_since: dict[str, float] = field(default_factory=dict)
 
-    def check(self) -> dict[str, str]:
-        """The steps with news since the last check, each with what its pod says."""
+    def check(self, *, ended: bool = True) -> dict[str, str]:
+        """The steps with news since the last check, each with what its pod says (``ended``:
+        also the steps whose pod ended in failure; else only those it failed, stuck)."""
         cluster, namespace = self.dagster.cluster, self.dagster.namespace
         news: dict[str, str] = {}
         try:
@@ -90,23 +96,24 @@ class StepPodWatch:
             )
         except KubernetesError:
             return news  # the API is unreachable for a moment: the next check asks again
-        now = time.monotonic()
         for labels, pod in pods:
             step, job = labels.get("dagster/op", ""), labels.get("job-name", "")
             problem = step_pod_problem(pod)
-            if not step or problem is None or step in self.said:
-                self._stuck_since.pop(step, None)
+            if not step or problem is None or step in self.said or pod.deleting:
                 continue
             reason, stuck = problem
             if not stuck:
-                log = self.kubernetes.pod_log(cluster, namespace, pod.name, tail=200)
-                cause = crash_cause(log) if log.strip() else ""
-                news[step] = f"{reason}{f'; its log says: {cause}' if cause else ''}"
+                if ended:
+                    log = self.kubernetes.pod_log(cluster, namespace, pod.name, tail=200)
+                    cause = crash_cause(log) if log.strip() else ""
+                    news[step] = f"{reason}{f'; its log says: {cause}' if cause else ''}"
                 continue
-            since = self._stuck_since.setdefault(step, now)
-            if now - since >= self.grace_s and job:
-                self.kubernetes.delete_job(cluster, namespace, job)
-                news[step] = f"{reason} (for {now - since:.0f} s: its Job {job} was deleted)"
+            if pod.age_s >= self.grace_s and job:
+                try:
+                    self.kubernetes.delete_job(cluster, namespace, job)
+                except KubernetesError:
+                    continue  # gone already (another watch deleted it), or the API is away
+                news[step] = f"{reason} (for {pod.age_s:.0f} s: its Job {job} was deleted)"
         self.said.update(news)
         return news
 

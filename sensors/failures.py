@@ -25,7 +25,7 @@ import dagster as dg
 from assets._stack import COMMIT_TAG
 from homelab_dagster.reconcile import RepairRecord
 from resources.kubernetes import KubernetesClusters
-from resources.orchestrator import DagsterOnKubernetes, StepPodWatch
+from resources.orchestrator import POD_NOTE, DagsterOnKubernetes, StepPodWatch
 from resources.webhook import Webhook
 
 __all__ = [
@@ -95,11 +95,13 @@ def failed_assets(
             dg.DagsterEventType.ASSET_MATERIALIZATION,
             dg.DagsterEventType.STEP_FAILURE,
             dg.DagsterEventType.RUN_FAILURE,
+            dg.DagsterEventType.ENGINE_EVENT,
         },
     ).records
     planned: dict[dg.AssetKey, str | None] = {}
     done: set[dg.AssetKey] = set()
     step_reasons: dict[str, str] = {}
+    pod_notes: dict[str, str] = {}  # step key -> its pod's reason, noted in the run's log
     run_reason = "the run failed"
     for record in records:
         event = record.event_log_entry.dagster_event
@@ -115,10 +117,15 @@ def failed_assets(
             step_reasons[event.step_key] = error.message.strip() if error else "the step failed"
         elif kind is dg.DagsterEventType.RUN_FAILURE and event.message:
             run_reason = event.message
+        elif kind is dg.DagsterEventType.ENGINE_EVENT and (event.message or "").startswith(
+            POD_NOTE
+        ):
+            pod_notes[event.step_key or ""] = (event.message or "").removeprefix(POD_NOTE)
     if pods is not None and any(_K8S_JOB in reason for reason in step_reasons.values()):
-        for step, said in pods.check().items():
-            if step in step_reasons:
-                step_reasons[step] = f"{step_reasons[step]} ({said})"
+        pod_notes.update(pods.check())
+    for step, said in pod_notes.items():
+        if step in step_reasons:
+            step_reasons[step] = f"{step_reasons[step]} ({said})"
     return {
         key: step_reasons.get(step or "", run_reason)
         for key, step in planned.items()

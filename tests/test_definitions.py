@@ -178,6 +178,17 @@ def test_the_homelab_runs_every_step_as_a_pod_on_the_orchestrators_nodes(project
     assert config["job_image"] == "registry.homelab/homelab-dagster:1"
 
 
+def test_step_pods_are_watched_by_a_sensor_only_where_steps_run_as_pods(project_root, inventory):
+    """The ``step_pods`` sensor (sensors/steps.py) fails the stuck steps of runs nobody's CLI
+    follows; it exists where steps are pods (the homelab), not where they are processes."""
+    homelab = build_definitions(settings_for(project_root, Target.HOMELAB), inventory)
+    sensor = homelab.resolve_sensor_def("step_pods")
+    assert sensor.required_resource_keys >= {"dagster_on_kubernetes", "kubernetes"}
+    twin = build_definitions(settings_for(project_root, Target.TWIN), inventory)
+    names = {s.name for s in twin.sensors or ()}
+    assert "run_failures" in names and "step_pods" not in names
+
+
 def test_stack_steps_carry_their_pod_resources(graph):
     import json
 

@@ -223,3 +223,77 @@ def test_a_step_whose_pod_cannot_start_fails_with_the_pods_reason(pods_world, tw
         return not [j for j in jobs if "no-such-tag" in str(j.spec.template.spec.containers)]
 
     assert wait(stuck_jobs_gone, timeout=60), "a stuck step's Job was left behind"
+
+
+def test_a_stuck_step_of_a_run_the_cli_did_not_launch_is_failed_by_the_step_pods_sensor(
+    pods_world, twin, monkeypatch
+):
+    """A run launched by something other than `homelab` (here Dagster's own `dagster job
+    execute`; the UI, a schedule or a sensor alike) has no CLI watching its step pods: the
+    daemon's ``step_pods`` sensor (sensors/steps.py) finds the stuck pod, deletes its Job, and
+    notes the pod's reason in the run's log; the run fails instead of hanging, and the failure
+    sensor's record of the asset carries the pod's reason."""
+    import dagster as dg
+
+    from homelab_dagster.cli.launch import ensure_dagster_home
+    from homelab_dagster.loader import inventory_or_none
+    from homelab_dagster.settings import Settings
+    from resources.deployment import build_deployment
+    from resources.orchestrator import POD_NOTE
+    from sensors.failures import failed_assets
+    from sensors.steps import fail_stuck_steps
+
+    env = {
+        **pods_world,
+        "HOMELAB_RUNS": "kubernetes",
+        "HOMELAB_IMAGE": "ghcr.io/homelab/homelab-dagster:no-such-tag",
+    }
+    settings = Settings.from_env(env)
+    monkeypatch.setenv("DAGSTER_HOME", env["DAGSTER_HOME"])
+    ensure_dagster_home(settings)  # the instance whose runs are pods, as `homelab` writes it
+    deployment = build_deployment(settings, inventory_or_none(settings.inventory_path))
+    assert deployment.steps_as_pods
+    dok, kubernetes = (deployment.resources[k] for k in ("dagster_on_kubernetes", "kubernetes"))
+    command = [
+        sys.executable,
+        "-m",
+        "dagster",
+        "job",
+        "execute",
+        "-m",
+        "homelab_dagster.definitions",
+        "-a",
+        "defs",
+    ]
+    run = subprocess.Popen(
+        [*command, "-j", "up", "-o", "cluster__forge"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+            failed = wait(
+                lambda: fail_stuck_steps(instance, dok, kubernetes, 10), timeout=300, interval=3
+            )
+            assert failed, "the stuck step was never found"
+            [(run_id, steps)] = failed.items()
+            assert list(steps) == ["cluster__forge"]
+            printed, _ = run.communicate(timeout=300)
+            assert run.returncode != 0, printed
+            assert instance.get_run_by_id(run_id).status is dg.DagsterRunStatus.FAILURE
+            notes = [
+                r.event_log_entry.dagster_event.message
+                for r in instance.get_records_for_run(
+                    run_id, of_type=dg.DagsterEventType.ENGINE_EVENT
+                ).records
+                if (r.event_log_entry.dagster_event.message or "").startswith(POD_NOTE)
+            ]
+            assert len(notes) == 1 and "no-such-tag" in notes[0], notes
+            assert "ErrImagePull" in notes[0] or "ImagePullBackOff" in notes[0], notes
+            reason = failed_assets(instance, run_id)[dg.AssetKey(["cluster", "forge"])]
+            assert "was deleted" in reason and "no-such-tag" in reason, reason
+    finally:
+        if run.poll() is None:
+            run.kill()

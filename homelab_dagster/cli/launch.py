@@ -232,7 +232,7 @@ def materialize(
     invocation = uuid.uuid4().hex
     deployment = build_deployment(settings, inventory_or_none(settings.inventory_path))
     pods = None
-    if deployment.instance_yaml is not None:  # steps run as pods: watch them
+    if deployment.steps_as_pods:  # watch them
         resources = deployment.resources
         pods = (resources["dagster_on_kubernetes"], resources["kubernetes"])
     # The steps' own output goes to the steps log, not through the progress display.
