@@ -4,13 +4,26 @@
 # the same `uv sync` flags (UV_SYNC_FLAGS), the same environment (/app/.venv, Debian's Python).
 #
 #   docker build -t ghcr.io/homelab/homelab-dagster:0.1.0 .
+#
+# Only the homelab's image holds the Pulumi CLI, its Kubernetes provider and git: on the twin,
+# step pods mount the toolchain (infra/toolchain.py) and the daemon (with the Git sensor) is
+# the host's. The provider goes on PATH, where Pulumi finds it (PULUMI_HOME is the state's, and
+# plugins are never downloaded at run time); both at the versions of infra/tools/versions.toml.
 FROM ghcr.io/astral-sh/uv:0.13.9 AS uv
+
+FROM pulumi/pulumi-base:3.274.1 AS pulumi
+RUN PULUMI_HOME=/tmp/pulumi /pulumi/bin/pulumi plugin install resource kubernetes v4.25.0 \
+    && cp /tmp/pulumi/plugins/resource-kubernetes-v4.25.0/pulumi-resource-kubernetes /pulumi/bin/
 
 FROM debian:bookworm-slim
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3.11 ca-certificates libgomp1 libnuma1 \
     && rm -rf /var/lib/apt/lists/*
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends git \
+    && rm -rf /var/lib/apt/lists/*
 COPY --from=uv /uv /usr/local/bin/uv
+COPY --from=pulumi /pulumi/bin/pulumi /pulumi/bin/pulumi-resource-kubernetes /usr/local/bin/
 ENV UV_PYTHON=/usr/bin/python3.11 \
     UV_PYTHON_DOWNLOADS=never \
     UV_LINK_MODE=copy \

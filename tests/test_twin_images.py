@@ -41,8 +41,9 @@ def _dockerfile(project_root: Path) -> str:
 
 def test_the_dockerfile_installs_the_same_debian_packages_and_runs_the_same_uv_sync(project_root):
     text = _dockerfile(project_root)
-    (apt,) = re.findall(r"apt-get install -y --no-install-recommends ([^\\\n&]+)", text)
+    apt, homelab_only = re.findall(r"apt-get install -y --no-install-recommends ([^\\\n&]+)", text)
     assert tuple(apt.split()) == BASE_PACKAGES
+    assert homelab_only.split() == ["git"]  # the Git sensor's, in the homelab's daemon
     assert "FROM debian:bookworm-slim" in text
     (sync,) = re.findall(r"uv sync ([^\n]+)", text)
     assert tuple(sync.split()) == UV_SYNC_FLAGS
@@ -52,6 +53,23 @@ def test_the_dockerfile_installs_the_same_debian_packages_and_runs_the_same_uv_s
     for sources in re.findall(r"^COPY (?!--from)(.+) \S+$", text, flags=re.M):
         copied.update(sources.split())
     assert copied == {"pyproject.toml", "uv.lock", *PROJECT.sources}
+
+
+def test_the_homelabs_image_holds_the_toolchains_pulumi_and_provider_versions(project_root):
+    """The homelab's step pods run Pulumi from the image (the twin's mount the toolchain):
+    the CLI and the Kubernetes provider at the versions pinned in infra/tools/versions.toml,
+    the provider on PATH."""
+    from infra.toolchain import load_versions
+
+    text = _dockerfile(project_root)
+    tools = load_versions()["tools"]
+    cli, provider = tools["pulumi"]["version"], tools["pulumi-kubernetes"]["version"]
+    assert f"FROM pulumi/pulumi-base:{cli} AS pulumi" in text
+    (installed,) = re.findall(r"pulumi plugin install resource kubernetes v(\S+)", text)
+    assert installed == provider
+    assert f"resource-kubernetes-v{provider}/pulumi-resource-kubernetes" in text
+    (copied,) = re.findall(r"^COPY --from=pulumi (.+) /usr/local/bin/$", text, flags=re.M)
+    assert copied.split() == ["/pulumi/bin/pulumi", "/pulumi/bin/pulumi-resource-kubernetes"]
 
 
 def test_each_image_is_tagged_with_its_projects_version():
