@@ -195,14 +195,14 @@ def pod_spec(
 ) -> dict[str, Any]:
     """The server's pod: the part of the program that the fast tests read."""
     volumes, init = _weights_volume(weights, runtime.weights)
+    mounts: list[dict[str, Any]] = [
+        {"name": "weights", "mountPath": f"{MODELS_DIR}/{weights.digest}", "readOnly": True}
+        for _ in volumes  # none for a model served from its hub id
+    ]
     # vLLM's engine and workers talk through shared memory (160 MiB and more); a container's
     # /dev/shm is 64 MiB by default, and the engine then refuses to start.
     volumes.append({"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": _SHM_SIZE}})
-    mounts: list[dict[str, Any]] = [{"name": "shm", "mountPath": "/dev/shm"}]
-    if volumes:
-        mounts.append(
-            {"name": "weights", "mountPath": f"{MODELS_DIR}/{weights.digest}", "readOnly": True}
-        )
+    mounts.append({"name": "shm", "mountPath": "/dev/shm"})
     if endpoint.chat_template:
         volumes.append(
             {"name": "chat-template", "configMap": {"name": f"{endpoint_name}-chat-template"}}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 
@@ -200,6 +199,25 @@ def test_the_homelab_pod_fetches_the_version_from_the_bucket_and_tolerates_node_
     assert spec["enableServiceLinks"] is False
 
 
+def test_a_model_the_store_does_not_hold_is_served_by_its_hub_id_with_no_weights_mount(
+    shipped_inventory,
+):
+    """The shipped 70B endpoint on the twin (its weights are not in the store): no weights
+    volume, so no mount of one (`make up` once failed here: "volumeMounts[1].name: Not found:
+    weights"); every mount names a volume of the pod."""
+    endpoint = shipped_inventory.endpoints["vllm"]
+    weights = ServedWeights(None, model_id="meta-llama/Llama-3.1-70B-Instruct")
+    for source in (WeightsSource(host_path="/srv/weights"), WeightsSource(bucket_url="s3://m")):
+        runtime = ServerRuntime(weights=source)
+        spec = pod_spec("vllm", endpoint, shipped_inventory.clusters["forge"], weights, runtime)
+        (container,) = spec["containers"]
+        volumes = {v["name"] for v in spec["volumes"]}
+        assert {m["name"] for m in container["volumeMounts"]} <= volumes
+        assert "weights" not in volumes and spec["initContainers"] == []
+        command = container["command"]
+        assert command[command.index("--model") + 1] == "meta-llama/Llama-3.1-70B-Instruct"
+
+
 # ----------------------------------------------------------------------------- serving rules
 
 
@@ -239,24 +257,30 @@ def test_a_crashed_server_fails_the_rollout_a_ready_one_serves_others_are_ignore
 
 
 def test_observed_pod_reads_the_schedulers_refusal_from_a_client_pod():
-    pod = SimpleNamespace(
-        metadata=SimpleNamespace(
-            name="p", annotations={"homelab.dev/weights-digest": DIGEST}, deletion_timestamp=None
+    from datetime import UTC, datetime, timedelta
+
+    from kubernetes import client
+
+    pod = client.V1Pod(
+        metadata=client.V1ObjectMeta(
+            name="p",
+            annotations={"homelab.dev/weights-digest": DIGEST},
+            creation_timestamp=datetime.now(UTC) - timedelta(seconds=90),
         ),
-        spec=SimpleNamespace(node_name=None),
-        status=SimpleNamespace(
+        spec=client.V1PodSpec(containers=[], node_name=None),
+        status=client.V1PodStatus(
             phase="Pending",
             conditions=[
-                SimpleNamespace(
+                client.V1PodCondition(
                     type="PodScheduled", status="False", reason="Unschedulable", message="no GPUs"
                 )
             ],
-            container_statuses=None,
         ),
     )
     observed = serving.observed_pod(pod)
     assert observed.unschedulable == "no GPUs" and observed.digest == DIGEST
-    assert not observed.ready
+    assert not observed.ready and not observed.deleting
+    assert 89 <= observed.age_s < 120  # the API server's clock: what a stuck step is timed by
 
 
 def test_serves_weights_latency_and_rollback_rules():
