@@ -308,9 +308,27 @@ class _EndpointEntry:
             history=history[-_HISTORY:],
         )
         result = pulumi.up(stack, program, log)
+        if replicas == 0:  # scaled to zero: no rollout to wait for, only its pods to go
+            return result, self._scaled_down(log, kubernetes, vllm)
         rollout = self._wait(log, kubernetes, vllm, digest or "", scheduled_is_enough)
         log.info(f"{self.name}: {rollout.state}: {rollout.reason}")
         return result, rollout
+
+    def _scaled_down(
+        self, log: dg.DagsterLogManager, kubernetes: KubernetesClusters, vllm: VllmServers
+    ) -> serving.Rollout:
+        """Poll until the endpoint has no pod left (their GPUs given back), or
+        ``ready_timeout_s`` passes."""
+        deadline = time.monotonic() + vllm.ready_timeout_s
+        while pods := kubernetes.pods(
+            self.endpoint.cluster, self.endpoint.namespace, self.selector
+        ):
+            if time.monotonic() > deadline:
+                names = ", ".join(p.name for p in pods)
+                return serving.Rollout("failed", f"scaled to zero, still running: {names}")
+            time.sleep(_POLL_S)
+        log.info(f"{self.name}: scaled to zero, no pod left")
+        return serving.Rollout("serving", "scaled to zero, no pod left")
 
     def _wait(
         self,

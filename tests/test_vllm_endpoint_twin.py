@@ -204,6 +204,31 @@ def test_tensor_parallel_4_fails_with_the_schedulers_reason(serving, shipped_inv
     assert wait(serving_pods, timeout=10)
 
 
+def test_the_70b_endpoint_the_twin_cannot_fetch_is_placed_then_scaled_to_zero(
+    serving, shipped_inventory
+):
+    """The shipped ``vllm`` endpoint (Llama 3.1 70B, served by its hub id, which the offline
+    twin cannot fetch): its pod is placed on forge-inference with its 2 GPUs, then the
+    endpoint is scaled to zero with no pod left, and its serving checks are skipped with the
+    reason. (`make up` once waited out ready_timeout_s here, for a rollout of zero pods.)"""
+    from kubernetes import client
+
+    resources, _ = serving
+    result = _materialize(resources, shipped_inventory, name="vllm")
+    assert result.success, _failure(result)
+    metadata = _metadata(result, "vllm")
+    assert metadata["serving"] is False and metadata["scheduled_on"] == "forge-inference"
+    assert "then it is scaled to zero" in metadata["skipped_reason"]
+    checks = _checks(result)
+    assert checks and all(not c.passed for c in checks.values())
+    assert all(c.metadata["skipped"].value is True for c in checks.values())
+    core = client.CoreV1Api(resources["kubernetes"].api_client("forge"))
+    pods = core.list_namespaced_pod(
+        "ml-inference", label_selector="app.kubernetes.io/instance=vllm"
+    ).items
+    assert pods == []
+
+
 def test_teardown_destroys_the_endpoints_stack_and_its_server(serving, shipped_inventory):
     """``homelab down``'s job: the endpoint's stack is destroyed (before its cluster's, whose
     namespaces would otherwise take the objects from under Pulumi's state)."""
