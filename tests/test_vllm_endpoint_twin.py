@@ -205,20 +205,33 @@ def test_tensor_parallel_4_fails_with_the_schedulers_reason(serving, shipped_inv
 
 
 def test_the_70b_endpoint_the_twin_cannot_fetch_is_placed_then_scaled_to_zero(
-    serving, shipped_inventory
+    serving, shipped_inventory, real_forge, capsys
 ):
     """The shipped ``vllm`` endpoint (Llama 3.1 70B, served by its hub id, which the offline
     twin cannot fetch): its pod is placed on forge-inference with its 2 GPUs, then the
     endpoint is scaled to zero with no pod left, and its serving checks are skipped with the
-    reason. (`make up` once waited out ready_timeout_s here, for a rollout of zero pods.)"""
+    reason, which the CLI's serving summary prints. (`make up` once waited out
+    ready_timeout_s here, for a rollout of zero pods.)"""
     from kubernetes import client
 
+    settings = Settings(
+        real_forge.root.parent / "homelab.yaml", Target.TWIN, real_forge.root.parent
+    )
+
+    from homelab_dagster.cli.endpoints import print_serving
+
     resources, _ = serving
-    result = _materialize(resources, shipped_inventory, name="vllm")
-    assert result.success, _failure(result)
+    with dg.DagsterInstance.ephemeral() as instance:
+        result = _materialize(resources, shipped_inventory, name="vllm", instance=instance)
+        assert result.success, _failure(result)
+        capsys.readouterr()
+        print_serving(result.run_id, settings, shipped_inventory, instance=instance)
     metadata = _metadata(result, "vllm")
     assert metadata["serving"] is False and metadata["scheduled_on"] == "forge-inference"
     assert "then it is scaled to zero" in metadata["skipped_reason"]
+    printed = capsys.readouterr().out
+    assert "vllm not served here: skipped: no version of llama-3.1-70b-instruct" in printed
+    assert "url (in its cluster)" not in printed, printed
     checks = _checks(result)
     assert checks and all(not c.passed for c in checks.values())
     assert all(c.metadata["skipped"].value is True for c in checks.values())

@@ -60,9 +60,16 @@ def print_serving(
         return
     kubernetes = build_deployment(settings, inventory).resources["kubernetes"]
     assert isinstance(kubernetes, KubernetesClusters)
-    console.print("[bold]serving[/]")
+    console.print("\n[bold]serving[/]")
     for name, meta in sorted(served.items()):
         endpoint = inventory.endpoints.get(name)
+        if meta.get("skipped_reason"):  # an endpoint this deployment cannot serve (the twin)
+            console.print(
+                f"  [bold]{name}[/] [yellow]not served here[/]: {meta['skipped_reason']}",
+                highlight=False,
+                soft_wrap=True,
+            )
+            continue
         digest = str(meta.get("weights_digest", ""))[:12] or "no stored weights"
         where = f"on {meta.get('node') or '?'}" if meta.get("serving") else "[red]not serving[/]"
         sample = str(meta.get("sample_completion", ""))
