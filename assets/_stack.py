@@ -20,7 +20,7 @@ from homelab_dagster import reconcile
 from homelab_dagster.checks import Verdict
 from homelab_dagster.errors import HomelabError
 from resources.kubernetes import KubernetesClusters
-from resources.pulumi import Program, PulumiStacks
+from resources.pulumi import Program, PulumiStacks, StackResult
 
 __all__ = [
     "COMMIT_TAG",
@@ -35,6 +35,7 @@ __all__ = [
     "key_slug",
     "not_built_yet",
     "provenance",
+    "record_preview",
     "step_failure",
 ]
 
@@ -91,6 +92,15 @@ class StackConfig(dg.Config):
         description="Refresh the stack from the cluster before updating, so that changes made "
         "behind Pulumi's back (drift) are repaired. Off: apply the inventory's changes only.",
     )
+
+
+def record_preview(
+    context: dg.OpExecutionContext, key: dg.AssetKey, stack: str, result: StackResult
+) -> None:
+    """A ``preview`` op's outcome: the per-resource plan in the run's log, and as an
+    observation of ``key`` (not a materialisation: nothing changed)."""
+    context.log.info(f"{stack}: {result.changed} change(s)\n{result.plan_markdown()}")
+    context.log_event(dg.AssetObservation(asset_key=key, metadata=result.metadata()))
 
 
 def step_failure(exc: HomelabError) -> dg.Failure:

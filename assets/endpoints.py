@@ -34,7 +34,7 @@ from pydantic import Field
 
 from assets._automation import follow_upstream
 from assets._keys import cluster_key, endpoint_key, mesh_link_key, model_weights_key
-from assets._stack import STACK_STEP_TAGS, step_failure
+from assets._stack import STACK_STEP_TAGS, record_preview, step_failure
 from homelab_dagster import serving
 from homelab_dagster.checks import Verdict
 from homelab_dagster.errors import EndpointError, HomelabError
@@ -48,11 +48,18 @@ from infra.endpoint import (
     service_url,
 )
 from resources.kubernetes import KubernetesClusters
-from resources.pulumi import PulumiStacks
+from resources.pulumi import Program, PulumiStacks, StackResult
 from resources.vllm import Completion, VllmServers
 from resources.weights import WeightsStore
 
-__all__ = ["CHECKS", "SAMPLE_PROMPTS", "EndpointConfig", "build_endpoint_defs", "endpoint_op_name"]
+__all__ = [
+    "CHECKS",
+    "SAMPLE_PROMPTS",
+    "EndpointConfig",
+    "build_endpoint_defs",
+    "endpoint_op_name",
+    "endpoint_preview_op",
+]
 
 CHECKS = {
     "serves_weights": "/v1/models lists <served name>@<digest>: the server serves exactly the "
@@ -158,6 +165,41 @@ def build_endpoint_defs(
             raise step_failure(exc) from exc
 
     return dg.Definitions(assets=[_endpoint])
+
+
+def endpoint_preview_op(
+    name: str,
+    endpoint: Endpoint,
+    model: Model,
+    cluster: Cluster,
+    export_label: str,
+    *,
+    op_name: str,
+    tags: Mapping[str, object],
+) -> dg.OpDefinition:
+    """The ``preview`` job's op of endpoint ``name`` (assets/jobs.py names and tags it)."""
+    entry = _EndpointEntry(name, endpoint, model, cluster, export_label)
+
+    @dg.op(
+        name=op_name,
+        tags=dict(tags),
+        description=f"pulumi preview of {entry.key.to_user_string()}'s stack, for the weights "
+        "version materialising would serve.",
+    )
+    def _op(
+        context: dg.OpExecutionContext,
+        pulumi: PulumiStacks,
+        kubernetes: KubernetesClusters,
+        vllm: VllmServers,
+        weights_store: WeightsStore,
+    ) -> None:
+        try:
+            stack, result = entry.preview(context.log, pulumi, kubernetes, vllm, weights_store)
+        except HomelabError as exc:
+            raise step_failure(exc) from exc
+        record_preview(context, entry.key, stack, result)
+
+    return _op
 
 
 class _EndpointEntry:
@@ -287,6 +329,25 @@ class _EndpointEntry:
         """``pulumi up`` for ``version``, then wait for its rollout."""
         digest = version.digest if version else None
         history = before.history if rolling_back else [*before.history, digest or ""]
+        program = self._program(pulumi, kubernetes, vllm, digest, history, replicas)
+        result = pulumi.up(stack, program, log)
+        if replicas == 0:  # scaled to zero: no rollout to wait for, only its pods to go
+            return result, self._scaled_down(log, kubernetes, vllm)
+        rollout = self._wait(log, kubernetes, vllm, digest or "", scheduled_is_enough)
+        log.info(f"{self.name}: {rollout.state}: {rollout.reason}")
+        return result, rollout
+
+    def _program(
+        self,
+        pulumi: PulumiStacks,
+        kubernetes: KubernetesClusters,
+        vllm: VllmServers,
+        digest: str | None,
+        history: list[str],
+        replicas: int | None,
+    ) -> Program:
+        """The stack's program serving ``digest`` (None: the model's hub id), remembering
+        ``history`` (digests, oldest first; repeats keep their last place)."""
         history = [d for i, d in enumerate(history) if d and d not in history[i + 1 :]]
         weights = ServedWeights(
             digest,
@@ -294,7 +355,7 @@ class _EndpointEntry:
             self.model.base_model or "",
         )
         access = kubernetes.access(self.endpoint.cluster)
-        program = endpoint_program(
+        return endpoint_program(
             self.name,
             self.endpoint,
             self.cluster,
@@ -307,12 +368,29 @@ class _EndpointEntry:
             replicas=replicas,
             history=history[-_HISTORY:],
         )
-        result = pulumi.up(stack, program, log)
-        if replicas == 0:  # scaled to zero: no rollout to wait for, only its pods to go
-            return result, self._scaled_down(log, kubernetes, vllm)
-        rollout = self._wait(log, kubernetes, vllm, digest or "", scheduled_is_enough)
-        log.info(f"{self.name}: {rollout.state}: {rollout.reason}")
-        return result, rollout
+
+    # ------------------------------------------------------------------ preview
+
+    def preview(
+        self,
+        log: dg.DagsterLogManager,
+        pulumi: PulumiStacks,
+        kubernetes: KubernetesClusters,
+        vllm: VllmServers,
+        store: WeightsStore,
+    ) -> tuple[str, StackResult]:
+        """``pulumi preview`` of what materialising would deploy now: the store's current
+        version (scaled to zero where this deployment cannot fetch the model). Changes
+        nothing. Returns the stack's name and Pulumi's plan."""
+        stack = pulumi.stack_name(self.key.path)
+        before = self._served(pulumi, stack)
+        version = self._version(EndpointConfig(), store, before)
+        replicas = 0 if version is None and not vllm.serves_unstored else None
+        digest = version.digest if version else None
+        program = self._program(
+            pulumi, kubernetes, vllm, digest, [*before.history, digest or ""], replicas
+        )
+        return stack, pulumi.preview(stack, program, log)
 
     def _scaled_down(
         self, log: dg.DagsterLogManager, kubernetes: KubernetesClusters, vllm: VllmServers

@@ -5,7 +5,8 @@
 - ``reconcile``: every check of every stack (drift first among them) and of every trained
   model's weights, one step per asset, in parallel; nothing is materialised (the repair is
   ``sensors/reconcile.py``'s);
-- ``preview``: one op per stack, in parallel, running ``pulumi preview``. The per-resource
+- ``preview``: one op per stack (clusters, mesh links, endpoints), in parallel, running
+  ``pulumi preview`` (an endpoint's: of the version materialising would serve). The per-resource
   plan goes to the run's log and, as an observation of the asset (not a materialisation:
   nothing changed), to the asset's metadata;
 - ``teardown``: one op per stack running ``pulumi destroy``; the links and what runs on a
@@ -29,8 +30,16 @@ from assets._keys import (
     mesh_link_key,
     model_weights_key,
 )
-from assets._stack import DRIFT_CHECK, STACK_STEP_TAGS, StackSpec, key_slug, step_failure
+from assets._stack import (
+    DRIFT_CHECK,
+    STACK_STEP_TAGS,
+    StackSpec,
+    key_slug,
+    record_preview,
+    step_failure,
+)
 from assets.clusters import cluster_stack
+from assets.endpoints import endpoint_preview_op
 from assets.mesh import mesh_link_stack
 from assets.weights import INTACT_CHECK
 from homelab_dagster.errors import HomelabError
@@ -48,6 +57,7 @@ __all__ = [
     "build_jobs",
     "cluster_selection",
     "preview_op_name",
+    "previewed_stacks",
     "stack_specs",
     "workload_stacks",
 ]
@@ -110,7 +120,9 @@ def build_jobs(inventory: Inventory | None) -> dg.Definitions:
         jobs=[
             up,
             _reconcile_job(inventory, stacks),
-            _preview_job(clusters + links),
+            _preview_job(
+                clusters + links, [_endpoint_preview_op(inventory, n) for n in inventory.endpoints]
+            ),
             _teardown_job(clusters, links, workload_stacks(inventory)),
         ]
     )
@@ -131,9 +143,17 @@ def _reconcile_job(inventory: Inventory, stacks: Sequence[dg.AssetKey]):
     )
 
 
-def preview_op_name(spec: StackSpec) -> str:
-    """The ``preview`` job's op of ``spec``'s stack."""
-    return f"preview_{spec.slug}"
+def preview_op_name(key: dg.AssetKey) -> str:
+    """The ``preview`` job's op of asset ``key``'s stack."""
+    return f"preview_{key_slug(key)}"
+
+
+def previewed_stacks(inventory: Inventory) -> dict[dg.AssetKey, tuple[str, ...]]:
+    """The assets whose stacks the ``preview`` job previews, each with the clusters it
+    touches: every cluster, mesh link and endpoint."""
+    clusters, links = stack_specs(inventory)
+    stacks = {spec.key: tuple(spec.clusters) for spec in clusters + links}
+    return stacks | {endpoint_key(n): (e.cluster,) for n, e in inventory.endpoints.items()}
 
 
 def _op_tags(clusters: Sequence[str]) -> dict[str, object]:
@@ -142,7 +162,7 @@ def _op_tags(clusters: Sequence[str]) -> dict[str, object]:
 
 def _preview_op(spec: StackSpec) -> dg.OpDefinition:
     @dg.op(
-        name=preview_op_name(spec),
+        name=preview_op_name(spec.key),
         tags=_op_tags(spec.clusters),
         description=f"pulumi preview of {spec.key.to_user_string()}'s stack.",
     )
@@ -152,8 +172,7 @@ def _preview_op(spec: StackSpec) -> dg.OpDefinition:
             result = pulumi.preview(stack, spec.program(pulumi, kubernetes), context.log)
         except HomelabError as exc:
             raise step_failure(exc) from exc
-        context.log.info(f"{stack}: {result.changed} change(s)\n{result.plan_markdown()}")
-        context.log_event(dg.AssetObservation(asset_key=spec.key, metadata=result.metadata()))
+        record_preview(context, spec.key, stack, result)
 
     return _op
 
@@ -176,8 +195,23 @@ def _destroy_op(key: dg.AssetKey, clusters: Sequence[str], after: bool) -> dg.Op
     return _op
 
 
-def _preview_job(specs: Sequence[StackSpec]) -> dg.JobDefinition:
-    previews = [_preview_op(s) for s in specs]
+def _endpoint_preview_op(inventory: Inventory, name: str) -> dg.OpDefinition:
+    endpoint = inventory.endpoints[name]
+    return endpoint_preview_op(
+        name,
+        endpoint,
+        inventory.models[endpoint.model],
+        inventory.clusters[endpoint.cluster],
+        inventory.mesh.export_label,
+        op_name=preview_op_name(endpoint_key(name)),
+        tags=_op_tags((endpoint.cluster,)),
+    )
+
+
+def _preview_job(
+    specs: Sequence[StackSpec], endpoints: Sequence[dg.OpDefinition]
+) -> dg.JobDefinition:
+    previews = [*(_preview_op(s) for s in specs), *endpoints]
 
     @dg.job(name=PREVIEW_JOB, description="What materialising would change (pulumi preview).")
     def preview() -> None:

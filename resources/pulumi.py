@@ -85,7 +85,7 @@ if TYPE_CHECKING:
     # What the public Stack methods return.
     Outcome = auto.PreviewResult | auto.UpResult | auto.RefreshResult | auto.DestroyResult
 
-__all__ = ["PROGRAM_LOCK", "PROJECT", "Program", "PulumiStacks"]
+__all__ = ["PROGRAM_LOCK", "PROJECT", "Program", "PulumiStacks", "StackResult"]
 
 PROJECT = "homelab"
 # Held while an inline program runs in this process (see the module's docstring).

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from assets import build_inventory_defs
+from assets.jobs import CLUSTERS_TAG, preview_op_name, previewed_stacks
 from homelab_dagster.definitions import build_definitions
 from homelab_dagster.loader import load_inventory
 from homelab_dagster.settings import Settings, Target
@@ -176,6 +177,21 @@ def test_the_homelab_runs_every_step_as_a_pod_on_the_orchestrators_nodes(project
         .value["config"]
     )
     assert config["job_image"] == "registry.homelab/homelab-dagster:1"
+
+
+def test_the_preview_job_previews_every_cluster_link_and_endpoint_stack(project_root, inventory):
+    """One op per stack (`homelab preview`, `homelab plan --preview`), each tagged with the
+    clusters it touches (how `--env` selects them)."""
+    defs = build_definitions(settings_for(project_root, Target.TWIN), inventory)
+    job = defs.resolve_job_def("preview")
+    ops = {node.name: node.definition for node in job.graph.nodes}
+    for key, clusters in previewed_stacks(inventory).items():
+        op = ops.pop(preview_op_name(key))
+        assert op.tags[CLUSTERS_TAG] == ",".join(clusters), key
+    assert ops == {}
+    endpoint = job.graph.node_named("preview_vllm_endpoint_sre_agent").definition
+    assert {"pulumi", "kubernetes", "vllm", "weights_store"} <= endpoint.required_resource_keys
+    assert endpoint.tags[CLUSTERS_TAG] == "forge"
 
 
 def test_step_pods_are_watched_by_a_sensor_only_where_steps_run_as_pods(project_root, inventory):

@@ -26,6 +26,7 @@ from _twin_support import wait
 from assets._keys import endpoint_key
 from assets.clusters import build_cluster_defs
 from assets.endpoints import build_endpoint_defs
+from assets.jobs import build_jobs
 from homelab_dagster.ml.spec import Architecture, Hyperparameters, TrainSpec
 from homelab_dagster.settings import Settings, Target
 from resources.deployment import build_deployment
@@ -240,6 +241,22 @@ def test_the_70b_endpoint_the_twin_cannot_fetch_is_placed_then_scaled_to_zero(
         "ml-inference", label_selector="app.kubernetes.io/instance=vllm"
     ).items
     assert pods == []
+
+    # The preview job's op of the endpoint plans what materialising would deploy: the same
+    # program, so nothing to change right after it.
+    defs = dg.Definitions.merge(build_jobs(shipped_inventory), dg.Definitions(resources=resources))
+    preview = defs.resolve_job_def("preview").execute_in_process(
+        op_selection=["preview_vllm_endpoint_vllm"]
+    )
+    assert preview.success
+    [observed] = [
+        e.event_specific_data.asset_observation
+        for e in preview.all_events
+        if e.event_type_value == "ASSET_OBSERVATION"
+    ]
+    assert observed.asset_key == endpoint_key("vllm")
+    assert observed.metadata["pulumi_operation"].value == "preview"
+    assert observed.metadata["pulumi_changed"].value == 0, observed.metadata["pulumi_plan"]
 
 
 def test_teardown_destroys_the_endpoints_stack_and_its_server(serving, shipped_inventory):

@@ -133,19 +133,18 @@ def _previews(impact: Impact) -> None:
     """Pulumi's preview of each selected stack (the ``preview`` job's ops), then each plan."""
     import dagster as dg
 
-    from assets.jobs import preview_op_name, stack_specs
+    from assets.jobs import preview_op_name, previewed_stacks
     from homelab_dagster.cli import launch
     from homelab_dagster.cli.output import exit_if_failed, load_for
     from sensors.git import asset_key
 
     settings, inventory = load_for(None)
-    clusters, links = stack_specs(inventory)
-    specs = {spec.key: spec for spec in clusters + links}
-    chosen = [specs[k] for k in (asset_key(a) for a in impact.assets) if k in specs]
+    stacks = previewed_stacks(inventory)
+    chosen = [k for k in (asset_key(a) for a in impact.assets) if k in stacks]
     if not chosen:
         console.print("no stack to preview")
         return
-    touched = sorted({c for spec in chosen for c in spec.clusters})
+    touched = sorted({c for key in chosen for c in stacks[key]})
     try:
         launch.start_world(settings, inventory, touched)
     except HomelabError as exc:
@@ -155,7 +154,7 @@ def _previews(impact: Impact) -> None:
         settings=settings,
         console=console,
         job="preview",
-        op_selection=[preview_op_name(spec) for spec in chosen],
+        op_selection=[preview_op_name(key) for key in chosen],
         title="previewing",
     )
     exit_if_failed(outcome, settings, "previewing")
