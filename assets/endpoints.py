@@ -197,6 +197,15 @@ def endpoint_preview_op(
             stack, result = entry.preview(context.log, pulumi, kubernetes, vllm, weights_store)
         except HomelabError as exc:
             raise step_failure(exc) from exc
+        if isinstance(result, str):
+            context.log.warning(f"{stack}: not previewed: {result}")
+            context.log_event(
+                dg.AssetObservation(
+                    asset_key=entry.key,
+                    metadata={"pulumi_operation": "preview", "not_previewed": result},
+                )
+            )
+            return
         record_preview(context, entry.key, stack, result)
 
     return _op
@@ -378,11 +387,18 @@ class _EndpointEntry:
         kubernetes: KubernetesClusters,
         vllm: VllmServers,
         store: WeightsStore,
-    ) -> tuple[str, StackResult]:
+    ) -> tuple[str, StackResult | str]:
         """``pulumi preview`` of what materialising would deploy now: the store's current
         version (scaled to zero where this deployment cannot fetch the model). Changes
-        nothing. Returns the stack's name and Pulumi's plan."""
+        nothing. Returns the stack's name and Pulumi's plan, or why there is none (a trained
+        model with no version yet: ``up`` registers one before it deploys)."""
         stack = pulumi.stack_name(self.key.path)
+        if self.model.source == "trained" and store.current(self.endpoint.model) is None:
+            return stack, (
+                f"{self.endpoint.model} has no weights version yet: materialising "
+                f"{model_weights_key(self.endpoint.model).to_user_string()} registers the one "
+                "this endpoint would serve"
+            )
         before = self._served(pulumi, stack)
         version = self._version(EndpointConfig(), store, before)
         replicas = 0 if version is None and not vllm.serves_unstored else None

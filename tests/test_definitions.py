@@ -194,6 +194,27 @@ def test_the_preview_job_previews_every_cluster_link_and_endpoint_stack(project_
     assert endpoint.tags[CLUSTERS_TAG] == "forge"
 
 
+def test_an_endpoint_whose_trained_model_has_no_version_yet_is_not_previewed_and_says_why(
+    project_root, inventory, tmp_path
+):
+    """Before the first training, `homelab preview` cannot plan the trained model's endpoint;
+    its op says so (an observation, not a failure: `up` registers the version first)."""
+    settings = Settings(project_root / "homelab.yaml", Target.TWIN, tmp_path / "state")
+    defs = build_definitions(settings, inventory)
+    result = defs.resolve_job_def("preview").execute_in_process(
+        op_selection=["preview_vllm_endpoint_sre_agent"], instance=dg.DagsterInstance.ephemeral()
+    )
+    assert result.success
+    [observed] = [
+        e.event_specific_data.asset_observation
+        for e in result.all_events
+        if e.event_type_value == "ASSET_OBSERVATION"
+    ]
+    assert observed.asset_key == dg.AssetKey(["vllm_endpoint", "sre-agent"])
+    why = observed.metadata["not_previewed"].value
+    assert why.startswith("sre-agent has no weights version yet: materialising model_weights/")
+
+
 def test_step_pods_are_watched_by_a_sensor_only_where_steps_run_as_pods(project_root, inventory):
     """The ``step_pods`` sensor (sensors/steps.py) fails the stuck steps of runs nobody's CLI
     follows; it exists where steps are pods (the homelab), not where they are processes."""

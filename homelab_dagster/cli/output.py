@@ -19,6 +19,8 @@ from homelab_dagster.loader import load_inventory
 from homelab_dagster.settings import Settings
 
 if TYPE_CHECKING:
+    import dagster as dg
+
     from homelab_dagster.cli.launch import RunOutcome
 
 __all__ = [
@@ -27,11 +29,28 @@ __all__ = [
     "error_exit",
     "exit_if_failed",
     "load_for",
+    "print_preview",
     "steps_output_to",
 ]
 
 console = Console()
 err_console = Console(stderr=True)
+
+
+def print_preview(observation: dg.AssetObservation) -> None:
+    """One stack's preview (the ``preview`` job's observation of its asset): its count of
+    changes and Pulumi's plan, or why it was not previewed."""
+    metadata = observation.metadata
+    name = observation.asset_key.to_user_string()
+    if "not_previewed" in metadata:
+        console.print(f"[bold]{name}[/]: not previewed: {metadata['not_previewed'].value}")
+        return
+    changed = metadata.get("pulumi_changed")
+    count = changed.value if changed is not None else "?"
+    console.print(f"[bold]{name}[/]: {count} change(s)")
+    plan = metadata.get("pulumi_plan")
+    if plan is not None and count:
+        console.print(str(plan.value), highlight=False)
 
 
 def error_exit(exc: HomelabError) -> typer.Exit:

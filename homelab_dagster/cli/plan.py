@@ -135,7 +135,7 @@ def _previews(impact: Impact) -> None:
 
     from assets.jobs import preview_op_name, previewed_stacks
     from homelab_dagster.cli import launch
-    from homelab_dagster.cli.output import exit_if_failed, load_for
+    from homelab_dagster.cli.output import exit_if_failed, load_for, print_preview
     from sensors.git import asset_key
 
     settings, inventory = load_for(None)
@@ -165,11 +165,5 @@ def _previews(impact: Impact) -> None:
     for record in records:
         event = record.event_log_entry.dagster_event
         observation = event.asset_observation_data.asset_observation if event else None
-        if observation is None:
-            continue
-        plan_text = observation.metadata.get("pulumi_plan")
-        changed = observation.metadata.get("pulumi_changed")
-        count = changed.value if changed is not None else "?"
-        console.print(f"[bold]{observation.asset_key.to_user_string()}[/]: {count} change(s)")
-        if plan_text is not None:
-            console.print(str(plan_text.value), highlight=False)
+        if observation is not None:
+            print_preview(observation)

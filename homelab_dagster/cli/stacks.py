@@ -11,7 +11,13 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from homelab_dagster.cli.output import console, error_exit, exit_if_failed, load_for
+from homelab_dagster.cli.output import (
+    console,
+    error_exit,
+    exit_if_failed,
+    load_for,
+    print_preview,
+)
 from homelab_dagster.errors import HomelabError
 
 if TYPE_CHECKING:  # Dagster is imported when a command runs a job
@@ -79,12 +85,7 @@ def preview(env: EnvOption = None) -> None:
     """What materialising would change, stack by stack and resource by resource."""
     run_id = _run(env, "preview", "previewing")
     for observation in sorted(_observations(run_id), key=lambda o: o.asset_key.to_user_string()):
-        plan = observation.metadata.get("pulumi_plan")
-        changed = observation.metadata.get("pulumi_changed")
-        count = changed.value if changed is not None else "?"
-        console.print(f"[bold]{observation.asset_key.to_user_string()}[/]: {count} change(s)")
-        if plan is not None and count:
-            console.print(str(plan.value), highlight=False)
+        print_preview(observation)
     console.print(f"[green]✓[/] preview done (run {run_id}); nothing was changed")
 
 
