@@ -130,20 +130,24 @@ def _wait_gone(core: client.CoreV1Api, namespace: str) -> None:
 
 
 def test_studio_reaches_forges_exported_services_until_the_token_is_deleted(
-    infra, twin, shipped_inventory
+    infra, twin, shipped_inventory, request
 ):
     for name in ("forge", "studio"):
         assert materialize(cluster_defs(shipped_inventory, name), infra).success
     forge = client.CoreV1Api(twin.client("forge"))
     studio = client.CoreV1Api(twin.client("studio"))
     export = {shipped_inventory.mesh.export_label: "true"}
+    # An exported Service of the test's own: named like no endpoint (the twin is shared with
+    # the later modules, whose endpoint `vllm` would find a Service of that name not its own),
+    # and deleted afterwards.
     forge.create_namespaced_service(
         "ml-inference",
         {
-            "metadata": {"name": "vllm", "labels": export},
+            "metadata": {"name": "exported-probe", "labels": export},
             "spec": {"ports": [{"name": "http", "port": 8000}]},
         },
     )
+    request.addfinalizer(lambda: forge.delete_namespaced_service("exported-probe", "ml-inference"))
     link = next(lk for lk in shipped_inventory.mesh.links if lk.key == "studio__forge")
     defs = build_mesh_link_defs(
         link, shipped_inventory.mesh, tuple(shipped_inventory.clusters["studio"].namespaces)
@@ -151,13 +155,13 @@ def test_studio_reaches_forges_exported_services_until_the_token_is_deleted(
     linked = materialize(defs, infra)
     assert linked.success, failure_of(linked)
     meta = metadata_of(linked, "mesh_link/studio__forge")
-    assert meta["mirrored_services"] == ["ml-inference/vllm-forge"]
-    mirror = studio.read_namespaced_service("vllm-forge", "ml-inference")
+    assert meta["mirrored_services"] == ["ml-inference/exported-probe-forge"]
+    mirror = studio.read_namespaced_service("exported-probe-forge", "ml-inference")
     assert mirror.metadata.labels["mirror.linkerd.io/cluster-name"] == "forge"
     assert [p.port for p in mirror.spec.ports] == [8000]
     check = checks_of(linked)["link_works"]
     assert check.passed, check.description
-    assert check.metadata["exported_services"].value == ["ml-inference/vllm"]
+    assert check.metadata["exported_services"].value == ["ml-inference/exported-probe"]
     # The token (and so the kubeconfig holding it) is in no metadata and no log line.
     secret = forge.read_namespaced_secret("mesh-link-studio-token", "linkerd-multicluster")
     token = base64.b64decode(secret.data["token"]).decode()
