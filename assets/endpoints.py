@@ -167,6 +167,12 @@ def build_endpoint_defs(
     return dg.Definitions(assets=[_endpoint])
 
 
+def _unfetchable(version: WeightsVersion | None, vllm: VllmServers) -> bool:
+    """The store holds no version and this deployment cannot fetch the model from its hub:
+    the endpoint is only scheduled, then scaled to zero."""
+    return version is None and not vllm.serves_unstored
+
+
 def endpoint_preview_op(
     name: str,
     endpoint: Endpoint,
@@ -240,7 +246,7 @@ class _EndpointEntry:
         stack = pulumi.stack_name(self.key.path)
         before = self._served(pulumi, stack)
         version = self._version(config, store, before)
-        if version is None and not vllm.serves_unstored:
+        if _unfetchable(version, vllm):
             yield from self._schedule_only(log, stack, pulumi, kubernetes, vllm, before)
             return
         digest = version.digest if version else None
@@ -401,7 +407,7 @@ class _EndpointEntry:
             )
         before = self._served(pulumi, stack)
         version = self._version(EndpointConfig(), store, before)
-        replicas = 0 if version is None and not vllm.serves_unstored else None
+        replicas = 0 if _unfetchable(version, vllm) else None  # as _schedule_only ends
         digest = version.digest if version else None
         program = self._program(
             pulumi, kubernetes, vllm, digest, [*before.history, digest or ""], replicas

@@ -75,8 +75,9 @@ class StepPodWatch:
     ever. :meth:`check` finds both: an ended pod's reason (exit code, ``OOMKilled``, its
     log's error lines), and a pod stuck and older than ``grace_s``, whose Job it deletes
     (dagster-k8s then fails the step: "Kubernetes job ... could not be found"). It keeps no
-    clock of its own (the pod's age is the API server's), so a watch made afresh each time
-    (the ``step_pods`` sensor) acts as one kept alive (the CLI's follower) does.
+    state between checks (a pod's age counts from its creation time, as the API server
+    recorded it), so a watch made afresh each time (the ``step_pods`` sensor) acts as one kept
+    alive (the CLI's follower) does.
     """
 
     dagster: DagsterOnKubernetes
