@@ -438,13 +438,20 @@ class _EndpointEntry:
         digest: str,
         scheduled_is_enough: bool,
     ) -> serving.Rollout:
-        """Poll the pods until the rollout serves or fails, or ``ready_timeout_s`` passes."""
+        """Poll the pods until the rollout serves or fails, or ``ready_timeout_s`` passes.
+
+        A server whose engine was killed by a signal (no error of its own: the node short of
+        memory, a native crash) gets the kubelet's restart, once; one that fails with an error
+        of its own (a version vLLM cannot load) fails the rollout at once."""
         deadline = time.monotonic() + vllm.ready_timeout_s
         said = ""
         refused_since: float | None = None
+        forgiven: dict[str, int] = {}
         while True:
             pods = kubernetes.pods(self.endpoint.cluster, self.endpoint.namespace, self.selector)
-            rollout = serving.rollout_state(pods, digest, scheduled_is_enough=scheduled_is_enough)
+            rollout = serving.rollout_state(
+                pods, digest, scheduled_is_enough=scheduled_is_enough, restarts_forgiven=forgiven
+            )
             refused = rollout.state == "failed" and rollout.pod and rollout.pod.unschedulable
             if refused:
                 # GPUs another rollout is giving back (a Recreate, a scaled-down pod) free up
@@ -458,8 +465,15 @@ class _EndpointEntry:
                 log_text = kubernetes.pod_log(
                     self.endpoint.cluster, self.endpoint.namespace, rollout.pod.name, tail=400
                 )
-                reason = f"{rollout.reason}; its log says: {serving.crash_cause(log_text)}"
-                return serving.Rollout("failed", reason, rollout.pod)
+                cause = serving.crash_cause(log_text)
+                reason = f"{rollout.reason}; its log says: {cause}"
+                pod = rollout.pod
+                if serving.killed_by_signal(cause) and pod.name not in forgiven:
+                    log.warning(f"{self.name}: {reason}; waiting for the kubelet's restart, once")
+                    forgiven[pod.name] = max(pod.restarts, 1)
+                    time.sleep(_POLL_S)
+                    continue
+                return serving.Rollout("failed", reason, pod)
             if rollout.done:
                 return rollout
             if time.monotonic() > deadline:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -28,6 +28,7 @@ __all__ = [
     "Rollout",
     "chat_answers",
     "crash_cause",
+    "killed_by_signal",
     "latency_stats",
     "observed_pod",
     "previous_version",
@@ -107,15 +108,21 @@ class Rollout:
 
 
 def rollout_state(
-    pods: Sequence[ObservedPod], digest: str, *, scheduled_is_enough: bool = False
+    pods: Sequence[ObservedPod],
+    digest: str,
+    *,
+    scheduled_is_enough: bool = False,
+    restarts_forgiven: Mapping[str, int] | None = None,
 ) -> Rollout:
     """The rollout of ``digest`` from its pods (others, leaving, are ignored).
 
     Failed at once when the scheduler refuses a pod (its message names what is missing, e.g.
     ``Insufficient nvidia.com/gpu``) or a container crashed (a model vLLM cannot load exits;
     its log says why). ``scheduled_is_enough``: a pod placed on a node is the goal (an
-    endpoint whose weights are not here proves only its scheduling).
+    endpoint whose weights are not here proves only its scheduling). ``restarts_forgiven``:
+    by pod name, the restarts that count as the kubelet's own retry, not as a crash.
     """
+    forgiven = restarts_forgiven or {}
     current = [p for p in pods if p.digest == digest and not p.deleting]
     if not current:
         return Rollout("waiting", "no pod of this version yet")
@@ -126,7 +133,9 @@ def rollout_state(
             )
         if pod.waiting and ("ImagePull" in pod.waiting or "InvalidImageName" in pod.waiting):
             return Rollout("failed", f"pod {pod.name} cannot pull its image: {pod.waiting}", pod)
-        if pod.restarts or (pod.waiting and "BackOff" in pod.waiting) or pod.phase == "Failed":
+        retried = pod.restarts <= forgiven.get(pod.name, -1)  # the kubelet's restart, awaited
+        backing_off = bool(pod.waiting and "BackOff" in pod.waiting) and not retried
+        if (pod.restarts and not retried) or backing_off or pod.phase == "Failed":
             why = pod.waiting or pod.terminated or pod.phase
             return Rollout("failed", f"the server in pod {pod.name} crashed: {why}", pod)
     if scheduled_is_enough:
@@ -142,14 +151,30 @@ def rollout_state(
 
 
 _ERROR_LINE = re.compile(r"\b(\w+(?:Error|Exception)): (.+)$")
+# A process killed by a signal (the kernel's OOM killer, SIGBUS on a full /dev/shm) leaves no
+# traceback: vLLM's API server only notices that its engine process is gone.
+_DEATH_LINE = re.compile(r"engine core exited unexpectedly|died unexpectedly|\bKilled\b")
+_DEATH_HINT = (
+    "its engine process exited without an error of its own (killed by a signal: the node "
+    "out of memory?)"
+)
+
+
+def killed_by_signal(cause: str) -> bool:
+    """The :func:`crash_cause` of a server whose engine died of a signal, with no error of
+    its own (a fault of the node, not of the version it serves)."""
+    return cause.startswith(_DEATH_HINT)
 
 
 def crash_cause(log: str, most: int = 3) -> str:
     """The distinct ``SomeError: message`` lines of a crashed server's log, in order (the
     root cause comes first: the process that reports the failure last only says it failed),
-    else its last line."""
+    else its last line. An engine process that died without a traceback is said first."""
     found: list[str] = []
     for line in log.splitlines():
+        if _DEATH_LINE.search(line) and _DEATH_HINT not in found:
+            found.insert(0, _DEATH_HINT)
+            continue
         if " WARNING " in line:
             continue  # vLLM warns of errors that may come (`OSError: [Errno 24]` at start)
         match = _ERROR_LINE.search(line)

@@ -405,7 +405,12 @@ class PulumiStacks(dg.ConfigurableResource):
         )
         opener = auto.create_or_select_stack if create else auto.select_stack
         try:
-            return opener(name, project_name=PROJECT, program=program, opts=options)
+            try:
+                return opener(name, project_name=PROJECT, program=program, opts=options)
+            except auto.StackAlreadyExistsError:
+                # Another process (a second `homelab up`, a sensor's run) created it between
+                # this one's select and create: it exists now, so select it.
+                return auto.select_stack(name, project_name=PROJECT, program=program, opts=options)
         except auto.StackNotFoundError:
             raise  # only when not creating: the caller knows what a missing stack means
         except auto.CommandError as exc:

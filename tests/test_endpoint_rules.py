@@ -256,6 +256,32 @@ def test_a_crashed_server_fails_the_rollout_a_ready_one_serves_others_are_ignore
     assert placed.state == "serving" and "placed on forge-inference" in placed.reason
 
 
+def test_a_restart_forgiven_is_awaited_the_next_crash_fails():
+    # The engine killed by a signal once: the kubelet's restart (and its back-off) is awaited.
+    once = _pod(restarts=1, waiting="CrashLoopBackOff: back-off 10s", terminated="exit code 0")
+    assert serving.rollout_state([once], DIGEST, restarts_forgiven={"sre-agent-1": 1}).state == (
+        "waiting"
+    )
+    restarted = _pod(restarts=1, ready=True)
+    served = serving.rollout_state([restarted], DIGEST, restarts_forgiven={"sre-agent-1": 1})
+    assert served.state == "serving"
+    twice = _pod(restarts=2, terminated="exit code 0 (Completed)")
+    again = serving.rollout_state([twice], DIGEST, restarts_forgiven={"sre-agent-1": 1})
+    assert again.state == "failed" and "crashed" in again.reason
+    # Forgiven for one pod only: another pod's crash still fails the rollout.
+    other = _pod(name="sre-agent-2", restarts=1, terminated="exit code 1")
+    assert serving.rollout_state([other], DIGEST, restarts_forgiven={"sre-agent-1": 1}).state == (
+        "failed"
+    )
+
+
+def test_only_a_death_by_signal_is_the_nodes_fault():
+    killed = serving.crash_cause("WARNING [shutdown] MPClient: engine core exited unexpectedly")
+    assert serving.killed_by_signal(killed)
+    own = serving.crash_cause("ERROR ValueError: head size 16 is not supported\n")
+    assert not serving.killed_by_signal(own) and own.startswith("ValueError: head size 16")
+
+
 def test_observed_pod_reads_the_schedulers_refusal_from_a_client_pod():
     from datetime import UTC, datetime, timedelta
 
@@ -326,3 +352,22 @@ def test_the_crash_cause_is_the_root_error_not_the_last_line():
     assert cause.startswith("RuntimeError: Insufficient space in /dev/shm")
     assert cause.endswith("Engine core initialization failed. See root cause above.")
     assert serving.crash_cause("just a line\n") == "just a line"
+
+
+def test_an_engine_killed_without_a_traceback_is_said_before_the_servers_last_words():
+    # What vLLM 0.32's API server logs when its engine process is SIGKILLed (no traceback).
+    log = "\n".join(
+        [
+            "(APIServer pid=1) INFO 12-01 [api_server.py:1100] Starting vLLM API server",
+            "(APIServer pid=1) WARNING 12-01 [core_client.py:817] [shutdown] MPClient: engine "
+            "core exited unexpectedly; starting cleanup",
+            "(APIServer pid=1) ERROR 12-01 [async_llm.py:700] EngineDeadError: EngineCore "
+            "encountered an issue. See stack trace (above) for the root cause.",
+        ]
+    )
+    cause = serving.crash_cause(log)
+    assert cause.startswith("its engine process exited without an error of its own"), cause
+    assert cause.endswith(
+        "EngineDeadError: EngineCore encountered an issue. See stack trace "
+        "(above) for the root cause."
+    ), cause

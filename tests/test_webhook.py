@@ -5,54 +5,21 @@ raised, and its URL is never shown."""
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import dagster as dg
 import pytest
+from _webhook_support import Receiver, evaluate_failure_sensor
 
 from resources.webhook import Webhook
-from sensors.failures import FAILURE_SENSOR, build_failure_sensor, repair_record
+from sensors.failures import repair_record
 
 SECRET = "T0KEN-s3cret"
 
 
-class Receiver:
-    """An HTTP server on 127.0.0.1 recording each POST's path and JSON body."""
-
-    def __init__(self, delay_s: float = 0.0, status: int = 200) -> None:
-        received: list[tuple[str, dict]] = []
-        self.received = received
-        gate = threading.Event()
-        self.release = gate.set
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                received.append((self.path, json.loads(body)))
-                if delay_s:
-                    gate.wait(delay_s)
-                self.send_response(status)
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/{SECRET}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.release()
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
-    server = Receiver()
+    server = Receiver(SECRET)
     yield server
     server.close()
 
@@ -82,22 +49,7 @@ def _cluster_resources() -> dict[str, object]:
 
 
 def _evaluate(instance: dg.DagsterInstance, run_id: str, webhook: Webhook):
-    sensor = build_failure_sensor(running=True).resolve_sensor_def(FAILURE_SENSOR)
-    run = instance.get_run_by_id(run_id)
-    assert run is not None
-    (failure,) = instance.get_records_for_run(
-        run_id, of_type=dg.DagsterEventType.RUN_FAILURE
-    ).records
-    event = failure.event_log_entry.dagster_event
-    assert event is not None
-    context = dg.build_run_status_sensor_context(
-        sensor_name=FAILURE_SENSOR,
-        dagster_event=event,
-        dagster_instance=instance,
-        dagster_run=run,
-        resources={"webhook": webhook, **_cluster_resources()},
-    )
-    return sensor(context.for_run_failure())
+    return evaluate_failure_sensor(instance, run_id, {"webhook": webhook, **_cluster_resources()})
 
 
 def test_a_failed_run_sends_one_message_with_the_asset_and_the_reason(receiver, capsys):
@@ -131,7 +83,7 @@ def test_three_failed_runs_in_a_row_stall_the_asset_and_say_so(receiver):
 
 
 def test_a_slow_receiver_times_out_without_showing_the_url():
-    slow = Receiver(delay_s=5)
+    slow = Receiver(SECRET, delay_s=5)
     try:
         delivery = Webhook(url=slow.url, timeout_s=0.5).post({"event": "test"})
     finally:
@@ -142,7 +94,7 @@ def test_a_slow_receiver_times_out_without_showing_the_url():
 
 
 def test_a_receiver_that_refuses_is_reported_not_raised():
-    down = Receiver(status=500)
+    down = Receiver(SECRET, status=500)
     try:
         delivery = Webhook(url=down.url).post({"event": "test"})
     finally:

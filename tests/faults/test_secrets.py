@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _webhook_support import Receiver, evaluate_failure_sensor
 
 pytestmark = [pytest.mark.faults]
 
@@ -68,27 +69,30 @@ def secret_values(node: Any) -> Iterator[dict[str, Any]]:
 @pytest.mark.twin
 @pytest.mark.slow
 def test_canary_secrets_never_leak_and_files_holding_secrets_are_private(
-    tmp_path, toolchain, twin_port_base
+    tmp_path, toolchain, twin_port_base, monkeypatch
 ):
-    """Injects: a webhook URL with a canary token (HOMELAB_WEBHOOK_URL) for every run; a
-    real `homelab up --env pi` (the twin started, its stacks brought up: the generated Pulumi
-    passphrase and the twin's client keys in use); a run failing because a canary
-    PULUMI_CONFIG_PASSPHRASE is set; a start failing on a PostgreSQL URL whose password is a
-    canary. Asserts: no canary, passphrase or piece of a private key appears in the terminal
-    output, Dagster's storage (event log, run storage, compute logs, asset metadata), the
-    steps' log, Pulumi's state (its backend and work directories) or the project's docs;
-    every value Pulumi's state marks secret is ciphertext only; every file under the state
-    directory holding a secret (passphrase, private keys, kubeconfigs) is mode 0600."""
+    """Injects: a webhook URL with a canary token (HOMELAB_WEBHOOK_URL, a real receiver on
+    loopback) for every run; a real `homelab up --env pi` (the twin started, its stacks
+    brought up: the generated Pulumi passphrase and the twin's client keys in use); a run
+    failing because a canary PULUMI_CONFIG_PASSPHRASE is set, announced by the failure sensor
+    through the webhook; a start failing on a PostgreSQL URL whose password is a canary.
+    Asserts: the receiver got one message naming the failed asset and the reason; no canary,
+    passphrase or piece of a private key appears in that message, the terminal output,
+    Dagster's storage (event log, run storage, compute logs, asset metadata), the steps' log,
+    Pulumi's state (its backend and work directories) or the project's docs; every value
+    Pulumi's state marks secret is ciphertext only; every file under the state directory
+    holding a secret (passphrase, private keys, kubeconfigs) is mode 0600."""
     # Short: a real node's containerd socket lives below it (a unix socket path is short).
     state = Path(tempfile.mkdtemp(prefix="hl-secrets-")) / "state"
     token = f"canary{secrets.token_hex(8)}"
+    receiver = Receiver(token)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HOMELAB_", "DAGSTER_"))}
     env = {k: v for k, v in env.items() if not k.startswith("PULUMI_")}
     env |= {
         "HOMELAB_STATE_DIR": str(state),
         "DAGSTER_HOME": str(tmp_path / "dagster"),
         "HOMELAB_TWIN_PORT_BASE": str(twin_port_base + 800),
-        "HOMELAB_WEBHOOK_URL": f"https://hooks.example.invalid/services/T0/B0/{token}",
+        "HOMELAB_WEBHOOK_URL": receiver.url,
     }
     passphrase_canary = f"canary{secrets.token_hex(8)}"
     postgres_canary = f"canary{secrets.token_hex(8)}"
@@ -100,6 +104,13 @@ def test_canary_secrets_never_leak_and_files_holding_secrets_are_private(
         )
         assert failing.returncode == 1, (failing.stdout + failing.stderr)[-3000:]
         assert "PULUMI_CONFIG_PASSPHRASE is set" in failing.stderr
+        _announce_failure(env, monkeypatch)
+        assert len(receiver.received) == 1, receiver.received
+        path, sent = receiver.received[0]
+        assert path.endswith(token)  # delivered to the URL, which the body never repeats
+        failed = {a["asset"]: a["reason"] for a in sent["assets"]}
+        assert "cluster/pi" in failed, sent
+        assert "PULUMI_CONFIG_PASSPHRASE is set" in failed["cluster/pi"], sent
         postgres = env | {
             "DAGSTER_HOME": str(tmp_path / "dagster-pg"),
             "HOMELAB_DAGSTER_POSTGRES_URL": (
@@ -120,6 +131,7 @@ def test_canary_secrets_never_leak_and_files_holding_secrets_are_private(
                 planted[f"{key.relative_to(state)} ({i})"] = piece
 
         terminal = {
+            "the webhook's message": json.dumps(sent),
             "`up`": up.stdout + up.stderr,
             "failing `up`": failing.stdout + failing.stderr,
             "`up` on PostgreSQL": unreachable.stdout + unreachable.stderr,
@@ -161,8 +173,32 @@ def test_canary_secrets_never_leak_and_files_holding_secrets_are_private(
         loose = {str(p): oct(p.stat().st_mode & 0o777) for p in holding if p.stat().st_mode & 0o077}
         assert not loose, loose
     finally:
+        receiver.close()
         homelab(env, "twin", "down", "--purge")
         shutil.rmtree(state.parent, ignore_errors=True)
+
+
+def _announce_failure(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Evaluate the failure sensor, as the daemon does, on the newest failed run of the
+    instance of ``env``, with the deployment's resources (its webhook's URL read from
+    HOMELAB_WEBHOOK_URL at launch, as in the daemon)."""
+    import dagster as dg
+
+    from homelab_dagster.loader import inventory_or_none
+    from homelab_dagster.settings import Settings
+    from resources.deployment import build_deployment
+
+    monkeypatch.setenv("DAGSTER_HOME", env["DAGSTER_HOME"])
+    monkeypatch.setenv("HOMELAB_WEBHOOK_URL", env["HOMELAB_WEBHOOK_URL"])
+    settings = Settings.from_env(env)
+    resources = build_deployment(settings, inventory_or_none(settings.inventory_path)).resources
+    with dg.DagsterInstance.get() as instance:
+        (run, *_) = instance.get_runs(dg.RunsFilter(statuses=[dg.DagsterRunStatus.FAILURE]))
+        evaluate_failure_sensor(
+            instance,
+            run.run_id,
+            {n: resources[n] for n in ("webhook", "dagster_on_kubernetes", "kubernetes")},
+        )
 
 
 @pytest.mark.twin

@@ -49,7 +49,7 @@ def test_two_ups_at_once_one_waits_or_fails_clearly_and_nothing_is_corrupted(
         ]
         outputs = [p.communicate(timeout=900)[0] for p in procs]
         codes = [p.returncode for p in procs]
-        assert 0 in codes, outputs
+        assert 0 in codes, "\n----\n".join(o[-4000:] for o in outputs)
         for code, output in zip(codes, outputs, strict=True):
             assert "Traceback" not in output, output[-3000:]
             if code != 0:
