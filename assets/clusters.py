@@ -72,7 +72,7 @@ def build_cluster_defs(
     key = entry.spec.key
 
     @dg.multi_asset(
-        name="__".join(key.path),
+        name=key.to_python_identifier(),
         specs=[
             dg.AssetSpec(
                 key,

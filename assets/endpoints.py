@@ -95,7 +95,7 @@ class EndpointConfig(dg.Config):
 
 def endpoint_op_name(name: str) -> str:
     """The op of endpoint ``name``'s asset (its run configuration is keyed by it)."""
-    return "__".join(endpoint_key(name).path).replace("-", "_")
+    return endpoint_key(name).to_python_identifier()
 
 
 @dataclass

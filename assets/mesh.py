@@ -99,7 +99,7 @@ def build_mesh_link_defs(
     latency = {"latency_ms": list(link.latency_ms)} if link.latency_ms else {}
 
     @dg.multi_asset(
-        name="__".join(key.path),
+        name=key.to_python_identifier(),
         specs=[
             dg.AssetSpec(
                 key,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import subprocess
 import sys
@@ -122,6 +123,34 @@ def test_dagster_definitions_validate(project_root):
         text=True,
     )
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_a_cluster_named_with_a_hyphen_gets_its_asset_link_and_ops(
+    project_root, tmp_path, inventory_text
+):
+    # `edge-1` is a valid Kubernetes name (and the inventory's); an op name is not: Dagster's
+    # own AssetKey.to_python_identifier() names the ops.
+    def add_edge(data):
+        edge = copy.deepcopy(data["clusters"]["pi"])
+        edge["host"] = "edge-1"
+        edge["network"] = {"pod_cidr": "10.120.0.0/17", "service_cidr": "10.120.128.0/20"}
+        for node in edge["nodes"]:
+            node["name"] = node["name"].replace("pi-", "edge-1-")
+        data["clusters"]["edge-1"] = edge
+        data["mesh"]["links"].append({"from": "edge-1", "to": "studio", "latency_ms": [5, 8]})
+
+    path = tmp_path / "homelab.yaml"
+    path.write_text(inventory_text(add_edge))
+    defs = build_definitions(
+        settings_for(project_root, Target.TWIN), load_inventory(path).inventory
+    )
+    graph = defs.resolve_asset_graph()
+    assert {"cluster/edge-1"} <= keys(graph, "cluster")
+    assert {"mesh_link/edge-1__studio"} <= keys(graph, "mesh_link")
+    up = defs.resolve_job_def("up")
+    assert {"cluster__edge_1", "mesh_link__edge_1__studio"} <= {n.name for n in up.nodes}
+    for job in ("preview", "teardown", "reconcile"):
+        defs.resolve_job_def(job)
 
 
 def test_the_twin_runs_every_job_with_the_forkserver_executor(project_root, inventory):
