@@ -259,7 +259,30 @@ class Twin:
                 for name in names:
                     report(name, "waiting for another process starting or stopping the twin")
                 fcntl.flock(lock, fcntl.LOCK_EX)
+            self._same_ports()
             yield
+
+    def _same_ports(self) -> None:
+        """Record the port base the twin starts with (``<twin>/port-base``); refuse another.
+
+        Its real nodes' directories and the registry are found by their ports: a process with
+        another base would not see them, start a second set, or delete the twin's directory
+        under nodes still running.
+        """
+        record = self.root / "port-base"
+        text = record.read_text().strip() if record.is_file() else ""
+        if not text.isdigit():  # none yet (or unreadable): this process's base is the twin's
+            if self.root.is_dir():
+                record.write_text(f"{self.api_port_base}\n")
+            return
+        started = int(text)
+        if started != self.api_port_base:
+            raise TwinError(
+                f"the twin in {self.root} was started with HOMELAB_TWIN_PORT_BASE={started}, "
+                f"and this process uses {self.api_port_base}: its real nodes and registry would "
+                f"not be found. Nothing was changed. Set HOMELAB_TWIN_PORT_BASE={started} "
+                "(to stop it with `homelab twin down`, then change the port base)"
+            )
 
     def status(self) -> list[ClusterStatus]:
         """Each inventory cluster: its server, whether it answers, its nodes and GPUs.

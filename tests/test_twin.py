@@ -10,7 +10,7 @@ import subprocess
 import pytest
 from _twin_support import assert_refused_for_gpus, wait
 
-from homelab_dagster.errors import PortInUseError
+from homelab_dagster.errors import PortInUseError, TwinError
 from homelab_dagster.twin import Twin
 
 pytestmark = pytest.mark.twin
@@ -121,6 +121,25 @@ def _apiserver_pid(twin: Twin, cluster: str) -> int:
         if conn.laddr and conn.laddr.port == port and conn.status == "LISTEN":
             return conn.pid
     raise AssertionError(f"nothing listens on {port}")
+
+
+def test_a_twin_refuses_another_port_base_than_it_started_with(twin, tmp_path, twin_port_base):
+    # A twin of its own, whose clusters never start (a squatter holds pi's etcd port): up
+    # records its port base first.
+    started = Twin(twin.inventory, tmp_path, twin.toolchain, api_port_base=twin_port_base + 400)
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", started.ports("pi")["etcdPort"]))
+        squatter.listen()
+        with pytest.raises(PortInUseError):
+            started.up(["pi"])
+    other = Twin(twin.inventory, tmp_path, twin.toolchain, api_port_base=twin_port_base + 500)
+    with pytest.raises(
+        TwinError, match=rf"started with HOMELAB_TWIN_PORT_BASE={twin_port_base + 400}"
+    ):
+        other.down(purge=True)
+    assert (tmp_path / "twin" / "port-base").is_file()  # nothing deleted
+    started.down(purge=True)
+    assert not (tmp_path / "twin").exists()
 
 
 def test_a_taken_port_is_a_clear_error(twin, tmp_path, twin_port_base):
