@@ -40,6 +40,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from _report import save  # noqa: E402 (benchmarks/, the script's own folder)
+
 CLUSTERS = ("air", "pro", "studio", "pi", "forge")
 
 LANGUAGE_HOST = """#!{python}
@@ -136,10 +139,7 @@ def main() -> int:
             times["shell_up_refresh"].append(_shell(shell, env, "up --yes --refresh"))
             times["shell_preview"].append(_shell(shell, env, "preview"))
         report = _report(times, stack_seconds, first)
-        results = ROOT / "benchmarks" / "results"
-        results.mkdir(parents=True, exist_ok=True)
-        (results / "pulumi_noop.json").write_text(json.dumps(report, indent=2))
-        print(json.dumps(report, indent=2))
+        save("pulumi_noop", report)
     finally:
         if not args.keep:
             twin.down(purge=True)

@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import pulumi_noop  # noqa: E402 (the shell project and environment, shared)
+from _report import save  # noqa: E402
 
 CLUSTERS = pulumi_noop.CLUSTERS
 
@@ -100,10 +101,7 @@ def main() -> int:
             ),
             "target": ">= 2",
         }
-        results = ROOT / "benchmarks" / "results"
-        results.mkdir(parents=True, exist_ok=True)
-        (results / "reconcile.json").write_text(json.dumps(report, indent=2))
-        print(json.dumps(report, indent=2))
+        save("reconcile", report)
     finally:
         if not args.keep:
             twin.down(purge=True)

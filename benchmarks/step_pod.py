@@ -19,7 +19,6 @@ Reports the medians, the seconds a run pays for its steps being pods, and the ra
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -31,6 +30,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from _report import save  # noqa: E402 (benchmarks/, the script's own folder)
 
 
 def _homelab(env: dict[str, str], *args: str) -> float:
@@ -109,10 +110,7 @@ def main() -> int:
             "pods_overhead_s": round(median["pods"] - median["local"], 2),
             "pods_vs_local": round(median["pods"] / median["local"], 2),
         }
-        results = ROOT / "benchmarks" / "results"
-        results.mkdir(parents=True, exist_ok=True)
-        (results / "step_pod.json").write_text(json.dumps(report, indent=2))
-        print(json.dumps(report, indent=2))
+        save("step_pod", report)
     finally:
         if not args.keep:
             twin.down(purge=True)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import re
 import signal
@@ -33,6 +32,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from _report import save  # noqa: E402 (benchmarks/, the script's own folder)
 
 SYNTHETIC_CLUSTERS = 100
 _MATERIALIZE_ALL = re.compile(r"Materialize all \(\d+\)")
@@ -206,10 +207,7 @@ def main() -> int:
         "median_s": median,
         "ratio_100_vs_shipped": round(median[names[1]] / median[names[0]], 2),
     }
-    results = ROOT / "benchmarks" / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    (results / "ui_load.json").write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
+    save("ui_load", report)
     return 0
 
 
