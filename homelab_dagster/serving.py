@@ -162,8 +162,10 @@ _DEATH_HINT = (
 
 def killed_by_signal(cause: str) -> bool:
     """The :func:`crash_cause` of a server whose engine died of a signal, with no error of
-    its own (a fault of the node, not of the version it serves)."""
-    return cause.startswith(_DEATH_HINT)
+    its own (a fault of the node, not of the version it serves): the only error its log
+    names besides is vLLM's ``EngineDeadError``, the API server's word for it."""
+    first, *others = cause.split("; ")
+    return first == _DEATH_HINT and all(o.startswith("EngineDeadError") for o in others)
 
 
 def crash_cause(log: str, most: int = 3) -> str:

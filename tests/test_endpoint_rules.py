@@ -280,6 +280,12 @@ def test_only_a_death_by_signal_is_the_nodes_fault():
     assert serving.killed_by_signal(killed)
     own = serving.crash_cause("ERROR ValueError: head size 16 is not supported\n")
     assert not serving.killed_by_signal(own) and own.startswith("ValueError: head size 16")
+    # An engine that failed with an error of its own, then exited: not the node's fault.
+    both = serving.crash_cause(
+        "ERROR RuntimeError: CPU attention does not support head size 16\n"
+        "WARNING [shutdown] MPClient: engine core exited unexpectedly; starting cleanup\n"
+    )
+    assert not serving.killed_by_signal(both), both
 
 
 def test_observed_pod_reads_the_schedulers_refusal_from_a_client_pod():
