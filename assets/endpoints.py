@@ -147,6 +147,8 @@ def build_endpoint_defs(
             dg.AssetCheckSpec(check, asset=key, blocking=True, description=text)
             for check, text in CHECKS.items()
         ],
+        # The checks can also run alone, on what serves now (select only them).
+        can_subset=True,
         op_tags=STACK_STEP_TAGS,
     )
     def _endpoint(
@@ -157,10 +159,18 @@ def build_endpoint_defs(
         vllm: VllmServers,
         weights_store: WeightsStore,
     ) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
+        selected = {k.name for k in context.selected_asset_check_keys}
         try:
-            yield from entry.materialise(
-                context.log, config, pulumi, kubernetes, vllm, weights_store
-            )
+            if key in context.selected_asset_keys:
+                events = entry.materialise(
+                    context.log, config, pulumi, kubernetes, vllm, weights_store
+                )
+            else:
+                events = entry.check_serving(pulumi, kubernetes, vllm, weights_store)
+            for event in events:
+                if isinstance(event, dg.AssetCheckResult) and event.check_name not in selected:
+                    continue
+                yield event
         except HomelabError as exc:
             raise step_failure(exc) from exc
 
@@ -526,6 +536,41 @@ class _EndpointEntry:
             yield _result(self.key, check, skipped, severity=dg.AssetCheckSeverity.WARN)
 
     # ------------------------------------------------------------------ checks
+
+    def check_serving(
+        self,
+        pulumi: PulumiStacks,
+        kubernetes: KubernetesClusters,
+        vllm: VllmServers,
+        store: WeightsStore,
+    ) -> Iterator[dg.AssetCheckResult]:
+        """The serving checks alone (a run of the checks only: after a pod was killed, from
+        the UI), on the version the stack serves now: nothing is deployed or rolled back, and
+        a version whose pod does not serve fails every check with the pod's state."""
+        served = self._served(pulumi, pulumi.stack_name(self.key.path)).digest
+        if served is None and _unfetchable(store.current(self.endpoint.model), vllm):
+            reason = (
+                f"skipped: no version of {self.endpoint.model} is in this deployment's weights "
+                "store, and it cannot fetch it: its serving cannot be checked here"
+            )
+            skipped = Verdict(False, reason, {"skipped": True, "reason": reason})
+            for check in CHECKS:
+                yield _result(self.key, check, skipped, severity=dg.AssetCheckSeverity.WARN)
+            return
+        if served is None:
+            why = "nothing was deployed yet: materialise it first"
+            rollout = serving.Rollout("failed", why)
+        else:
+            pods = kubernetes.pods(self.endpoint.cluster, self.endpoint.namespace, self.selector)
+            rollout = serving.rollout_state(pods, served)
+            why = f"version {served[:12]} does not serve: {rollout.reason}"
+        verdicts = (
+            self._checks(kubernetes, vllm, rollout, served)
+            if rollout.state == "serving"
+            else {c: Verdict(False, why) for c in CHECKS}
+        )
+        for check, verdict in verdicts.items():
+            yield _result(self.key, check, verdict)
 
     def _checks(
         self,

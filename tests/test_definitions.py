@@ -272,3 +272,37 @@ def test_the_target_is_read_only_by_settings_and_the_configuration_root(project_
         text=True,
     ).stdout.split()
     assert sorted(found) == ["homelab_dagster/settings.py", "resources/deployment.py"]
+
+
+def test_an_endpoints_checks_run_alone_and_say_what_they_cannot_check(
+    project_root, tmp_path, inventory
+):
+    # The 70B endpoint on a fresh twin deployment: its stack was never brought up, its weights
+    # are not in the store and the twin cannot fetch them. A run of its checks alone (can_subset)
+    # deploys nothing and reports each check skipped, with the reason, at WARN.
+    from assets import endpoint_key
+    from assets.endpoints import CHECKS, build_endpoint_defs
+
+    settings = Settings(project_root / "homelab.yaml", Target.TWIN, tmp_path)
+    endpoint = inventory.endpoints["vllm"]
+    defs = build_endpoint_defs(
+        "vllm",
+        endpoint,
+        inventory.models[endpoint.model],
+        inventory.clusters[endpoint.cluster],
+        [],
+    )
+    key = endpoint_key("vllm")
+    result = dg.materialize(
+        list(defs.assets or []),
+        resources=build_deployment(settings, inventory).resources,
+        selection=dg.AssetSelection.checks_for_assets(key),
+        raise_on_error=False,
+    )
+    assert result.success
+    assert result.get_asset_materialization_events() == []
+    evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert set(evaluations) == set(CHECKS)
+    for evaluation in evaluations.values():
+        assert not evaluation.passed and evaluation.severity == dg.AssetCheckSeverity.WARN
+        assert "its serving cannot be checked here" in (evaluation.description or "")

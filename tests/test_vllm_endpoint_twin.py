@@ -83,7 +83,7 @@ def serving(real_forge, shipped_inventory, tmp_path_factory):
     return resources, weights
 
 
-def _materialize(resources, inventory, name=ENDPOINT, endpoint=None, **kwargs):
+def _materialize(resources, inventory, name=ENDPOINT, endpoint=None, selection=None, **kwargs):
     endpoint = endpoint or inventory.endpoints[name]
     defs = build_endpoint_defs(
         name,
@@ -96,7 +96,7 @@ def _materialize(resources, inventory, name=ENDPOINT, endpoint=None, **kwargs):
         list(defs.assets or []),
         resources=resources,
         raise_on_error=False,
-        selection=[endpoint_key(name)],
+        selection=selection or [endpoint_key(name)],
         **kwargs,
     )
 
@@ -154,11 +154,24 @@ def test_the_trained_weights_serve_from_the_real_node_checked_then_a_bad_version
         f"{meta['tokens_per_s']} tokens/s"
     )
 
-    # Killed: the next materialisation brings a pod back (the Deployment's own replacement).
+    # Killed: the next check fails (its replacement is not serving yet), and the next
+    # materialisation brings a pod back (the Deployment's own replacement).
     from kubernetes import client
 
     core = client.CoreV1Api(real_forge.client("forge"))
     core.delete_namespaced_pod(meta["pod"], "ml-inference", grace_period_seconds=0)
+    checked = _materialize(
+        resources,
+        shipped_inventory,
+        selection=dg.AssetSelection.checks_for_assets(endpoint_key(ENDPOINT)),
+    )
+    assert checked.success  # the step ran; its checks say what they found
+    assert not checked.asset_materializations_for_node(
+        f"vllm_endpoint__{ENDPOINT.replace('-', '_')}"
+    )
+    after_kill = _checks(checked)
+    assert set(after_kill) == set(checks) and not any(c.passed for c in after_kill.values())
+    assert f"version {first.digest[:12]} does not serve" in after_kill["serves_weights"].description
     again = _materialize(resources, shipped_inventory)
     assert again.success, _failure(again)
     assert _metadata(again)["pod"] != meta["pod"]
