@@ -165,7 +165,9 @@ def test_the_trained_weights_serve_from_the_real_node_checked_then_a_bad_version
         shipped_inventory,
         selection=dg.AssetSelection.checks_for_assets(endpoint_key(ENDPOINT)),
     )
-    assert checked.success  # the step ran; its checks say what they found
+    # Blocking checks that fail fail their run (so the failure sensor and webhook hear of it).
+    assert not checked.success
+    assert "3 blocking asset checks failed" in _failure(checked), _failure(checked)
     assert not checked.asset_materializations_for_node(
         f"vllm_endpoint__{ENDPOINT.replace('-', '_')}"
     )
