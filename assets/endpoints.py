@@ -521,7 +521,6 @@ class _EndpointEntry:
             f"store, and it cannot fetch {self.model.base_model or 'the model'}; its scheduling "
             f"is proven ({rollout.reason}), then it is scaled to zero"
         )
-        skipped = Verdict(False, reason, {"skipped": True, "reason": reason})
         yield dg.MaterializeResult(
             asset_key=self.key,
             data_version=dg.DataVersion("unstored"),
@@ -532,10 +531,16 @@ class _EndpointEntry:
                 "skipped_reason": reason,
             },
         )
-        for check in CHECKS:
-            yield _result(self.key, check, skipped, severity=dg.AssetCheckSeverity.WARN)
+        yield from self._skipped(reason)
 
     # ------------------------------------------------------------------ checks
+
+    def _skipped(self, reason: str) -> Iterator[dg.AssetCheckResult]:
+        """Every check recorded as skipped: failed at WARN, with ``skipped`` and the reason
+        (Dagster has no "skipped" outcome for a check that ran), never passed."""
+        skipped = Verdict(False, reason, {"skipped": True, "reason": reason})
+        for check in CHECKS:
+            yield _result(self.key, check, skipped, severity=dg.AssetCheckSeverity.WARN)
 
     def check_serving(
         self,
@@ -553,9 +558,7 @@ class _EndpointEntry:
                 f"skipped: no version of {self.endpoint.model} is in this deployment's weights "
                 "store, and it cannot fetch it: its serving cannot be checked here"
             )
-            skipped = Verdict(False, reason, {"skipped": True, "reason": reason})
-            for check in CHECKS:
-                yield _result(self.key, check, skipped, severity=dg.AssetCheckSeverity.WARN)
+            yield from self._skipped(reason)
             return
         if served is None:
             why = "nothing was deployed yet: materialise it first"
