@@ -180,3 +180,21 @@ def test_a_failed_run_names_each_failure_and_the_steps_log(tmp_path, capsys):
     assert "run r1 failed (materialising cluster/air)" in err
     assert str(settings.steps_log) in err.replace("\n", "")
     exit_if_failed(RunOutcome("r2", True), settings)  # a run that succeeded: no exit
+
+
+def test_the_progress_table_ends_its_line_where_output_is_not_a_terminal():
+    """In a log or a pipe, what is printed after the table starts a line of its own (rich's
+    Live leaves its last frame's line open there: `┘drift cluster/pi: ...`)."""
+    import io
+
+    import dagster as dg
+    from rich.console import Console
+
+    from homelab_dagster.cli.launch import _Follower
+
+    out = io.StringIO()
+    with dg.instance_for_test() as instance:
+        follower = _Follower(instance, "no-such-run", Console(file=out, width=60), "steps")
+        follower.start()
+        follower.stop()
+    assert "└" in out.getvalue() and out.getvalue().endswith("┘\n"), repr(out.getvalue())

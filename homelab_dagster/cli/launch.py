@@ -315,8 +315,10 @@ class _Follower(threading.Thread):
                     self._watch_pods(run_id, stopping)
                 live.update(self._table())
                 if stopping:
-                    return
+                    break
                 self._stopped.wait(0.25)
+        if not self._console.is_terminal:  # Live leaves its last frame's line open there
+            self._console.line()
 
     def _watch_pods(self, run_id: str, last: bool) -> None:
         """Every few seconds (and once more at the end): what the run's step pods say."""
