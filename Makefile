@@ -85,6 +85,8 @@ bench: tools ## Benchmarks (ratios against a baseline measured in the same run)
 	@$(UV) run python benchmarks/twin_up.py
 	@$(UV) run python benchmarks/pulumi_noop.py
 	@$(UV) run python benchmarks/train_throughput.py
+	@$(UV) run python benchmarks/reconcile.py
+	@$(UV) run python benchmarks/drift_repair.py
 
 clean: ## Stop and delete the twin, then remove local state
 	-@$(UV) run homelab twin down --purge

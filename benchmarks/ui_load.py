@@ -20,20 +20,18 @@ import argparse
 import copy
 import os
 import re
-import signal
-import socket
+import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from _report import save  # noqa: E402 (benchmarks/, the script's own folder)
+from _dev import homelab_dev  # noqa: E402 (benchmarks/, the script's own folder)
+from _report import save  # noqa: E402
 
 SYNTHETIC_CLUSTERS = 100
 _MATERIALIZE_ALL = re.compile(r"Materialize all \(\d+\)")
@@ -60,12 +58,6 @@ def synthetic_inventory(source: Path, target: Path, clusters: int) -> list[str]:
     with target.open("w") as f:
         yaml.dump(data, f)
     return added
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _browser():
@@ -100,10 +92,6 @@ def _groups(inventory: Path, state: Path) -> list[str]:
 def _loads(inventory: Path, clusters: set[str], repeat: int, browser) -> list[float]:
     """Serve ``inventory`` with ``homelab dev``; time ``repeat`` loads of the graph (after one
     to warm up) until it is drawn (some of ``clusters`` among its nodes)."""
-    from selenium.common.exceptions import TimeoutException
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
     tmp = Path(tempfile.mkdtemp(prefix="homelab-bench-ui-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HOMELAB_", "DAGSTER_"))}
     env |= {
@@ -113,28 +101,19 @@ def _loads(inventory: Path, clusters: set[str], repeat: int, browser) -> list[fl
         "HOMELAB_AUTOMATION": "off",
     }
     groups = _groups(inventory, tmp / "graph-state")
-    port = _free_port()
-    homelab = str(Path(sys.executable).with_name("homelab"))
-    log = (tmp / "dev.log").open("w")
-    dev = subprocess.Popen(
-        [homelab, "dev", "--port", str(port)],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/server_info", timeout=2):
-                    break
-            except OSError:
-                if dev.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"homelab dev did not start: see {tmp / 'dev.log'}") from None
-                time.sleep(0.5)
+        return _timed_loads(inventory, clusters, repeat, browser, env, groups, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _timed_loads(inventory, clusters, repeat, browser, env, groups, tmp) -> list[float]:
+    """The loads of :func:`_loads`, with `homelab dev` serving from ``tmp``."""
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with homelab_dev(env, tmp / "dev.log") as url:
         expanded = ",".join(f"global@global:{g}" for g in groups)
 
         def drawn(page: str) -> bool:
@@ -158,23 +137,15 @@ def _loads(inventory: Path, clusters: set[str], repeat: int, browser) -> list[fl
                     lambda d: drawn(d.find_element(By.TAG_NAME, "body").text)
                 )
             except TimeoutException:
-                browser.save_screenshot(str(tmp / "timeout.png"))
                 page = browser.find_element(By.TAG_NAME, "body").text
                 raise SystemExit(
-                    f"{inventory.name}: the graph was not drawn within 300 s (see "
-                    f"{tmp / 'timeout.png'}); the page shows:\n{page[:2000]}"
+                    f"{inventory.name}: the graph was not drawn within 300 s; the page "
+                    f"shows:\n{page[:2000]}"
                 ) from None
             if i:  # the first load warms the code location and the browser's cache
                 seconds.append(time.perf_counter() - start)
             print(f"  {inventory.name}: load {i}: {time.perf_counter() - start:.2f} s", flush=True)
         return seconds
-    finally:
-        os.killpg(dev.pid, signal.SIGTERM)
-        try:
-            dev.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(dev.pid, signal.SIGKILL)
-        log.close()
 
 
 def main() -> int:
