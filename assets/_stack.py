@@ -9,9 +9,10 @@ jobs (:mod:`assets.jobs`) are built from the same specs. Each also has the check
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import dagster as dg
 from pydantic import Field
@@ -25,6 +26,7 @@ from resources.pulumi import Program, PulumiStacks, StackResult
 __all__ = [
     "COMMIT_TAG",
     "DRIFT_CHECK",
+    "LIVE_OBJECTS",
     "PENDING_TAGS",
     "STACK_STEP_TAGS",
     "StackConfig",
@@ -33,6 +35,7 @@ __all__ = [
     "drift_check",
     "drift_check_spec",
     "key_slug",
+    "live_record",
     "not_built_yet",
     "provenance",
     "record_preview",
@@ -40,6 +43,9 @@ __all__ = [
 ]
 
 DRIFT_CHECK = "no_drift"
+LIVE_OBJECTS = "homelab_live_objects"
+"""Metadata of a materialisation and of a passing drift check: the stack's Kubernetes objects
+and their fingerprints when Pulumi and the world agreed (the drift watch compares them)."""
 # The run tag naming the commit a run applies (the Git sensor's and the reconcile's runs).
 COMMIT_TAG = "homelab/commit"
 
@@ -151,15 +157,37 @@ def drift_check(
     """Refresh ``spec``'s stack in preview mode (nothing recorded) and judge the drift; a
     refresh that fails is a failed check with Pulumi's reason."""
     stack = pulumi.stack_name(spec.key.path)
+    # Read before the refresh: a change made in between makes the next watch refresh again.
+    live = live_record(stack, pulumi, kubernetes, log)
     try:
         result = pulumi.refresh(stack, spec.program(pulumi, kubernetes), log, preview_only=True)
     except HomelabError as exc:
         verdict = Verdict(False, f"{stack}: cannot look for drift: {exc}", {"pulumi_stack": stack})
     else:
         verdict = reconcile.drift_verdict(stack, result.steps)
-    if not verdict.passed:
+    if verdict.passed:
+        verdict = dataclasses.replace(verdict, metadata={**verdict.metadata, **live})
+    else:
         log.warning(verdict.description)
     return check_result(spec.key, DRIFT_CHECK, verdict)
+
+
+def live_record(
+    stack: str, pulumi: PulumiStacks, kubernetes: KubernetesClusters, log: dg.DagsterLogManager
+) -> dict[str, Any]:
+    """Metadata recording each Kubernetes object of ``stack`` with its fingerprint now
+    (:data:`LIVE_OBJECTS`), for the drift watch; nothing when the stack holds something that
+    is not one object (a Helm release) or cannot be read (the watch then refreshes it)."""
+    try:
+        refs = pulumi.kubernetes_objects(stack)
+        if refs is None:
+            log.info(f"{stack}: not watched between reconciles (it holds Helm releases)")
+            return {}
+        prints = kubernetes.fingerprints(refs)
+    except HomelabError as exc:
+        log.warning(f"{stack}: its objects' fingerprints were not recorded: {exc}")
+        return {}
+    return {LIVE_OBJECTS: dg.MetadataValue.json([ref.record(prints[ref]) for ref in refs])}
 
 
 def provenance(context: dg.AssetExecutionContext) -> dict[str, str]:

@@ -22,6 +22,7 @@ from assets._stack import (
     check_result,
     drift_check,
     drift_check_spec,
+    live_record,
     provenance,
     step_failure,
 )
@@ -167,6 +168,7 @@ class _ClusterEntry:
             "components_skipped": dg.MetadataValue.json(
                 {p.name: p.reason for p in plans if not p.install}
             ),
+            **live_record(stack, pulumi, kubernetes, log),
             **origin,
         }
         return dg.MaterializeResult(asset_key=self.spec.key, metadata=metadata), nodes

@@ -33,12 +33,12 @@ import dagster as dg
 from pydantic import Field
 
 from assets._automation import follow_upstream
-from assets._keys import cluster_key, endpoint_key, mesh_link_key, model_weights_key
+from assets._keys import cluster_key, endpoint_key, model_weights_key
 from assets._stack import STACK_STEP_TAGS, record_preview, step_failure
 from homelab_dagster import serving
 from homelab_dagster.checks import Verdict
 from homelab_dagster.errors import EndpointError, HomelabError
-from homelab_dagster.inventory import Cluster, Endpoint, MeshLink, Model
+from homelab_dagster.inventory import Cluster, Endpoint, Model
 from homelab_dagster.weights import WeightsVersion
 from infra.endpoint import (
     ServedWeights,
@@ -111,15 +111,13 @@ def build_endpoint_defs(
     endpoint: Endpoint,
     model: Model,
     cluster: Cluster,
-    links: list[MeshLink],
     export_label: str = "mirror.linkerd.io/exported",
 ) -> dg.Definitions:
-    """The asset of endpoint ``name`` (``links``: the mesh links that reach its cluster)."""
+    """The asset of endpoint ``name`` (the mesh links that mirror its Service follow it:
+    :func:`assets.mesh.build_mesh_link_defs`)."""
     entry = _EndpointEntry(name, endpoint, model, cluster, export_label)
     key = endpoint_key(name)
     deps = [cluster_key(endpoint.cluster), model_weights_key(endpoint.model)]
-    if endpoint.export_to_mesh:
-        deps += [mesh_link_key(lk.source, lk.target) for lk in links]
 
     @dg.multi_asset(
         name=endpoint_op_name(name),

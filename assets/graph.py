@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
+from assets._keys import endpoint_key
 from assets.clusters import build_cluster_defs
 from assets.endpoints import build_endpoint_defs
 from assets.mesh import build_mesh_link_defs
@@ -27,7 +28,16 @@ def build_homelab_defs(inventory: Inventory) -> dg.Definitions:
             for name, c in inventory.clusters.items()
         ),
         *(
-            build_mesh_link_defs(link, inventory.mesh, _namespaces(inventory, link.source))
+            build_mesh_link_defs(
+                link,
+                inventory.mesh,
+                _namespaces(inventory, link.source),
+                exported=[
+                    endpoint_key(name)
+                    for name, e in inventory.endpoints.items()
+                    if e.cluster == link.target and e.export_to_mesh
+                ],
+            )
             for link in inventory.mesh.links
         ),
         *(
@@ -46,7 +56,6 @@ def build_homelab_defs(inventory: Inventory) -> dg.Definitions:
                 e,
                 inventory.models[e.model],
                 inventory.clusters[e.cluster],
-                [lk for lk in inventory.mesh.links if lk.target == e.cluster],
                 inventory.mesh.export_label,
             )
             for name, e in inventory.endpoints.items()

@@ -10,7 +10,7 @@ compares them with the mirrors on ``from`` (the rule: :func:`homelab_dagster.che
 its clusters by itself (:func:`assets._automation.follow_upstream`).
 """
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 
 import dagster as dg
 
@@ -24,6 +24,7 @@ from assets._stack import (
     check_result,
     drift_check,
     drift_check_spec,
+    live_record,
     provenance,
     step_failure,
 )
@@ -90,9 +91,15 @@ def _mirror_ports(ports: tuple[dict[str, object], ...]) -> list[dict[str, object
 
 
 def build_mesh_link_defs(
-    link: MeshLink, mesh: Mesh | None = None, source_namespaces: tuple[str, ...] = ()
+    link: MeshLink,
+    mesh: Mesh | None = None,
+    source_namespaces: tuple[str, ...] = (),
+    exported: Sequence[dg.AssetKey] = (),
 ) -> dg.Definitions:
-    """The asset of one mesh link (it depends on both clusters) and its check."""
+    """The asset of one mesh link and its check. It depends on both clusters and on
+    ``exported``, the endpoints whose Services its target exports to the mesh: the link
+    mirrors what is exported when it runs (on the twin, its stack makes the mirrors), so it
+    follows them."""
     mesh = mesh or Mesh()
     spec = mesh_link_stack(link, mesh, source_namespaces)
     key = spec.key
@@ -103,12 +110,12 @@ def build_mesh_link_defs(
         specs=[
             dg.AssetSpec(
                 key,
-                deps=[cluster_key(link.source), cluster_key(link.target)],
+                deps=[cluster_key(link.source), cluster_key(link.target), *exported],
                 group_name="mesh",
                 kinds={"pulumi", "kubernetes"},
                 description=f"{link.source} reaches the services {link.target} exports.",
                 metadata={"from": link.source, "to": link.target, **latency},
-                automation_condition=follow_upstream(),
+                automation_condition=follow_upstream(optional=exported),
                 skippable=True,
             )
         ],
@@ -168,6 +175,7 @@ def _provision(
             "exported_services": result.outputs.get("exported", []),
             "mirrored_services": result.outputs.get("mirrors", []),
             "credentials_secret": result.outputs.get("credentials_secret", ""),
+            **live_record(stack, pulumi, kubernetes, log),
             **origin,
         },
     )

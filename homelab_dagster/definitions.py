@@ -36,10 +36,12 @@ def build_definitions(settings: Settings, inventory: Inventory | None) -> dg.Def
         else dg.Definitions(),
         build_git_sensor(running=deployment.git_sensor_running),
         build_reconcile_defs(
+            inventory,
             cron=settings.reconcile_cron,
             running=deployment.reconcile_running,
             repair_families=deployment.auto_repair,
             automation_running=deployment.automation_running,
+            watch_s=settings.drift_watch_s,
         )
         if inventory
         else dg.Definitions(),

@@ -14,10 +14,19 @@ and ``homelab status`` apply them (``assets/``, ``sensors/reconcile.py``,
   reconcile stops repairing it (and says why) until a materialisation succeeds. Every other
   asset keeps reconciling.
 - **Readiness** (:func:`readiness`): the share of a cluster's checks that pass now.
+- **The drift watch's fingerprints** (:class:`LiveRef`, :func:`live_refs`,
+  :func:`fingerprint`, :func:`changed_objects`): the Kubernetes objects a stack's state holds,
+  and a digest of each as the API server returns it, less what the cluster itself keeps
+  changing (``status``, ``resourceVersion``, ``managedFields``). A stack whose objects all
+  still have the digests recorded when Pulumi last agreed with the world cannot have drifted;
+  one whose objects changed is refreshed (``sensors/reconcile.py``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -25,13 +34,18 @@ from typing import Any, Protocol
 from homelab_dagster.checks import Verdict
 
 __all__ = [
+    "ABSENT",
     "BACKOFF_BASE_S",
     "BACKOFF_MAX_S",
     "STALL_AFTER",
+    "LiveRef",
     "RepairRecord",
     "Step",
     "backoff_s",
+    "changed_objects",
     "drift_verdict",
+    "fingerprint",
+    "live_refs",
     "readiness",
     "repair_decision",
 ]
@@ -176,3 +190,99 @@ def readiness(results: Mapping[str, bool | None]) -> float:
     if not results:
         return 0.0
     return sum(1 for passed in results.values() if passed) / len(results)
+
+
+# ---------------------------------------------------------------------- the drift watch
+
+ABSENT = "absent"
+"""The fingerprint of an object the API server does not have."""
+# What the cluster changes on its own, never drift: the status (kubelets, controllers), the
+# object's version and the record of which manager set which field.
+_VOLATILE_METADATA = ("resourceVersion", "managedFields")
+
+
+@dataclass(frozen=True, order=True)
+class LiveRef:
+    """A Kubernetes object a stack's state holds: the kubeconfig context of its provider, its
+    ``apiVersion``, ``kind``, namespace (empty: cluster-scoped) and name."""
+
+    context: str
+    api_version: str
+    kind: str
+    namespace: str
+    name: str
+
+    def __str__(self) -> str:
+        where = f"{self.namespace}/{self.name}" if self.namespace else self.name
+        return f"{self.context}:{self.api_version}/{self.kind}/{where}"
+
+    def record(self, fingerprint: str) -> dict[str, str]:
+        """The object and its ``fingerprint`` as plain metadata (docs/metadata.md)."""
+        return {**dataclasses.asdict(self), "fingerprint": fingerprint}
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, str]) -> tuple[LiveRef, str]:
+        """The object and fingerprint :meth:`record` wrote."""
+        fields = (f.name for f in dataclasses.fields(cls))
+        return cls(*(str(record[f]) for f in fields)), str(record["fingerprint"])
+
+
+def live_refs(deployment: Mapping[str, Any]) -> list[LiveRef] | None:
+    """The Kubernetes objects of an exported stack state (``pulumi stack export``'s
+    ``deployment``), each with its provider's context; None when the state holds a
+    Kubernetes resource that is not one object (a Helm release: its objects are Helm's)."""
+    resources = deployment.get("resources") or []
+    contexts = {
+        r["urn"]: str((r.get("inputs") or {}).get("context", ""))
+        for r in resources
+        if str(r.get("type", "")).startswith("pulumi:providers:kubernetes")
+    }
+    refs = []
+    for r in resources:
+        if not str(r.get("type", "")).startswith("kubernetes:"):
+            continue
+        outputs = r.get("outputs") or {}
+        metadata = outputs.get("metadata") or {}
+        if not (outputs.get("apiVersion") and outputs.get("kind") and metadata.get("name")):
+            return None
+        provider = str(r.get("provider", "")).rpartition("::")[0]
+        refs.append(
+            LiveRef(
+                contexts.get(provider, ""),
+                str(outputs["apiVersion"]),
+                str(outputs["kind"]),
+                str(metadata.get("namespace") or ""),
+                str(metadata["name"]),
+            )
+        )
+    return sorted(refs)
+
+
+def fingerprint(obj: Mapping[str, Any] | None) -> str:
+    """A digest of an object as the API server returned it (None: it has none), less what
+    the cluster changes on its own: any change made to it by a person or another tool changes
+    the digest."""
+    if obj is None:
+        return ABSENT
+    kept = {k: v for k, v in obj.items() if k != "status"}
+    metadata = kept.get("metadata") or {}
+    kept["metadata"] = {k: v for k, v in metadata.items() if k not in _VOLATILE_METADATA}
+    text = json.dumps(kept, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def changed_objects(recorded: Mapping[str, str], live: Mapping[str, str]) -> list[str]:
+    """The objects whose fingerprints differ between ``recorded`` and ``live`` (reference to
+    fingerprint), each said: ``<ref> changed``, ``<ref> deleted``, ``<ref> not recorded``."""
+    said = []
+    for ref in sorted(set(recorded) | set(live)):
+        before, now = recorded.get(ref), live.get(ref)
+        if before == now:
+            continue
+        if before is None:
+            said.append(f"{ref} not recorded")
+        elif now == ABSENT:
+            said.append(f"{ref} deleted")
+        else:
+            said.append(f"{ref} changed")
+    return said

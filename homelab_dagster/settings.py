@@ -10,6 +10,7 @@
 | ``HOMELAB_GIT_BRANCH`` | the repository's ``HEAD`` branch | the branch the Git sensor watches   |
 | ``HOMELAB_DAGSTER_POSTGRES_URL`` | unset: SQLite files    | Dagster's storage in PostgreSQL     |
 | ``HOMELAB_RECONCILE_CRON`` | ``*/5 * * * *``             | when the ``reconcile`` schedule runs |
+| ``HOMELAB_DRIFT_WATCH_S`` | ``30``                       | seconds between two drift watch ticks |
 | ``HOMELAB_AUTO_REPAIR`` | twin: ``all``; homelab: ``none`` | families repaired on drift   |
 | ``HOMELAB_WEBHOOK_URL`` | unset: no webhook              | failed runs announced (a secret)    |
 | ``HOMELAB_IMAGE``     | ``homelab_dagster/images.py``'s | the project's image for Dagster's pods |
@@ -84,6 +85,7 @@ class Settings:
     # by Dagster itself from the environment when the instance loads (cli/launch.py).
     dagster_postgres: bool = False
     reconcile_cron: str = _DEFAULT_CRON
+    drift_watch_s: int = 30  # the drift watch's interval (sensors/reconcile.py)
     # The families whose drifted assets the reconcile re-materialises; None: the target's
     # default (resources/deployment.py: every family on the twin, none on the homelab).
     auto_repair: frozenset[str] | None = None
@@ -146,6 +148,12 @@ class Settings:
                 f"HOMELAB_RECONCILE_CRON={cron!r} is not a cron expression (five fields, "
                 "e.g. '*/5 * * * *')"
             )
+        raw_watch = env.get("HOMELAB_DRIFT_WATCH_S") or "30"
+        if not raw_watch.isdigit() or not 5 <= int(raw_watch) <= 86400:
+            raise SettingsError(
+                f"HOMELAB_DRIFT_WATCH_S={raw_watch!r} is not a number of seconds between 5 "
+                "and 86400 (a day)"
+            )
         return cls(
             inventory_path=inventory.resolve(),
             target=target,
@@ -155,6 +163,7 @@ class Settings:
             git_branch=env.get("HOMELAB_GIT_BRANCH") or None,
             dagster_postgres=bool(postgres_url),
             reconcile_cron=cron,
+            drift_watch_s=int(raw_watch),
             auto_repair=_repair_families(env.get("HOMELAB_AUTO_REPAIR")),
             webhook=bool(env.get(WEBHOOK_URL_VAR)),
             runs=_runs(env.get("HOMELAB_RUNS")),

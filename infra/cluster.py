@@ -27,6 +27,7 @@ __all__ = [
     "GPU_PRIORITY_CLASS",
     "MANAGED_BY",
     "QUOTA_NAME",
+    "TAKE_BACK",
     "ComponentPlan",
     "cluster_program",
     "component_plan",
@@ -35,9 +36,11 @@ __all__ = [
 GPU_PRIORITY_CLASS = "gpu-workloads"
 QUOTA_NAME = "homelab-quota"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "homelab-dagster"}
-# Pulumi takes the fields it applies even where another field manager set them first
-# (kubeadm, k3s, the twin's node maker): the inventory is the source of truth for them.
-_FORCE = {"pulumi.com/patchForce": "true"}
+TAKE_BACK = {"pulumi.com/patchForce": "true"}
+"""Annotations of every object a stack applies: Pulumi takes the fields it applies even where
+another field manager set them (kubeadm, k3s, the twin's node maker, a person's kubectl), so a
+repair puts drift back instead of failing on a server-side apply conflict. The inventory is the
+source of truth for them."""
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,7 @@ def _node_patch_args(node: Node) -> tuple[dict[str, object], dict[str, object] |
     Taints are one atomic list in the Node API: a node without declared taints is left
     alone rather than having its list claimed (and emptied).
     """
-    metadata = {"name": node.name, "labels": dict(node.labels), "annotations": dict(_FORCE)}
+    metadata = {"name": node.name, "labels": dict(node.labels), "annotations": dict(TAKE_BACK)}
     if not node.taints:
         return metadata, None
     return metadata, {"taints": [t.manifest() for t in node.taints]}
@@ -131,7 +134,9 @@ def _namespaces(cluster: Cluster, provider: Any) -> dict[str, Any]:
     opts = pulumi.ResourceOptions(provider=provider)
     return {
         ns: k8s.core.v1.Namespace(
-            f"namespace-{ns}", metadata={"name": ns, "labels": MANAGED_BY}, opts=opts
+            f"namespace-{ns}",
+            metadata={"name": ns, "labels": MANAGED_BY, "annotations": TAKE_BACK},
+            opts=opts,
         )
         for ns in cluster.namespaces
     }
@@ -160,7 +165,7 @@ def _gpu_priority_class(cluster: Cluster, provider: Any) -> None:
     if cluster.gpu_total():
         k8s.scheduling.v1.PriorityClass(
             "gpu-priority",
-            metadata={"name": GPU_PRIORITY_CLASS, "labels": MANAGED_BY},
+            metadata={"name": GPU_PRIORITY_CLASS, "labels": MANAGED_BY, "annotations": TAKE_BACK},
             value=100000,
             global_default=False,
             preemption_policy="PreemptLowerPriority",
@@ -176,7 +181,12 @@ def _quotas(cluster: Cluster, provider: Any, namespaces: Mapping[str, Any]) -> N
     for ns, hard in cluster.quotas.items():
         k8s.core.v1.ResourceQuota(
             f"quota-{ns}",
-            metadata={"name": QUOTA_NAME, "namespace": ns, "labels": MANAGED_BY},
+            metadata={
+                "name": QUOTA_NAME,
+                "namespace": ns,
+                "labels": MANAGED_BY,
+                "annotations": TAKE_BACK,
+            },
             spec={"hard": dict(hard)},
             opts=pulumi.ResourceOptions(provider=provider, depends_on=[namespaces[ns]]),
         )

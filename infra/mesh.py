@@ -28,6 +28,7 @@ from urllib.parse import urlparse
 import yaml
 
 from homelab_dagster.inventory import MeshLink
+from infra.cluster import MANAGED_BY, TAKE_BACK
 
 __all__ = [
     "CREDENTIALS_KEY",
@@ -49,7 +50,6 @@ MIRROR_CLUSTER_LABEL = "mirror.linkerd.io/cluster-name"
 _GATEWAY_IDENTITY = (
     "linkerd-gateway.linkerd-multicluster.serviceaccount.identity.linkerd.cluster.local"
 )
-_MANAGED_BY = {"app.kubernetes.io/managed-by": "homelab-dagster"}
 
 
 @dataclass(frozen=True)
@@ -167,7 +167,7 @@ def mesh_link_program(
     return program
 
 
-_META = {"namespace": LINK_NAMESPACE, "labels": _MANAGED_BY}
+_META = {"namespace": LINK_NAMESPACE, "labels": MANAGED_BY, "annotations": TAKE_BACK}
 
 
 def _on(cluster: str, access: tuple[str, str], identity_prefix: str) -> Any:
@@ -196,7 +196,7 @@ def _remote_access(names: LinkNames, on_to: Any) -> Any:
     read = ["get", "list", "watch"]
     role = k8s.rbac.v1.ClusterRole(
         "remote-access-reader",
-        metadata={"name": names.reader_role, "labels": _MANAGED_BY},
+        metadata={"name": names.reader_role, "labels": MANAGED_BY, "annotations": TAKE_BACK},
         rules=[
             {"api_groups": [""], "resources": ["services", "endpoints"], "verbs": read},
             {"api_groups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": read},
@@ -205,7 +205,7 @@ def _remote_access(names: LinkNames, on_to: Any) -> Any:
     )
     binding = k8s.rbac.v1.ClusterRoleBinding(
         "remote-access-reader",
-        metadata={"name": names.reader_role, "labels": _MANAGED_BY},
+        metadata={"name": names.reader_role, "labels": MANAGED_BY, "annotations": TAKE_BACK},
         role_ref={
             "api_group": "rbac.authorization.k8s.io",
             "kind": "ClusterRole",
@@ -222,6 +222,7 @@ def _remote_access(names: LinkNames, on_to: Any) -> Any:
             "name": names.token_secret,
             **_META,
             "annotations": {
+                **TAKE_BACK,
                 "kubernetes.io/service-account.name": names.service_account,
                 # Wait for the token controller to fill the token in before reading it.
                 "pulumi.com/waitFor": "jsonpath={.data.token}",
@@ -266,7 +267,9 @@ def _mirrors(
 
     created = {
         ns: k8s.core.v1.Namespace(
-            f"namespace-{ns}", metadata={"name": ns, "labels": _MANAGED_BY}, opts=on_from
+            f"namespace-{ns}",
+            metadata={"name": ns, "labels": MANAGED_BY, "annotations": TAKE_BACK},
+            opts=on_from,
         )
         for ns in sorted({s.namespace for s in services} - declared)
     }
@@ -279,12 +282,13 @@ def _mirrors(
                 "labels": {
                     MIRRORED_LABEL: "true",
                     MIRROR_CLUSTER_LABEL: link.target,
-                    **_MANAGED_BY,
+                    **MANAGED_BY,
                 },
                 "annotations": {
+                    **TAKE_BACK,
                     "mirror.linkerd.io/remote-svc-fq-name": (
                         f"{svc.name}.{svc.namespace}.svc.cluster.local"
-                    )
+                    ),
                 },
             },
             spec={"type": "ClusterIP", "ports": [dict(p) for p in svc.ports]},

@@ -25,6 +25,7 @@ import yaml
 from pydantic import Field
 
 from homelab_dagster.errors import KubernetesError
+from homelab_dagster.reconcile import LiveRef, fingerprint
 from homelab_dagster.serving import ObservedPod, observed_pod
 from homelab_dagster.twin_nodes import ObservedNode, observed_node
 
@@ -181,6 +182,47 @@ class KubernetesClusters(dg.ConfigurableResource):
             ) from exc
         raw = (secret.data or {}).get(key)
         return base64.b64decode(raw).decode() if raw is not None else None
+
+    def fingerprints(self, refs: list[LiveRef]) -> dict[LiveRef, str]:
+        """The fingerprint of each object of ``refs`` as its API server has it now
+        (:func:`homelab_dagster.reconcile.fingerprint`; ``absent`` for one that is gone),
+        read through each context's API discovery (the kubernetes library's dynamic client).
+
+        Raises:
+            KubernetesError: a context is missing, or its API server unreachable or refusing.
+        """
+        from kubernetes import config
+        from kubernetes.dynamic import DynamicClient
+        from kubernetes.dynamic.exceptions import (
+            DynamicApiError,
+            NotFoundError,
+            ResourceNotFoundError,
+        )
+        from urllib3.exceptions import HTTPError
+
+        found: dict[LiveRef, str] = {}
+        path = str(Path(self.kubeconfig).expanduser())
+        for context in sorted({r.context for r in refs}):
+            try:
+                dynamic = DynamicClient(
+                    config.new_client_from_config(config_file=path, context=context)
+                )
+            except (config.ConfigException, OSError, DynamicApiError, HTTPError) as exc:
+                raise KubernetesError(f"context {context}: cannot reach its API: {exc}") from exc
+            for ref in (r for r in refs if r.context == context):
+                try:
+                    api = dynamic.resources.get(api_version=ref.api_version, kind=ref.kind)
+                    obj = api.get(
+                        name=ref.name,
+                        namespace=ref.namespace or None,
+                        _request_timeout=self.request_timeout_s,
+                    ).to_dict()
+                except (NotFoundError, ResourceNotFoundError):  # the object, or its kind, gone
+                    obj = None
+                except (DynamicApiError, HTTPError) as exc:
+                    raise KubernetesError(f"context {context}: cannot read {ref}: {exc}") from exc
+                found[ref] = fingerprint(obj)
+        return found
 
     def services_with_credentials(
         self, cluster: str, kubeconfig: str, selector: str

@@ -68,6 +68,7 @@ import dagster as dg
 from pydantic import Field
 
 from homelab_dagster.errors import StackError, StackLockedError, StackStateError, ToolchainError
+from homelab_dagster.reconcile import LiveRef, live_refs
 from resources import _stack_locks
 from resources._stack_cancel import cancel_on_interrupt
 from resources._stack_result import (
@@ -217,6 +218,23 @@ class PulumiStacks(dg.ConfigurableResource):
                 raise self._state_error(stack, exc) or StackError(
                     f"cannot read the outputs of {stack}: {_tail(exc)}"
                 ) from exc
+
+    def kubernetes_objects(self, stack: str) -> list[LiveRef] | None:
+        """The Kubernetes objects ``stack``'s state holds, each with its provider's context
+        (``pulumi stack export``); None when the state also holds resources that are not one
+        object (Helm releases), or the stack was never brought up."""
+        from pulumi import automation as auto
+
+        with PROGRAM_LOCK:
+            try:
+                state = self._open(stack, _empty_program, create=False).export_stack()
+            except auto.StackNotFoundError:
+                return None
+            except auto.CommandError as exc:
+                raise self._state_error(stack, exc) or StackError(
+                    f"cannot export the state of {stack}: {_tail(exc)}"
+                ) from exc
+        return live_refs(state.deployment or {})
 
     def restore_state(self, stack: str, log: Log) -> Path:
         """Restore ``stack``'s damaged or deleted state from the newest readable copy Pulumi

@@ -63,6 +63,26 @@ def test_a_link_follows_its_clusters_once_both_exist(defs, instance):
     assert requested == {LINK}
 
 
+def test_a_link_re_mirrors_an_endpoint_it_exports_but_never_waits_for_one(defs, instance):
+    """The endpoints on forge are the link's upstreams (it mirrors their Services when it
+    runs), yet the link is made without them and a failing endpoint holds nothing back."""
+    endpoint = dg.AssetKey(["vllm_endpoint", "sre-agent"])
+    result, _ = _requested(defs, instance)
+    _materialised(instance, STUDIO, checks_pass=True)
+    _materialised(instance, FORGE, checks_pass=True)
+    result, requested = _requested(defs, instance, result.cursor)
+    assert requested == {LINK}  # no endpoint exists yet
+    _materialised(instance, LINK, checks_pass=True)
+    result, requested = _requested(defs, instance, result.cursor)
+    assert not requested
+    instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=endpoint))
+    instance.report_runless_asset_event(
+        dg.AssetCheckEvaluation(asset_key=endpoint, check_name="serves_weights", passed=False)
+    )
+    _, requested = _requested(defs, instance, result.cursor)
+    assert requested == {LINK}
+
+
 def test_a_failing_blocking_check_upstream_holds_the_link_back(defs, instance):
     _materialised(instance, STUDIO, checks_pass=True)
     result, _ = _requested(defs, instance)

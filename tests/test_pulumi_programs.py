@@ -112,6 +112,10 @@ def test_cluster_declares_namespaces_node_patches_priority_and_quota(shipped_inv
     (quota,) = mocks.of_type("kubernetes:core/v1:ResourceQuota")
     assert quota.inputs["metadata"]["namespace"] == "ml-training"
     assert quota.inputs["spec"]["hard"] == {"requests.nvidia.com/gpu": "4"}
+    objects = [r for r in mocks.resources if r.typ.startswith("kubernetes:")]
+    assert all(
+        r.inputs["metadata"]["annotations"]["pulumi.com/patchForce"] == "true" for r in objects
+    ), [r.name for r in objects]
 
 
 def test_twin_skips_every_component_with_the_reason(shipped_inventory):
@@ -197,7 +201,13 @@ def test_mesh_link_declares_access_on_to_and_mirrors_on_from(shipped_inventory, 
         "name": "mesh-link-studio",
         "namespace": "linkerd-multicluster",
         "labels": {"app.kubernetes.io/managed-by": "homelab-dagster"},
+        "annotations": {"pulumi.com/patchForce": "true"},
     }
+    # Every object takes back its fields on a repair (no server-side apply conflict).
+    objects = [r for r in mocks.resources if r.typ.startswith("kubernetes:")]
+    assert objects and all(
+        r.inputs["metadata"]["annotations"]["pulumi.com/patchForce"] == "true" for r in objects
+    ), [r.name for r in objects]
     (role,) = mocks.of_type("kubernetes:rbac.authorization.k8s.io/v1:ClusterRole")
     resources = {r for rule in role.inputs["rules"] for r in rule["resources"]}
     assert resources == {"services", "endpoints", "endpointslices"}

@@ -4,6 +4,7 @@ stalling, readiness, and the code location's reconcile job, schedule and sensors
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import dagster as dg
 import pytest
@@ -12,15 +13,22 @@ from homelab_dagster.definitions import build_definitions
 from homelab_dagster.errors import SettingsError
 from homelab_dagster.loader import load_inventory
 from homelab_dagster.reconcile import (
+    ABSENT,
     STALL_AFTER,
+    LiveRef,
     RepairRecord,
     backoff_s,
+    changed_objects,
     drift_verdict,
+    fingerprint,
+    live_refs,
     readiness,
     repair_decision,
 )
 from homelab_dagster.settings import Settings, Target
 from resources.deployment import build_deployment
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
@@ -113,11 +121,18 @@ def test_auto_repair_setting(raw, expected):
     assert Settings.from_env(env).auto_repair == expected
 
 
+def test_the_drift_watch_interval_is_read_in_seconds():
+    assert Settings.from_env({}).drift_watch_s == 30
+    assert Settings.from_env({"HOMELAB_DRIFT_WATCH_S": "5"}).drift_watch_s == 5
+
+
 @pytest.mark.parametrize(
     ("variable", "value", "named"),
     [
         ("HOMELAB_AUTO_REPAIR", "clusters", "clusters is not a family"),
         ("HOMELAB_RECONCILE_CRON", "every five minutes", "not a cron expression"),
+        ("HOMELAB_DRIFT_WATCH_S", "1", "between 5 and 86400"),
+        ("HOMELAB_DRIFT_WATCH_S", "30s", "not a number of seconds"),
     ],
 )
 def test_bad_reconcile_settings_are_named(variable, value, named):
@@ -144,8 +159,11 @@ def test_repair_and_automation_defaults_per_target(
     schedule = defs.resolve_schedule_def("reconcile")
     assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
     assert schedule.cron_schedule == "*/5 * * * *"
-    for name in ("reconcile_repair", "run_failures"):
+    for name in ("reconcile_repair", "run_failures", "drift_watch"):
         assert defs.resolve_sensor_def(name).default_status == dg.DefaultSensorStatus.RUNNING
+    watch = defs.resolve_sensor_def("drift_watch")
+    assert watch.minimum_interval_seconds == 30
+    assert [t.job_name for t in watch.targets] == ["reconcile"]
 
 
 @pytest.mark.parametrize("target", list(Target))
@@ -263,7 +281,12 @@ def _repair_sensor(families: frozenset[str]) -> dg.SensorDefinition:
     from sensors.reconcile import REPAIR_SENSOR, build_reconcile_defs
 
     defs = build_reconcile_defs(
-        cron="*/5 * * * *", running=True, repair_families=families, automation_running=False
+        load_inventory(ROOT / "homelab.yaml").inventory,
+        cron="*/5 * * * *",
+        running=True,
+        repair_families=families,
+        automation_running=False,
+        watch_s=30,
     )
     (sensor,) = [s for s in defs.sensors or () if s.name == REPAIR_SENSOR]
     assert isinstance(sensor, dg.SensorDefinition)
@@ -296,3 +319,113 @@ def test_the_repair_sensor_requests_only_what_it_may_repair_now(families, in_pro
         (request,) = result.run_requests
         assert request.asset_selection == [asset.key]
         assert request.tags["homelab/reconciled-by"] == run_id
+
+
+# ---------------------------------------------------------------------- the drift watch's rules
+
+_NODE = {
+    "apiVersion": "v1",
+    "kind": "Node",
+    "metadata": {
+        "name": "forge-inference",
+        "labels": {"role": "inference"},
+        "resourceVersion": "100",
+        "managedFields": [{"manager": "kubelet", "subresource": "status"}],
+    },
+    "spec": {"taints": []},
+    "status": {"conditions": [{"type": "Ready", "lastHeartbeatTime": "10:00"}]},
+}
+
+
+def _with(obj: dict, path: tuple[str, ...], value: object) -> dict:
+    import copy
+
+    changed = copy.deepcopy(obj)
+    node = changed
+    for part in path[:-1]:
+        node = node[part]
+    node[path[-1]] = value
+    return changed
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        (("status", "conditions"), [{"type": "Ready", "lastHeartbeatTime": "10:05"}]),
+        (("metadata", "resourceVersion"), "101"),
+        (("metadata", "managedFields"), [{"manager": "kubelet", "time": "10:05"}]),
+    ],
+)
+def test_what_the_cluster_changes_on_its_own_keeps_the_fingerprint(path, value):
+    assert fingerprint(_with(_NODE, path, value)) == fingerprint(_NODE)
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        (("metadata", "labels"), {"role": "tampered"}),
+        (("metadata", "annotations"), {"note": "by hand"}),
+        (("spec", "taints"), [{"key": "gpu", "effect": "NoSchedule"}]),
+    ],
+)
+def test_a_change_by_a_person_changes_the_fingerprint(path, value):
+    assert fingerprint(_with(_NODE, path, value)) != fingerprint(_NODE)
+
+
+def test_a_gone_object_is_absent_and_each_change_is_said():
+    assert fingerprint(None) == ABSENT
+    recorded = {"a": "1", "b": "2", "c": "3"}
+    live = {"a": "1", "b": "9", "c": ABSENT, "d": "4"}
+    assert changed_objects(recorded, live) == ["b changed", "c deleted", "d not recorded"]
+    assert changed_objects(recorded, recorded) == []
+
+
+def _exported(*resources: dict) -> dict:
+    provider = {
+        "urn": "urn:pulumi:twin.cluster.pi::homelab::pulumi:providers:kubernetes::pi",
+        "type": "pulumi:providers:kubernetes",
+        "inputs": {"context": "twin-pi"},
+    }
+    stack = {
+        "urn": "urn:pulumi:twin.cluster.pi::homelab::pulumi:pulumi:Stack::s",
+        "type": "pulumi:pulumi:Stack",
+    }
+    return {"resources": [stack, provider, *resources]}
+
+
+def _resource(type_: str, outputs: dict) -> dict:
+    return {
+        "type": type_,
+        "provider": "urn:pulumi:twin.cluster.pi::homelab::pulumi:providers:kubernetes::pi::id-1",
+        "outputs": outputs,
+    }
+
+
+def test_a_states_objects_are_read_with_their_providers_context():
+    refs = live_refs(
+        _exported(
+            _resource(
+                "kubernetes:core/v1:NodePatch",
+                {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "pi-edge-1"}},
+            ),
+            _resource(
+                "kubernetes:core/v1:ResourceQuota",
+                {
+                    "apiVersion": "v1",
+                    "kind": "ResourceQuota",
+                    "metadata": {"name": "homelab-quota", "namespace": "edge"},
+                },
+            ),
+        )
+    )
+    assert refs == [
+        LiveRef("twin-pi", "v1", "Node", "", "pi-edge-1"),
+        LiveRef("twin-pi", "v1", "ResourceQuota", "edge", "homelab-quota"),
+    ]
+    assert str(refs[1]) == "twin-pi:v1/ResourceQuota/edge/homelab-quota"
+    assert LiveRef.from_record(refs[1].record("abc")) == (refs[1], "abc")
+
+
+def test_a_state_holding_a_helm_release_is_not_watched():
+    release = _resource("kubernetes:helm.sh/v3:Release", {"name": "flux2", "status": {}})
+    assert live_refs(_exported(release)) is None

@@ -25,13 +25,14 @@ from homelab_dagster.settings import Settings, Target
 from resources.deployment import build_deployment
 from resources.kubernetes import KubernetesClusters
 from sensors.failures import FAILURE_SENSOR, repair_record
-from sensors.reconcile import REPAIR_SENSOR, drifted_assets
+from sensors.reconcile import REPAIR_SENSOR, WATCH_SENSOR, drifted_assets
 
 pytestmark = [pytest.mark.twin, pytest.mark.slow]
 
 FORGE = dg.AssetKey(["cluster", "forge"])
 STUDIO = dg.AssetKey(["cluster", "studio"])
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
+MANAGED = "app.kubernetes.io/managed-by"
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +67,14 @@ def _reconcile(instance, shipped_inventory, resources, keys) -> dg.ExecuteInProc
     )
 
 
+def _materialise_forge(assets, resources, instance) -> dg.ExecuteInProcessResult:
+    first = dg.materialize(
+        assets, selection=[FORGE], resources=resources, instance=instance, raise_on_error=False
+    )
+    assert first.success
+    return first
+
+
 def _repair_tick(defs, instance, cursor=None) -> dg.SensorResult:
     sensor = defs.resolve_sensor_def(REPAIR_SENSOR)
     with dg.build_sensor_context(instance=instance, definitions=defs, cursor=cursor) as context:
@@ -77,13 +86,14 @@ def test_a_label_changed_behind_pulumis_back_is_found_named_and_repaired(
 ):
     defs, resources = world
     assets = _assets(shipped_inventory)
-    first = dg.materialize(
-        assets, selection=[FORGE], resources=resources, instance=instance, raise_on_error=False
-    )
-    assert first.success
+    first = _materialise_forge(assets, resources, instance)
 
     core = client.CoreV1Api(twin.client("forge"))
     core.patch_node("forge-inference", {"metadata": {"labels": {"role": "tampered"}}})
+    # A label of an object the stack made (not a patch): another field manager now owns it,
+    # which the repair takes back (Pulumi would otherwise refuse: a server-side apply conflict).
+    namespace = shipped_inventory.clusters["forge"].namespaces[0]
+    core.patch_namespace(namespace, {"metadata": {"labels": {MANAGED: "someone-else"}}})
 
     checked = _reconcile(instance, shipped_inventory, resources, [FORGE])
     # The blocking nodes_match_inventory fails too (the label is the inventory's): the
@@ -92,9 +102,10 @@ def test_a_label_changed_behind_pulumis_back_is_found_named_and_repaired(
     verdicts = {e.check_name: e for e in checked.get_asset_check_evaluations()}
     assert not verdicts["no_drift"].passed
     assert "forge-inference" in (verdicts["no_drift"].description or "")
-    (drift,) = verdicts["no_drift"].metadata["drifted"].value
-    assert drift["name"] == "node-forge-inference" and drift["op"] == "update"
-    assert "metadata.labels.role" in drift["properties"], drift
+    drifts = {d["name"]: d for d in verdicts["no_drift"].metadata["drifted"].value}
+    assert set(drifts) == {"node-forge-inference", f"namespace-{namespace}"}, drifts
+    drift = drifts["node-forge-inference"]
+    assert drift["op"] == "update" and "metadata.labels.role" in drift["properties"], drift
     assert "metadata.labels.role" in (verdicts["no_drift"].description or "")
     assert not verdicts["nodes_match_inventory"].passed
     assert verdicts["nodes_ready"].passed
@@ -115,6 +126,7 @@ def test_a_label_changed_behind_pulumis_back_is_found_named_and_repaired(
     )
     assert repaired.success
     assert core.read_node("forge-inference").metadata.labels["role"] == "inference"
+    assert core.read_namespace(namespace).metadata.labels[MANAGED] == "homelab-dagster"
     after = {e.check_name: e for e in repaired.get_asset_check_evaluations()}
     assert after["no_drift"].passed and after["nodes_match_inventory"].passed
 
@@ -131,6 +143,59 @@ def test_a_label_changed_behind_pulumis_back_is_found_named_and_repaired(
     assert status["commit"] == COMMIT
     assert status["drifted"] is False and not status["stalled"]
     assert status["checks"]["nodes_match_inventory"]["passed"] is True
+
+
+def _watch_tick(defs, instance, resources) -> dg.SensorResult:
+    sensor = defs.resolve_sensor_def(WATCH_SENSOR)
+    with dg.build_sensor_context(
+        instance=instance, definitions=defs, resources={"kubernetes": resources["kubernetes"]}
+    ) as context:
+        return sensor.evaluate_tick(context)
+
+
+def test_the_drift_watch_refreshes_only_a_stack_whose_objects_changed(
+    world, twin, shipped_inventory, instance
+):
+    defs, resources = world
+    assets = _assets(shipped_inventory)
+    first = _materialise_forge(assets, resources, instance)
+    recorded = first.asset_materializations_for_node("cluster__forge")[0].metadata
+    objects = recorded["homelab_live_objects"].value
+    assert {(o["kind"], o["name"]) for o in objects} >= {("Node", "forge-inference")}
+
+    # Nothing changed by hand (the nodes' heartbeats do not count): no run.
+    quiet = _watch_tick(defs, instance, resources)
+    assert not quiet.run_requests
+    assert "1 stack(s) watched" in (quiet.skip_message or "")
+
+    core = client.CoreV1Api(twin.client("forge"))
+    core.patch_node("forge-inference", {"metadata": {"labels": {"role": "watched"}}})
+    tick = _watch_tick(defs, instance, resources)
+    (request,) = tick.run_requests
+    assert {c.asset_key for c in request.asset_check_keys or ()} == {FORGE}
+    assert "no_drift" in {c.name for c in request.asset_check_keys or ()}
+    assert request.tags[RECONCILE_TAG] == "check"
+    # The same change is requested under the same run key: the daemon launches it once.
+    (again,) = _watch_tick(defs, instance, resources).run_requests
+    assert again.run_key == request.run_key
+
+    checked = dg.materialize(
+        assets,
+        selection=dg.AssetSelection.checks(*request.asset_check_keys),
+        resources=resources,
+        instance=instance,
+        tags=request.tags,
+        raise_on_error=False,
+    )
+    verdicts = {e.check_name: e for e in checked.get_asset_check_evaluations()}
+    assert not verdicts["no_drift"].passed
+    assert "metadata.labels.role" in (verdicts["no_drift"].description or "")
+    # Drifted: the repair sensor's now; the watch does not ask again.
+    assert not _watch_tick(defs, instance, resources).run_requests
+
+    _materialise_forge(assets, resources, instance)
+    assert core.read_node("forge-inference").metadata.labels["role"] == "inference"
+    assert not _watch_tick(defs, instance, resources).run_requests
 
 
 def test_a_stack_failing_three_times_is_stalled_while_the_others_reconcile(

@@ -90,7 +90,6 @@ def _materialize(resources, inventory, name=ENDPOINT, endpoint=None, selection=N
         endpoint,
         inventory.models[endpoint.model],
         inventory.clusters[endpoint.cluster],
-        [],
     )
     return dg.materialize(
         list(defs.assets or []),
