@@ -75,10 +75,17 @@ def _materialise_forge(assets, resources, instance) -> dg.ExecuteInProcessResult
     return first
 
 
-def _repair_tick(defs, instance, cursor=None) -> dg.SensorResult:
-    sensor = defs.resolve_sensor_def(REPAIR_SENSOR)
-    with dg.build_sensor_context(instance=instance, definitions=defs, cursor=cursor) as context:
+def _tick(defs, instance, name, *, cursor=None, resources=None) -> dg.SensorResult:
+    """One tick of a sensor, evaluated as the daemon evaluates it."""
+    sensor = defs.resolve_sensor_def(name)
+    with dg.build_sensor_context(
+        instance=instance, definitions=defs, cursor=cursor, resources=resources
+    ) as context:
         return sensor.evaluate_tick(context)
+
+
+def _repair_tick(defs, instance, cursor=None) -> dg.SensorResult:
+    return _tick(defs, instance, REPAIR_SENSOR, cursor=cursor)
 
 
 def test_a_label_changed_behind_pulumis_back_is_found_named_and_repaired(
@@ -146,11 +153,7 @@ def test_a_label_changed_behind_pulumis_back_is_found_named_and_repaired(
 
 
 def _watch_tick(defs, instance, resources) -> dg.SensorResult:
-    sensor = defs.resolve_sensor_def(WATCH_SENSOR)
-    with dg.build_sensor_context(
-        instance=instance, definitions=defs, resources={"kubernetes": resources["kubernetes"]}
-    ) as context:
-        return sensor.evaluate_tick(context)
+    return _tick(defs, instance, WATCH_SENSOR, resources={"kubernetes": resources["kubernetes"]})
 
 
 def test_the_drift_watch_refreshes_only_a_stack_whose_objects_changed(
