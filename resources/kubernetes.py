@@ -115,14 +115,18 @@ class KubernetesClusters(dg.ConfigurableResource):
 
     def api_client(self, cluster: str) -> Any:
         """A Kubernetes API client for ``cluster``."""
+        return self._context_client(self.context(cluster), f"cluster {cluster}")
+
+    def _context_client(self, context: str, who: str) -> Any:
+        """A Kubernetes API client for the kubeconfig's ``context`` (``who`` names it in errors)."""
         from kubernetes import config
 
         try:
             return config.new_client_from_config(
-                config_file=str(Path(self.kubeconfig).expanduser()), context=self.context(cluster)
+                config_file=str(Path(self.kubeconfig).expanduser()), context=context
             )
         except (config.ConfigException, OSError) as exc:
-            raise KubernetesError(f"cluster {cluster}: cannot load its kubeconfig: {exc}") from exc
+            raise KubernetesError(f"{who}: cannot load its kubeconfig: {exc}") from exc
 
     # ------------------------------------------------------------------ observations
 
@@ -191,7 +195,6 @@ class KubernetesClusters(dg.ConfigurableResource):
         Raises:
             KubernetesError: a context is missing, or its API server unreachable or refusing.
         """
-        from kubernetes import config
         from kubernetes.dynamic import DynamicClient
         from kubernetes.dynamic.exceptions import (
             DynamicApiError,
@@ -201,13 +204,11 @@ class KubernetesClusters(dg.ConfigurableResource):
         from urllib3.exceptions import HTTPError
 
         found: dict[LiveRef, str] = {}
-        path = str(Path(self.kubeconfig).expanduser())
         for context in sorted({r.context for r in refs}):
+            client = self._context_client(context, f"context {context}")
             try:
-                dynamic = DynamicClient(
-                    config.new_client_from_config(config_file=path, context=context)
-                )
-            except (config.ConfigException, OSError, DynamicApiError, HTTPError) as exc:
+                dynamic = DynamicClient(client)
+            except (DynamicApiError, HTTPError) as exc:
                 raise KubernetesError(f"context {context}: cannot reach its API: {exc}") from exc
             for ref in (r for r in refs if r.context == context):
                 try:

@@ -61,6 +61,13 @@ DRIFT_CHECKS = frozenset({DRIFT_CHECK, "link_works", INTACT_CHECK})
 """The checks whose failure means an asset drifted (and a materialisation repairs it)."""
 REPAIRED_FROM_TAG = "homelab/reconciled-by"  # on a repair run: the reconcile run it follows
 _REPAIR_INTERVAL_S = 10  # a few instance reads: cheap, and drift is repaired sooner
+_IN_PROGRESS = [  # a run not finished yet
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+    dg.DagsterRunStatus.CANCELING,
+]
 
 
 def drifted_assets(instance: dg.DagsterInstance, run_id: str) -> dict[dg.AssetKey, list[str]]:
@@ -99,12 +106,7 @@ def _repairing(instance: dg.DagsterInstance) -> set[dg.AssetKey]:
     runs = instance.get_runs(
         filters=dg.RunsFilter(
             tags={RECONCILE_TAG: "repair"},
-            statuses=[
-                dg.DagsterRunStatus.QUEUED,
-                dg.DagsterRunStatus.NOT_STARTED,
-                dg.DagsterRunStatus.STARTING,
-                dg.DagsterRunStatus.STARTED,
-            ],
+            statuses=_IN_PROGRESS,
         )
     )
     return {key for run in runs for key in run.asset_selection or ()}
@@ -139,15 +141,6 @@ def _repair_tick(context: dg.SensorEvaluationContext, families: frozenset[str]) 
         tags[COMMIT_TAG] = run.tags[COMMIT_TAG]
     request = dg.RunRequest(run_key=f"repair-{run.run_id}", asset_selection=repair, tags=tags)
     return dg.SensorResult(run_requests=[request], cursor=run.run_id)
-
-
-_IN_PROGRESS = [
-    dg.DagsterRunStatus.QUEUED,
-    dg.DagsterRunStatus.NOT_STARTED,
-    dg.DagsterRunStatus.STARTING,
-    dg.DagsterRunStatus.STARTED,
-    dg.DagsterRunStatus.CANCELING,
-]
 
 
 def _recorded(instance: dg.DagsterInstance, key: dg.AssetKey) -> dict[LiveRef, str] | str:
