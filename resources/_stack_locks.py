@@ -15,20 +15,36 @@ The same backend keeps each stack's state, and Pulumi's own copies of it, which
     <backend>/.pulumi/backups/<project>/<stack>/<stack>.<ns>.json  a copy after each save
 
 Pulumi never prunes them; ``pulumi stack rm`` deletes the history and keeps the backups.
+
+**Reads while another process writes.** Pulumi writes each of these files whole (a temporary
+file renamed over it), but the storage library under it (gocloud's ``fileblob``) also keeps a
+``<file>.attrs`` beside each one, rewritten in place on every write: a ``pulumi stack export``
+(the drift watch) or ``stack select`` (a run's step) that reads it at that moment fails with
+``failed to load checkpoint: EOF``. :func:`file_backend_url` turns those files off with the
+library's ``metadata=skip`` option (Pulumi keeps nothing in them).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qsl, unquote, urlencode, urlparse
 
-__all__ = ["StackLock", "StateFiles", "describe", "file_backend_root", "read_locks", "state_files"]
+__all__ = [
+    "StackLock",
+    "StateFiles",
+    "describe",
+    "file_backend_root",
+    "file_backend_url",
+    "read_locks",
+    "state_files",
+]
 
 
 @dataclass(frozen=True)
@@ -63,6 +79,17 @@ class StackLock:
         """``user@host (pid N, since T)``, or that the process is gone."""
         state = ", process gone" if self.dead else ""
         return f"{self.user}@{self.host} (pid {self.pid}{state}, since {self.since})"
+
+
+def file_backend_url(backend_url: str) -> str:
+    """``backend_url`` with ``metadata=skip`` where it is a ``file://`` backend that does not
+    choose its ``metadata`` itself (no ``.attrs`` file beside each state file: see above);
+    any other backend unchanged."""
+    parsed = urlparse(backend_url)
+    query = parse_qsl(parsed.query, keep_blank_values=True)
+    if parsed.scheme != "file" or any(key == "metadata" for key, _ in query):
+        return backend_url
+    return parsed._replace(query=urlencode([*query, ("metadata", "skip")])).geturl()
 
 
 def file_backend_root(backend_url: str) -> Path | None:
@@ -107,8 +134,8 @@ def describe(stack: str, locks: list[StackLock], work_dir: Path, backend_url: st
     return (
         f"stack {stack} is locked by {owners}: the process that took the lock is gone, so the "
         "lock will not be released by itself. Check that no update is running, then clear it "
-        f"with `cd {work_dir} && PULUMI_BACKEND_URL={backend_url} pulumi cancel --yes --stack "
-        f"{stack}`, or remove the lock file: rm {files}"
+        f"with `cd {shlex.quote(str(work_dir))} && PULUMI_BACKEND_URL={shlex.quote(backend_url)} "
+        f"pulumi cancel --yes --stack {stack}`, or remove the lock file: rm {files}"
     )
 
 
@@ -130,9 +157,30 @@ class StateFiles:
         """True when the state file is gone although the history says the stack exists."""
         return not self.file.exists() and self.updates() > 0
 
+    @property
+    def sidecar(self) -> Path:
+        """The storage library's ``.attrs`` file beside the state (a content type and a
+        checksum; only states written without ``metadata=skip`` have one)."""
+        return self.file.with_name(f"{self.file.name}.attrs")
+
     def damaged(self) -> bool:
-        """True when the state file exists but is not a readable checkpoint."""
-        return self.file.exists() and _checkpoint(self.file, self.stack) is None
+        """True when the state file exists but is not a readable checkpoint, or its sidecar is
+        cut short (a CLI killed while writing it): Pulumi cannot load either."""
+        return self.file.exists() and (not self.readable() or self.sidecar_damaged())
+
+    def readable(self) -> bool:
+        """True when the state file is a readable checkpoint of the stack (its sidecar aside)."""
+        return _checkpoint(self.file, self.stack) is not None
+
+    def sidecar_damaged(self) -> bool:
+        """True when the state's ``.attrs`` sidecar exists and is not JSON."""
+        try:
+            json.loads(self.sidecar.read_text())
+        except FileNotFoundError:
+            return False
+        except (OSError, ValueError):
+            return True
+        return False
 
     def pending_operations(self) -> list[str]:
         """The operations an interrupted update left in the state, by name

@@ -142,9 +142,12 @@ class PulumiStacks(dg.ConfigurableResource):
     @property
     def backend(self) -> str:
         """The backend URL in use: ``backend_url``, else ``$PULUMI_BACKEND_URL``, else the file
-        backend under the state directory."""
+        backend under the state directory; a file backend's with ``metadata=skip``, so that
+        reading a state while another process writes it cannot fail
+        (:func:`resources._stack_locks.file_backend_url`)."""
         default = f"file://{self.root / 'backend'}"
-        return self.backend_url or os.environ.get("PULUMI_BACKEND_URL") or default
+        url = self.backend_url or os.environ.get("PULUMI_BACKEND_URL") or default
+        return _stack_locks.file_backend_url(url)
 
     def work_dir(self, stack: str) -> Path:
         """The project directory of ``stack`` (Pulumi.yaml and the stack's settings)."""
@@ -254,6 +257,15 @@ class PulumiStacks(dg.ConfigurableResource):
             self._wait_for_locks(stack, time.monotonic() + self.lock_wait_s, log)
             if not (files.damaged() or files.missing()):
                 raise StackStateError(f"the state of {stack} ({files.file}) is readable: kept")
+            if files.readable() and files.sidecar_damaged():
+                # Only the sidecar was cut short; the state itself reads whole and stays.
+                kept = files.sidecar.with_name(f"{files.sidecar.name}.damaged.{time.time_ns()}")
+                files.sidecar.rename(kept)
+                log.info(
+                    f"{stack}: the state reads whole; its cut-short {files.sidecar.name} "
+                    f"is kept as {kept}"
+                )
+                return files.file
             copy = files.newest_copy()
             if copy is None:
                 raise StackStateError(
@@ -372,9 +384,11 @@ class PulumiStacks(dg.ConfigurableResource):
         )
 
     def _state_error(self, stack: str, exc: Exception) -> StackStateError | None:
-        """The error for a state file the CLI could not load (None for any other failure)."""
+        """The error for a state the CLI could not load (None for any other failure). In a
+        file backend the file itself decides: one that reads whole now was only caught
+        mid-write by another process (not damaged: the caller's own error says what failed)."""
         files = _stack_locks.state_files(self.backend, PROJECT, stack)
-        if "failed to load checkpoint" not in str(exc) and not (files and files.damaged()):
+        if not (files.damaged() if files else "failed to load checkpoint" in str(exc)):
             return None
         where = files.file if files else f"the state of {stack} in {self.backend}"
         return StackStateError(

@@ -51,8 +51,21 @@ def test_stack_names_follow_the_asset_keys(tmp_path):
     p = stacks(tmp_path)
     assert p.stack_name(["cluster", "forge"]) == "twin.cluster.forge"
     assert p.stack_name(["mesh_link", "studio__forge"]) == "twin.mesh_link.studio__forge"
-    assert p.backend == f"file://{tmp_path}/pulumi/backend"
+    assert p.backend == f"file://{tmp_path}/pulumi/backend?metadata=skip"
     assert p.work_dir("twin.cluster.forge") == tmp_path / "pulumi" / "work" / "twin.cluster.forge"
+
+
+def test_a_file_backend_writes_no_sidecars_unless_its_url_says_otherwise(tmp_path):
+    """gocloud's ``.attrs`` sidecars are rewritten in place, so a read of a state while another
+    process writes it can fail; ``metadata=skip`` turns them off, kept where a URL chooses."""
+    url = f"file://{tmp_path}/b"
+    assert stacks(tmp_path, backend_url=url).backend == f"{url}?metadata=skip"
+    assert stacks(tmp_path, backend_url=f"{url}?no_tmp_dir=false").backend == (
+        f"{url}?no_tmp_dir=false&metadata=skip"
+    )
+    for chosen in (f"{url}?metadata=", f"{url}?metadata=skip"):
+        assert stacks(tmp_path, backend_url=chosen).backend == chosen
+    assert stacks(tmp_path, backend_url="s3://bucket/x").backend == "s3://bucket/x"
 
 
 def test_the_target_picks_the_configuration(tmp_path, shipped_inventory):

@@ -179,9 +179,12 @@ class DevUI:
         return status
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def dev_ui(twin, twin_port_base, tmp_path_factory):
-    """``homelab dev`` whose target is the session twin (its state directory and ports)."""
+    """``homelab dev`` whose target is the session twin (its state directory and ports), for
+    the fault tests only, with every schedule and sensor stopped (``HOMELAB_AUTOMATION=off``):
+    left running, its drift watch and repairs would run Pulumi on the stacks that later tests
+    of the session bring up themselves."""
     import os
 
     from conftest import HomelabDev, free_port
@@ -194,6 +197,7 @@ def dev_ui(twin, twin_port_base, tmp_path_factory):
         "DAGSTER_HOME": str(tmp / "dagster-home"),
         "HOMELAB_STATE_DIR": str(twin.root.parent),
         "HOMELAB_TWIN_PORT_BASE": str(twin_port_base),
+        "HOMELAB_AUTOMATION": "off",
     }
     dev = HomelabDev(env, tmp / "dev.log", free_port())
     try:

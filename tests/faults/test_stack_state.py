@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pulumi
 import pytest
+from pulumi import automation as auto
 
 from homelab_dagster.errors import StackStateError
 from resources import _stack_locks
@@ -44,6 +45,7 @@ def brought_up(stacks, log) -> _stack_locks.StateFiles:
     stacks.up(STACK, exporting(a=2), log, refresh=False)
     files = _stack_locks.state_files(stacks.backend, PROJECT, STACK)
     assert files is not None and files.updates() == 2 and list(files.backups.glob("*.json"))
+    assert not files.sidecar.exists()  # metadata=skip: nothing rewritten in place
     return files
 
 
@@ -120,3 +122,33 @@ def test_repair_refuses_a_readable_state_and_a_stack_without_copies(stacks, log,
         path.unlink()
     with pytest.raises(StackStateError, match=f"no readable copy of {STACK}'s state in"):
         stacks.restore_state(STACK, log)
+
+
+def test_a_cut_short_sidecar_is_named_and_repaired_keeping_the_state(stacks, log, brought_up):
+    """Injects: an empty ``.attrs`` sidecar beside a whole state (what a CLI killed while
+    writing one leaves, in a backend used without ``metadata=skip``). Asserts: Pulumi cannot
+    load the state, and `up` says so with the restore command; the restore keeps the state
+    itself and sets the sidecar aside; the next `up` changes nothing."""
+    files = brought_up
+    state = files.file.read_bytes()
+    files.sidecar.write_text("")
+    with pytest.raises(StackStateError, match=f"homelab repair state {STACK}"):
+        stacks.up(STACK, exporting(a=2), log, refresh=False)
+
+    assert stacks.restore_state(STACK, log) == files.file
+    assert files.file.read_bytes() == state and not files.sidecar.exists()
+    (saved,) = files.file.parent.glob(f"{files.sidecar.name}.damaged.*")
+    assert saved.read_bytes() == b""
+    again = stacks.up(STACK, exporting(a=2), log, refresh=False)
+    assert again.changed == 0 and again.outputs == {"a": 2}
+
+
+def test_a_state_caught_mid_write_is_not_called_damaged(stacks, brought_up):
+    """The CLI's "failed to load checkpoint" while the file reads whole: another process was
+    writing it at that moment. No restore is offered for a state that needs none."""
+    failed = auto.CommandError(
+        auto.CommandResult(stdout="", stderr="error: failed to load checkpoint: EOF", code=255)
+    )
+    assert stacks._state_error(STACK, failed) is None
+    brought_up.file.write_text("{")
+    assert isinstance(stacks._state_error(STACK, failed), StackStateError)
