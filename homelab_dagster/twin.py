@@ -334,6 +334,14 @@ class Twin:
             f"kube-controller-manager=service-cluster-ip-range={network.service_cidr}",
             "--extra-args",
             f"kube-controller-manager=cluster-cidr={network.pod_cidr}",
+            # One controller-manager and one scheduler per cluster: with leader election on (the
+            # default), a lease not renewed within 10 s on a loaded machine makes either exit
+            # for good ("leaderelection lost"), and nothing restarts it (kwokctl does not
+            # supervise). Seen in CI: Air's token controller gone, a link's token never filled.
+            "--extra-args",
+            "kube-controller-manager=leader-elect=false",
+            "--extra-args",
+            "kube-scheduler=leader-elect=false",
             "--timeout",
             f"{_CREATE_TIMEOUT_S}s",
         )

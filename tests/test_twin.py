@@ -113,6 +113,44 @@ def test_up_is_idempotent_and_restarts_a_killed_control_plane(twin):
     assert after.running and after.ready_nodes == 4
 
 
+def test_controllers_run_without_leader_election_and_fill_a_token(twin):
+    """One controller-manager and one scheduler per cluster, so no leader election: with it, a
+    lease not renewed in time on a loaded machine made the controller-manager exit for good
+    (a CI run: a link's service-account token never filled). Asserts: no leader lease in
+    kube-system, and the token controller fills a service-account token secret."""
+    from kubernetes import client
+
+    twin.up(["air"])
+    api = twin.client("air")
+    leases = {
+        lease.metadata.name
+        for lease in client.CoordinationV1Api(api).list_namespaced_lease("kube-system").items
+    }
+    assert not leases & {"kube-controller-manager", "kube-scheduler"}, leases
+    core = client.CoreV1Api(api)
+    core.create_namespaced_service_account("default", {"metadata": {"name": "lease-check"}})
+    core.create_namespaced_secret(
+        "default",
+        {
+            "metadata": {
+                "name": "lease-check-token",
+                "annotations": {"kubernetes.io/service-account.name": "lease-check"},
+            },
+            "type": "kubernetes.io/service-account-token",
+        },
+    )
+    try:
+        assert wait(
+            lambda: (core.read_namespaced_secret("lease-check-token", "default").data or {}).get(
+                "token"
+            ),
+            timeout=60,
+        )
+    finally:
+        core.delete_namespaced_secret("lease-check-token", "default")
+        core.delete_namespaced_service_account("lease-check", "default")
+
+
 def _apiserver_pid(twin: Twin, cluster: str) -> int:
     port = twin.api_port(cluster)
     import psutil
