@@ -313,7 +313,16 @@ class Twin:
     def _up_one(self, name: str, report: Progress) -> None:
         if self._exists(name):
             if self._healthy(name):
-                report(name, "running")
+                stopped = self._stopped_components(name)
+                if not stopped:
+                    report(name, "running")
+                    return
+                # kwokctl does not restart a component that exited; its start starts only
+                # the stopped ones and leaves the API server (and its watchers) as they are.
+                report(name, f"{', '.join(stopped)} not running: starting")
+                self._kwokctl(
+                    "start", "cluster", "--name", name, "--timeout", f"{_CREATE_TIMEOUT_S}s"
+                )
                 return
             report(name, "not answering: restarting")
             self._kwokctl("stop", "cluster", "--name", name, check=False)
@@ -334,14 +343,6 @@ class Twin:
             f"kube-controller-manager=service-cluster-ip-range={network.service_cidr}",
             "--extra-args",
             f"kube-controller-manager=cluster-cidr={network.pod_cidr}",
-            # One controller-manager and one scheduler per cluster: with leader election on (the
-            # default), a lease not renewed within 10 s on a loaded machine makes either exit
-            # for good ("leaderelection lost"), and nothing restarts it (kwokctl does not
-            # supervise). Seen in CI: Air's token controller gone, a link's token never filled.
-            "--extra-args",
-            "kube-controller-manager=leader-elect=false",
-            "--extra-args",
-            "kube-scheduler=leader-elect=false",
             "--timeout",
             f"{_CREATE_TIMEOUT_S}s",
         )
@@ -371,6 +372,9 @@ class Twin:
                 name, context, server, False, 0, 0, 0, f"not answering ({reason})", real
             )
         real = tuple(self.real.status(name, api)) if real_here else ()
+        stopped = [
+            f"{c} not running (homelab twin up starts it)" for c in self._stopped_components(name)
+        ]
         return ClusterStatus(
             name,
             context,
@@ -379,7 +383,7 @@ class Twin:
             len(nodes),
             sum(1 for n in nodes if n.ready),
             sum(n.gpus for n in nodes),
-            "; ".join(f"real node {r.name}: {r.message}" for r in real if r.message),
+            "; ".join([*stopped, *(f"real node {r.name}: {r.message}" for r in real if r.message)]),
             real,
         )
 
@@ -447,6 +451,14 @@ class Twin:
                 )
             time.sleep(0.5)
 
+    def _stopped_components(self, name: str) -> list[str]:
+        """The components of ``name`` that kwokctl finds not running (``get components``)."""
+        listed = self._kwokctl(
+            "get", "components", "--name", name, "-o", "wide"
+        ).stdout.splitlines()
+        rows = [line.split() for line in listed[1:]]  # under the NAME STATUS header
+        return [row[0] for row in rows if row[1:] == ["Stopped"]]
+
     def _healthy(self, name: str) -> bool:
         if not self.kubeconfig.exists():
             return False
@@ -513,6 +525,12 @@ class Twin:
                         kubelet_client_key=str(pki / "admin.key"),
                     ),
                 },
+                # One controller-manager and one scheduler per cluster, so no leader election:
+                # with it (the default), a lease not renewed within 10 s on a loaded machine
+                # makes the process exit for good ("leaderelection lost"). Seen in CI: Air's
+                # token controller gone, a mesh link's token never filled.
+                {"name": "kube-controller-manager", "extraArgs": args(leader_elect="false")},
+                {"name": "kube-scheduler", "extraArgs": args(leader_elect="false")},
             ],
         }
         path = self.root / f"kwokctl-{name}.yaml"

@@ -127,28 +127,36 @@ def test_controllers_run_without_leader_election_and_fill_a_token(twin):
         for lease in client.CoordinationV1Api(api).list_namespaced_lease("kube-system").items
     }
     assert not leases & {"kube-controller-manager", "kube-scheduler"}, leases
-    core = client.CoreV1Api(api)
-    core.create_namespaced_service_account("default", {"metadata": {"name": "lease-check"}})
-    core.create_namespaced_secret(
-        "default",
-        {
-            "metadata": {
-                "name": "lease-check-token",
-                "annotations": {"kubernetes.io/service-account.name": "lease-check"},
-            },
-            "type": "kubernetes.io/service-account-token",
-        },
-    )
-    try:
-        assert wait(
-            lambda: (core.read_namespaced_secret("lease-check-token", "default").data or {}).get(
-                "token"
-            ),
-            timeout=60,
-        )
-    finally:
-        core.delete_namespaced_secret("lease-check-token", "default")
-        core.delete_namespaced_service_account("lease-check", "default")
+    _assert_token_filled(api, "lease-check")
+
+
+def test_up_starts_a_controller_manager_that_exited(twin):
+    """Injects: air's kube-controller-manager killed (what an exit leaves: kwokctl does not
+    restart it). Asserts: status names it; up starts it alone (the API server keeps its pid);
+    its token controller then fills a token."""
+    import psutil
+
+    twin.up(["air"])
+    air_dir = str(twin.workdir / "clusters" / "air")
+    (manager,) = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if p.info["cmdline"]
+        and os.path.basename(p.info["cmdline"][0]) == "kube-controller-manager"
+        and any(air_dir + os.sep in arg for arg in p.info["cmdline"])
+    ]
+    manager.kill()
+    manager.wait(10)
+    (down,) = [s for s in twin.status() if s.name == "air"]
+    assert down.running and "kube-controller-manager not running" in down.message
+    apiserver = _apiserver_pid(twin, "air")
+    messages: list[str] = []
+    twin.up(["air"], progress=lambda c, m: messages.append(f"{c}: {m}"))
+    assert "air: kube-controller-manager not running: starting" in messages
+    assert _apiserver_pid(twin, "air") == apiserver
+    (after,) = [s for s in twin.status() if s.name == "air"]
+    assert after.message == ""
+    _assert_token_filled(twin.client("air"), "restarted")
 
 
 def _apiserver_pid(twin: Twin, cluster: str) -> int:
@@ -190,3 +198,29 @@ def test_a_taken_port_is_a_clear_error(twin, tmp_path, twin_port_base):
         expected = rf"'pi' needs 127.0.0.1:{port} \(its etcd\).*pid {os.getpid()}"
         with pytest.raises(PortInUseError, match=expected):
             fresh.up(["pi"])
+
+
+def _assert_token_filled(api, name: str) -> None:
+    """The cluster's token controller fills a service-account token secret within 60 s."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(api)
+    core.create_namespaced_service_account("default", {"metadata": {"name": name}})
+    secret = {
+        "metadata": {
+            "name": f"{name}-token",
+            "annotations": {"kubernetes.io/service-account.name": name},
+        },
+        "type": "kubernetes.io/service-account-token",
+    }
+    core.create_namespaced_secret("default", secret)
+    try:
+        assert wait(
+            lambda: (core.read_namespaced_secret(f"{name}-token", "default").data or {}).get(
+                "token"
+            ),
+            timeout=60,
+        ), f"the token of {name} was never filled in"
+    finally:
+        core.delete_namespaced_secret(f"{name}-token", "default")
+        core.delete_namespaced_service_account(name, "default")

@@ -133,8 +133,9 @@ _PROJECT_SHELL = (
 )
 
 
-def _port_forward_get(twin: Twin, pod: str) -> str:
-    """``kubectl port-forward`` to the pod's port 8080, then one HTTP GET through it."""
+def _port_forward_get(twin: Twin, pod: str, check: bool = True) -> str:
+    """``kubectl port-forward`` to the pod's port 8080, then one HTTP GET through it (with
+    ``check=False``: an empty answer where port-forward refuses, to try again)."""
     proc = subprocess.Popen(
         [str(twin.toolchain.kubectl), "--context", "twin-forge", "port-forward", pod, ":8080"],
         env={**os.environ, **twin.env()},
@@ -146,6 +147,8 @@ def _port_forward_get(twin: Twin, pod: str) -> str:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         match = re.search(r"127\.0\.0\.1:(\d+)", line)
+        if not match and not check:
+            return ""
         assert match, f"kubectl port-forward said: {line!r}"
         url = f"http://127.0.0.1:{match.group(1)}/"
         with urllib.request.urlopen(url, timeout=10) as response:
@@ -368,7 +371,11 @@ def test_a_killed_kubelet_or_containerd_is_seen_and_repaired_by_up(real_forge):
             assert core.read_node(NODE).status.allocatable[GPU_RESOURCE] == "2"
             pod = wait(lambda: _running(core, "survivor"))
             assert pod and pod.metadata.uid == uid, f"the pod did not come back after {what}"
-        assert _port_forward_get(real_forge, "survivor").strip() == "real-node-answers"
+        # The API already says Running (its status from before the kills); the restarted
+        # kubelet answers a port-forward only once it has taken the pod back ("pod does not
+        # exist" until then), so its answer is awaited, not taken at the first try.
+        answer = wait(lambda: _port_forward_get(real_forge, "survivor", check=False), timeout=60)
+        assert answer.strip() == "real-node-answers", answer
     finally:
         _delete_pods(core, "survivor")
 
