@@ -56,7 +56,7 @@ images: tools ## Build the twin's images from the lock files and push them (cach
 	then $(UV) run homelab twin images; \
 	else echo "images not built: $$($(UV) run python -c 'from infra.images import missing_tools as m; print(m())')"; fi
 
-up: tools images ## The main job on the twin (ENV=<cluster> for one cluster)
+up: tools ## The main job on the twin, its images first (ENV=<cluster> for one cluster)
 	@$(UV) run homelab up $(if $(ENV),--env $(ENV))
 
 preview: tools ## What Pulumi would change, per resource (ENV=<cluster> for one cluster)

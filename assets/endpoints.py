@@ -49,6 +49,7 @@ from infra.endpoint import (
 )
 from resources.kubernetes import KubernetesClusters
 from resources.pulumi import Program, PulumiStacks, StackResult
+from resources.registry import ImageRegistry
 from resources.vllm import Completion, VllmServers
 from resources.weights import WeightsStore
 
@@ -156,10 +157,13 @@ def build_endpoint_defs(
         kubernetes: KubernetesClusters,
         vllm: VllmServers,
         weights_store: WeightsStore,
+        image_registry: ImageRegistry,
     ) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
         selected = {k.name for k in context.selected_asset_check_keys}
         try:
             if key in context.selected_asset_keys:
+                # Before anything changes: an image its nodes cannot pull fails the step now.
+                image_registry.require(vllm.runtime().image_of(endpoint))
                 events = entry.materialise(
                     context.log, config, pulumi, kubernetes, vllm, weights_store
                 )

@@ -27,6 +27,7 @@ from infra.orchestrator import orchestrator_program
 from resources.kubernetes import KubernetesClusters
 from resources.orchestrator import DagsterOnKubernetes
 from resources.pulumi import Program, PulumiStacks
+from resources.registry import ImageRegistry
 
 __all__ = ["build_orchestrator_defs"]
 
@@ -71,10 +72,13 @@ def build_orchestrator_defs(orchestrator: Orchestrator) -> dg.Definitions:
         pulumi: PulumiStacks,
         kubernetes: KubernetesClusters,
         dagster_on_kubernetes: DagsterOnKubernetes,
+        image_registry: ImageRegistry,
     ) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
         entry = _Orchestrator(orchestrator.cluster, dagster_on_kubernetes)
         if key in context.selected_asset_keys:
             try:
+                # Before anything changes: an image its nodes cannot pull fails the step now.
+                image_registry.require(dagster_on_kubernetes.image)
                 yield entry.provision(context.log, config, pulumi, kubernetes)
             except HomelabError as exc:
                 raise step_failure(exc) from exc

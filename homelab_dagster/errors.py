@@ -36,6 +36,7 @@ __all__ = [
     "GitError",
     "HomelabError",
     "ImageBuildError",
+    "ImageMissingError",
     "InstanceError",
     "InventoryError",
     "KubernetesError",
@@ -131,6 +132,20 @@ class TwinHostError(TwinError):
 
 class TwinRegistryError(TwinError):
     """The twin's image registry (Debian's docker-registry on loopback) did not start or answer."""
+
+
+class ImageMissingError(TwinRegistryError):
+    """An image a step's pods pull is not in the twin's registry: the step stops before it
+    changes anything, naming the image and the command that provides it."""
+
+    def __init__(self, reference: str, registry: str, command: str) -> None:
+        super().__init__(
+            f"image {reference} is not in the twin's registry ({registry}): `{command}` builds "
+            "it from its lock file and pushes it (`homelab twin up` does so for every image "
+            "the inventory uses)"
+        )
+        self.reference = reference
+        self.command = command
 
 
 class RealNodesUnavailable(TwinError):

@@ -42,7 +42,8 @@ __all__ = [
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # The registries whose names the homelab's manifests use; the twin's containerd resolves them
-# through the twin's registry (a name it lacks fails to pull: nothing is fetched from outside).
+# through the twin's registry only (a name it lacks fails to pull at once: nothing is asked of
+# the internet).
 MIRRORED_REGISTRIES = ("ghcr.io", "docker.io")
 # The base of every image (and of the Dockerfile): Debian's Python, no compiler, no apt lists.
 DEBIAN_SUITE = "bookworm"
@@ -125,16 +126,20 @@ def registry_path(reference: str) -> str:
 
 def mirror_hosts_toml(registry_host: str, mirror: str) -> str:
     """containerd's ``certs.d/<registry_host>/hosts.toml``: resolve and pull ``registry_host``'s
-    images from the twin's registry at ``mirror`` (``127.0.0.1:<port>``, plain HTTP)."""
-    server = "https://registry-1.docker.io" if registry_host == "docker.io" else registry_host
-    if not server.startswith("https://"):
-        server = f"https://{server}"
+    images from the twin's registry at ``mirror`` (``127.0.0.1:<port>``, plain HTTP), and from
+    nowhere else.
+
+    The twin's registry is the file's ``server``, not a ``[host]`` tried before it: containerd
+    falls through from its hosts to the server, so a name the twin lacks was asked of the
+    internet (``lookup ghcr.io: no such host``, after DNS's timeouts). Now it fails at once
+    with the registry's own answer (``... not found``).
+    """
     return (
-        f"# Written by homelab_dagster/twin_real.py: {registry_host} through the twin's registry.\n"
-        f'server = "{server}"\n\n'
-        f'[host."http://{mirror}/v2/{registry_host}"]\n'
-        '  capabilities = ["pull", "resolve"]\n'
-        "  override_path = true\n"
+        f"# Written by homelab_dagster/twin_real.py: {registry_host} from the twin's registry "
+        "only.\n"
+        f'server = "http://{mirror}/v2/{registry_host}"\n'
+        'capabilities = ["pull", "resolve"]\n'
+        "override_path = true\n"
     )
 
 

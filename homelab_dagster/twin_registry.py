@@ -10,11 +10,14 @@ It listens on ``127.0.0.1:<port>``, the first port after the clusters' port bloc
 (``HOMELAB_TWIN_PORT_BASE + 8 x clusters``: 16483 for the shipped five clusters), plain HTTP
 (loopback only). Its configuration, storage, log and pid live under ``<state>/twin/registry``;
 :meth:`Registry.up` starts it or restarts it when it died, :meth:`Registry.stop` stops it
-(its storage kept unless ``purge``).
+(its storage kept unless ``purge``). :class:`RegistryClient` is its HTTP API alone, by address:
+what a step asks before it deploys (:meth:`RegistryClient.require`) and what ``twin status``
+lists (:meth:`RegistryClient.images`).
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 import urllib.error
@@ -24,10 +27,11 @@ from pathlib import Path
 
 import yaml
 
-from homelab_dagster.errors import TwinRegistryError
+from homelab_dagster.errors import ImageMissingError, TwinRegistryError
+from homelab_dagster.images import IMAGES, registry_path
 from homelab_dagster.twin_host import alive, read_pid, start_process, tail, terminate
 
-__all__ = ["APT_PACKAGE", "Registry", "RegistryStatus"]
+__all__ = ["APT_PACKAGE", "Registry", "RegistryClient", "RegistryStatus"]
 
 APT_PACKAGE = "docker-registry"  # what `make system-deps` installs (/usr/bin/docker-registry)
 _BINARY = "docker-registry"
@@ -49,17 +53,99 @@ class RegistryStatus:
     message: str = ""
 
 
-class Registry:
-    """The twin's registry, kept under ``root`` (``<state>/twin/registry``), on ``port``."""
+class RegistryClient:
+    """The twin's registry's HTTP API at ``address`` (``127.0.0.1:<port>``)."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+
+    def answering(self) -> bool:
+        """Whether it answers the registry API (``GET /v2/``)."""
+        try:
+            with urllib.request.urlopen(f"http://{self.address}/v2/", timeout=2) as response:
+                return bool(response.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def manifest_digest(self, repository: str, tag: str) -> str | None:
+        """The digest of ``repository:tag``'s manifest here, or None when it has none."""
+        request = urllib.request.Request(
+            f"http://{self.address}/v2/{repository}/manifests/{tag}",
+            method="HEAD",
+            headers={"Accept": _MANIFEST_TYPES},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.headers.get("Docker-Content-Digest")
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                return None
+            raise TwinRegistryError(f"{self.address}: HEAD {repository}:{tag}: {exc}") from exc
+        except (urllib.error.URLError, OSError) as exc:
+            raise self._unreachable(exc) from exc
+
+    def require(self, reference: str) -> str:
+        """The digest of image ``reference`` (a homelab name) here.
+
+        Raises:
+            ImageMissingError: the registry lacks it; the message names the command.
+            TwinRegistryError: the registry does not answer.
+        """
+        repository, _, tag = registry_path(reference).rpartition(":")
+        digest = self.manifest_digest(repository, tag)
+        if digest is None:
+            names = [n for n, spec in IMAGES.items() if spec.reference == reference]
+            command = (
+                f"homelab twin images {names[0]}"
+                if names
+                else f"skopeo copy --dest-tls-verify=false <source> "
+                f"docker://{self.address}/{registry_path(reference)}"
+            )
+            raise ImageMissingError(reference, self.address, command)
+        return digest
+
+    def images(self) -> dict[str, str]:
+        """Every image here, as the homelab names it (``ghcr.io/homelab/x:1``), to its
+        manifest digest.
+
+        Raises:
+            TwinRegistryError: the registry does not answer.
+        """
+        found: dict[str, str] = {}
+        for repository in self._get("_catalog?n=1000").get("repositories") or []:
+            for tag in self._get(f"{repository}/tags/list").get("tags") or []:
+                digest = self.manifest_digest(repository, tag)
+                if digest is not None:
+                    found[f"{repository}:{tag}"] = digest
+        return found
+
+    def _get(self, path: str) -> dict[str, list[str] | None]:
+        try:
+            with urllib.request.urlopen(f"http://{self.address}/v2/{path}", timeout=10) as r:
+                return dict(json.load(r))
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:  # a repository whose tags were all deleted
+                return {}
+            raise TwinRegistryError(f"{self.address}: GET /v2/{path}: {exc}") from exc
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            raise self._unreachable(exc) from exc
+
+    def _unreachable(self, exc: BaseException) -> TwinRegistryError:
+        return TwinRegistryError(
+            f"the twin's registry on {self.address} does not answer ({exc}): "
+            "`homelab twin up` starts it"
+        )
+
+
+class Registry(RegistryClient):
+    """The twin's registry, kept under ``root`` (``<state>/twin/registry``), on ``port``:
+    its process, configuration and storage."""
 
     def __init__(self, root: Path, port: int) -> None:
+        # 127.0.0.1:<port>: what skopeo pushes to and containerd's mirrors name.
+        super().__init__(f"127.0.0.1:{port}")
         self.root = root
         self.port = port
-
-    @property
-    def address(self) -> str:
-        """``127.0.0.1:<port>``: what skopeo pushes to and containerd's mirrors name."""
-        return f"127.0.0.1:{self.port}"
 
     @property
     def _pid_file(self) -> Path:
@@ -71,14 +157,6 @@ class Registry:
 
     def running(self) -> bool:
         return alive(read_pid(self._pid_file), self.root)
-
-    def answering(self) -> bool:
-        """Whether it answers the registry API (``GET /v2/``)."""
-        try:
-            with urllib.request.urlopen(f"http://{self.address}/v2/", timeout=2) as response:
-                return bool(response.status == 200)
-        except (urllib.error.URLError, OSError):
-            return False
 
     def up(self) -> str:
         """Start it, or restart it when its process died or stopped answering; what was done.
@@ -124,26 +202,6 @@ class Registry:
         answering = running and self.answering()
         message = "" if answering else ("not answering" if running else "not running")
         return RegistryStatus(self.address, running, answering, message)
-
-    def manifest_digest(self, repository: str, tag: str) -> str | None:
-        """The digest of ``repository:tag``'s manifest here, or None when it has none."""
-        request = urllib.request.Request(
-            f"http://{self.address}/v2/{repository}/manifests/{tag}",
-            method="HEAD",
-            headers={"Accept": _MANIFEST_TYPES},
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=10) as response:
-                return response.headers.get("Docker-Content-Digest")
-        except urllib.error.HTTPError as exc:
-            if exc.code == 404:
-                return None
-            raise TwinRegistryError(f"{self.address}: HEAD {repository}:{tag}: {exc}") from exc
-        except (urllib.error.URLError, OSError) as exc:
-            raise TwinRegistryError(
-                f"the twin's registry on {self.address} does not answer ({exc}): "
-                "`homelab twin up` starts it"
-            ) from exc
 
     def _write_config(self) -> Path:
         config = {

@@ -104,6 +104,10 @@ class ServerRuntime:
     memory: str | None = None
     weights: WeightsSource = field(default_factory=WeightsSource)
 
+    def image_of(self, endpoint: Endpoint) -> str:
+        """The image ``endpoint``'s server pods run: this runtime's, else the inventory's."""
+        return self.image or endpoint.image
+
 
 def served_names(endpoint_name: str, endpoint: Endpoint, digest: str | None) -> list[str]:
     """The names ``/v1/models`` lists: the stable name, and ``<name>@<digest[:12]>``, which
@@ -212,7 +216,7 @@ def pod_spec(
     probe = {"httpGet": {"path": "/health", "port": SERVER_PORT}, "periodSeconds": 10}
     container = {
         "name": CONTAINER,
-        "image": runtime.image or endpoint.image,
+        "image": runtime.image_of(endpoint),
         "imagePullPolicy": "IfNotPresent",
         "command": server_args(endpoint_name, endpoint, weights, runtime),
         "env": [{"name": k, "value": v} for k, v in sorted(runtime.env.items())],

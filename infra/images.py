@@ -161,6 +161,12 @@ class ImageBuilder:
             parts += [str(path.relative_to(spec.project_dir)), path.read_bytes()]
         return _digest(parts)[:16]
 
+    def current(self, spec: ImageSpec) -> str | None:
+        """The manifest digest that ``spec``'s lock file and sources give, where the cache
+        holds that build (None: not built from them here yet). Needs no build tools."""
+        tag = f"{spec.name}-{self.image_key(spec)}"
+        return self._manifest(tag)[0] if tag in self._tags() else None
+
     # ------------------------------------------------------------------ build
 
     def build(self, spec: ImageSpec) -> ImageResult:

@@ -15,6 +15,7 @@ other module asks which target it runs on.
 | kubeconfig | ``<state>/twin/kubeconfig``, contexts ``twin-<cluster>`` | ``$KUBECONFIG`` or ``~/.kube/config``; ``kind-<cluster>`` for Kind clusters, ``<cluster>`` for k3s |
 | training | flytekit's local execution | FlyteRemote on Forge |
 | weights | ``<state>/weights`` | the MinIO bucket |
+| images asked for before a deploy | the twin's registry (``homelab twin up`` fills it) | not asked (the nodes pull from ``ghcr.io``) |
 | executor | multiprocess, steps forked from a preloaded server | ``k8s_job_executor``: each step a pod on the orchestrator's nodes |
 | training schedules | stopped | running |
 | the twin's control planes | started by the CLI before a run | none |
@@ -31,6 +32,7 @@ UI to look around in (or a homelab under maintenance) where nothing launches by 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +56,7 @@ from resources.git import GitRepository
 from resources.kubernetes import KubernetesClusters
 from resources.orchestrator import DagsterOnKubernetes
 from resources.pulumi import PulumiStacks
+from resources.registry import ImageRegistry
 from resources.vllm import VllmServers
 from resources.webhook import Webhook
 from resources.weights import WeightsStore
@@ -90,6 +93,25 @@ class Deployment:
     # its run launcher is dagster-k8s's; None: Dagster's defaults (cli/launch.py).
     instance_yaml: str | None = None
 
+    def pulled_images(self, inventory: Inventory, clusters: Iterable[str]) -> list[str]:
+        """The images this deployment's pods pull on ``clusters``: each endpoint's server
+        there, and Dagster's own on the orchestrator's cluster (what ``homelab twin up`` makes
+        sure the twin's registry holds)."""
+        wanted = set(clusters)
+        vllm = self.resources["vllm"]
+        assert isinstance(vllm, VllmServers)
+        runtime = vllm.runtime()
+        images = [
+            runtime.image_of(endpoint)
+            for endpoint in inventory.endpoints.values()
+            if endpoint.cluster in wanted
+        ]
+        if inventory.orchestrator.cluster in wanted:
+            dagster = self.resources["dagster_on_kubernetes"]
+            assert isinstance(dagster, DagsterOnKubernetes)
+            images.append(dagster.image)
+        return list(dict.fromkeys(images))
+
     @property
     def steps_as_pods(self) -> bool:
         """Each step runs as a pod (``k8s_job_executor``): their pods are watched."""
@@ -115,8 +137,16 @@ def build_deployment(settings: Settings, inventory: Inventory | None) -> Deploym
     instance_yaml = dagster.instance_yaml() if on_kubernetes else None
     on = settings.automation  # HOMELAB_AUTOMATION=off: nothing starts running
     if settings.target is Target.TWIN:
+        # The twin's registry (homelab_dagster/twin.py: the first port after the clusters').
+        registry = (
+            f"127.0.0.1:{service_port(inventory, settings.twin_port_base, 0)}" if inventory else ""
+        )
         return Deployment(
-            resources={**_twin_resources(settings), "dagster_on_kubernetes": dagster},
+            resources={
+                **_twin_resources(settings),
+                "dagster_on_kubernetes": dagster,
+                "image_registry": ImageRegistry(address=registry),
+            },
             executor=executor,
             instance_yaml=instance_yaml,
             schedules_running=False,
@@ -127,7 +157,11 @@ def build_deployment(settings: Settings, inventory: Inventory | None) -> Deploym
             auto_repair=_auto_repair(settings, frozenset(REPAIR_FAMILIES)),
         )
     return Deployment(
-        resources={**_homelab_resources(settings, inventory), "dagster_on_kubernetes": dagster},
+        resources={
+            **_homelab_resources(settings, inventory),
+            "dagster_on_kubernetes": dagster,
+            "image_registry": ImageRegistry(),
+        },
         executor=executor,
         instance_yaml=instance_yaml,
         schedules_running=on,

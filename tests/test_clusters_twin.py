@@ -28,7 +28,12 @@ pytestmark = [pytest.mark.twin, pytest.mark.slow]
 def infra(twin, shipped_inventory, tmp_path_factory):
     """forge and studio running, and the twin target's resources over their state dir."""
     twin.up(["forge", "studio"])
-    settings = Settings(twin.root.parent / "homelab.yaml", Target.TWIN, twin.root.parent)
+    settings = Settings(
+        twin.root.parent / "homelab.yaml",
+        Target.TWIN,
+        twin.root.parent,
+        twin_port_base=twin.api_port_base,
+    )
     return build_deployment(settings, shipped_inventory).resources
 
 

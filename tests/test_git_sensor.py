@@ -414,7 +414,12 @@ def test_on_the_twin_a_label_commit_lands_on_forges_node(twin, origin, git, tmp_
     )
     new = parse_inventory(origin.inventory())
     # The code location of the commit (as after a reload), its sensor, one tick.
-    settings = Settings(twin.root.parent / "homelab.yaml", Target.TWIN, twin.root.parent)
+    settings = Settings(
+        twin.root.parent / "homelab.yaml",
+        Target.TWIN,
+        twin.root.parent,
+        twin_port_base=twin.api_port_base,
+    )
     code_location = build_definitions(settings, new)
     with dg.instance_for_test() as instance:
         sensor = code_location.resolve_sensor_def(SENSOR_NAME)

@@ -19,7 +19,12 @@ pytestmark = [pytest.mark.twin, pytest.mark.slow]
 @pytest.fixture(scope="module")
 def infra(twin, shipped_inventory):
     twin.up(["pro", "studio"])
-    settings = Settings(twin.root.parent / "homelab.yaml", Target.TWIN, twin.root.parent)
+    settings = Settings(
+        twin.root.parent / "homelab.yaml",
+        Target.TWIN,
+        twin.root.parent,
+        twin_port_base=twin.api_port_base,
+    )
     resources = build_deployment(settings, shipped_inventory).resources
     link = next(lk for lk in shipped_inventory.mesh.links if lk.key == "pro__studio")
     for defs in (

@@ -39,7 +39,12 @@ MANAGED = "app.kubernetes.io/managed-by"
 def world(twin, shipped_inventory):
     """forge running; the twin target's code location and resources over its state dir."""
     twin.up(["forge"])
-    settings = Settings(twin.root.parent / "homelab.yaml", Target.TWIN, twin.root.parent)
+    settings = Settings(
+        twin.root.parent / "homelab.yaml",
+        Target.TWIN,
+        twin.root.parent,
+        twin_port_base=twin.api_port_base,
+    )
     defs = build_definitions(settings, shipped_inventory)
     resources = build_deployment(settings, shipped_inventory).resources
     return defs, resources

@@ -87,12 +87,15 @@ def test_image_references_are_the_homelabs_names_and_map_into_the_twins_registry
     assert registry_path("docker.io/vllm/vllm-openai:v1") == "docker.io/vllm/vllm-openai:v1"
 
 
-def test_the_mirror_configuration_sends_a_registry_to_the_twins_registry():
+def test_the_mirror_configuration_sends_a_registry_to_the_twins_registry_and_nowhere_else():
     config = tomllib.loads(mirror_hosts_toml("ghcr.io", "127.0.0.1:5000"))
-    assert config["server"] == "https://ghcr.io"
-    (host,) = config["host"].items()
-    assert host[0] == "http://127.0.0.1:5000/v2/ghcr.io"
-    assert host[1] == {"capabilities": ["pull", "resolve"], "override_path": True}
+    # The twin's registry is the server itself: no [host] from which containerd would fall
+    # through to the internet (a name the twin lacks failed on DNS, after its timeouts).
+    assert config == {
+        "server": "http://127.0.0.1:5000/v2/ghcr.io",
+        "capabilities": ["pull", "resolve"],
+        "override_path": True,
+    }
 
 
 # ----------------------------------------------------------------------------- built
@@ -218,3 +221,90 @@ def test_an_unchanged_lock_file_costs_no_build_and_no_push(real_forge, project_i
     assert again.tag == first.tag, "the project's sources kept changing during the test"
     assert (again.built, again.pushed) == (False, False), again
     assert again.digest == first.digest
+
+
+# ----------------------------------------------------------------------------- missing images
+
+
+@pytest.mark.twin
+def test_a_name_the_twins_registry_lacks_fails_to_pull_at_once_and_never_asks_the_internet(
+    real_forge,
+):
+    """A homelab name the twin's registry lacks fails with the registry's own answer (`not
+    found`), not after containerd fell through to the internet (`lookup ghcr.io: no such
+    host`, the message a user met after a purge)."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(real_forge.client("forge"))
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "never-built"},
+        "spec": {
+            "nodeSelector": {"kubernetes.io/hostname": NODE},
+            "automountServiceAccountToken": False,
+            "containers": [{"name": "main", "image": "ghcr.io/homelab/never-built:0"}],
+        },
+    }
+    core.create_namespaced_pod("default", pod)
+
+    def waiting():
+        statuses = core.read_namespaced_pod("never-built", "default").status.container_statuses
+        state = statuses[0].state.waiting if statuses else None
+        return state if state and "ImagePull" in (state.reason or "") else None
+
+    try:
+        state = wait(waiting, timeout=120)
+        assert state, "the pod never reported a failed pull"
+        message = state.message or ""
+        assert "ghcr.io/homelab/never-built:0" in message and "not found" in message, message
+        assert "no such host" not in message and "lookup" not in message, message
+    finally:
+        core.delete_namespaced_pod("never-built", "default", grace_period_seconds=0)
+
+
+@pytest.mark.twin
+def test_the_registry_names_a_missing_image_with_its_command_and_lists_what_it_holds(
+    real_forge, tmp_path
+):
+    from homelab_dagster.errors import ImageMissingError
+    from homelab_dagster.twin_registry import RegistryClient
+
+    busybox = shutil.which("busybox") or "/bin/busybox"
+    if not Path(busybox).exists() or not shutil.which("skopeo"):
+        pytest.skip("busybox and skopeo are needed (`make system-deps`)")
+    real_forge.registry.up()
+    registry = RegistryClient(real_forge.registry.address)
+
+    # An image of the project's: the command that builds it from its lock file.
+    with pytest.raises(ImageMissingError) as missing:
+        registry.require("ghcr.io/homelab/vllm-cpu:not-a-tag")
+    assert "image ghcr.io/homelab/vllm-cpu:not-a-tag is not in the twin's registry" in str(
+        missing.value
+    )
+    assert "skopeo copy" in missing.value.command  # no lock file here builds that tag
+    for name, spec in IMAGES.items():
+        if spec.reference not in registry.images():
+            with pytest.raises(ImageMissingError) as ours:
+                registry.require(spec.reference)
+            assert ours.value.command == f"homelab twin images {name}"
+
+    # One pushed by hand is found, with its digest, under the homelab's name.
+    from homelab_dagster.images import oci_archive
+
+    archive = tmp_path / "tiny.tar"
+    archive.write_bytes(oci_archive("ghcr.io/homelab/tiny:1", {"bin/busybox": Path(busybox)}))
+    subprocess.run(
+        [
+            "skopeo",
+            "copy",
+            "--quiet",
+            "--dest-tls-verify=false",
+            f"oci-archive:{archive}",
+            f"docker://{registry.address}/ghcr.io/homelab/tiny:1",
+        ],
+        check=True,
+    )
+    digest = registry.require("ghcr.io/homelab/tiny:1")
+    assert digest.startswith("sha256:")
+    assert registry.images()["ghcr.io/homelab/tiny:1"] == digest

@@ -51,7 +51,10 @@ def serving(real_forge, shipped_inventory, tmp_path_factory):
     real_forge.registry.up()
     ImageBuilder().build_and_push(["vllm-cpu"], real_forge.registry)
     settings = Settings(
-        real_forge.root.parent / "homelab.yaml", Target.TWIN, real_forge.root.parent
+        real_forge.root.parent / "homelab.yaml",
+        Target.TWIN,
+        real_forge.root.parent,
+        twin_port_base=real_forge.api_port_base,
     )
     resources = build_deployment(settings, shipped_inventory).resources
     forge = shipped_inventory.clusters["forge"]
@@ -114,6 +117,87 @@ def _failure(result) -> str:
     return events[0].step_failure_data.error.message if events else ""
 
 
+def _deployments(real_forge) -> list[str]:
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    apps = client.AppsV1Api(real_forge.client("forge"))
+    try:
+        return [d.metadata.name for d in apps.list_namespaced_deployment("ml-inference").items]
+    except ApiException as exc:
+        if exc.status == 404:
+            return []
+        raise
+
+
+def _delete_from_registry(registry, reference: str) -> None:
+    """What a user removing an image by hand does: its manifest deleted (the blobs stay)."""
+    import urllib.request
+
+    from homelab_dagster.images import registry_path
+
+    repository, _, tag = registry_path(reference).rpartition(":")
+    digest = registry.manifest_digest(repository, tag)
+    assert digest, f"{reference} should be in the registry"
+    request = urllib.request.Request(
+        f"http://{registry.address}/v2/{repository}/manifests/{digest}", method="DELETE"
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 202
+    assert registry.manifest_digest(repository, tag) is None
+
+
+def test_an_image_missing_from_the_registry_fails_the_step_before_it_deploys_and_up_restores_it(
+    serving, shipped_inventory, real_forge, project_root
+):
+    """The vLLM image removed from the twin's registry by hand: the endpoint's step fails at
+    once, naming the image and the command, and nothing reaches the cluster; the CLI's `twin
+    up` path puts it back (a push: the build is cached), and `homelab twin status` says the
+    registry's image is what its lock file builds."""
+    import os
+    import subprocess
+    import sys
+
+    from homelab_dagster.cli.twin import ensure_images
+    from homelab_dagster.images import image_reference
+
+    resources, _ = serving
+    vllm_cpu = image_reference("vllm-cpu")
+    assert ENDPOINT not in _deployments(real_forge)  # this module's first deploy is below
+    _delete_from_registry(real_forge.registry, vllm_cpu)
+    said: list[str] = []
+    try:
+        failed = _materialize(resources, shipped_inventory)
+        assert not failed.success
+        message = _failure(failed)
+        assert f"image {vllm_cpu} is not in the twin's registry" in message, message
+        assert "`homelab twin images vllm-cpu`" in message, message
+        assert ENDPOINT not in _deployments(real_forge)  # nothing half-applied
+    finally:
+        ensure_images(real_forge, ["forge"], lambda name, what: said.append(f"{name}: {what}"))
+    assert any(line.startswith("vllm-cpu: pushing") for line in said), said
+    assert real_forge.registry.require(vllm_cpu)
+
+    env = {
+        **os.environ,
+        "HOMELAB_STATE_DIR": str(real_forge.root.parent),
+        "HOMELAB_TWIN_PORT_BASE": str(real_forge.api_port_base),
+        "HOMELAB_INVENTORY": str(project_root / "homelab.yaml"),
+        "COLUMNS": "200",
+    }
+    env.pop("HOMELAB_TARGET", None)
+    status = subprocess.run(
+        [sys.executable, "-m", "homelab_dagster", "twin", "status"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert status.returncode == 0, status.stdout + status.stderr
+    (row,) = [line for line in status.stdout.splitlines() if vllm_cpu in line]
+    assert "matches" in row, status.stdout
+
+
 def test_the_trained_weights_serve_from_the_real_node_checked_then_a_bad_version_rolls_back(
     serving, shipped_inventory, real_forge, capsys
 ):
@@ -139,7 +223,10 @@ def test_the_trained_weights_serve_from_the_real_node_checked_then_a_bad_version
     # What `homelab up` prints after the run: the endpoint, its node, and how to reach it.
     capsys.readouterr()
     settings = Settings(
-        real_forge.root.parent / "homelab.yaml", Target.TWIN, real_forge.root.parent
+        real_forge.root.parent / "homelab.yaml",
+        Target.TWIN,
+        real_forge.root.parent,
+        twin_port_base=real_forge.api_port_base,
     )
     print_serving(result.run_id, settings, shipped_inventory, instance=instance)
     printed = capsys.readouterr().out
@@ -230,7 +317,10 @@ def test_the_70b_endpoint_the_twin_cannot_fetch_is_placed_then_scaled_to_zero(
     from kubernetes import client
 
     settings = Settings(
-        real_forge.root.parent / "homelab.yaml", Target.TWIN, real_forge.root.parent
+        real_forge.root.parent / "homelab.yaml",
+        Target.TWIN,
+        real_forge.root.parent,
+        twin_port_base=real_forge.api_port_base,
     )
 
     from homelab_dagster.cli.endpoints import print_serving

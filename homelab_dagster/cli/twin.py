@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import shlex
+import time
 from typing import Annotated
 
 import typer
+from rich.status import Status
 from rich.table import Table
 
 from homelab_dagster.cli.output import console, err_console, error_exit
-from homelab_dagster.errors import HomelabError
-from homelab_dagster.images import IMAGES
+from homelab_dagster.errors import HomelabError, ImageMissingError
+from homelab_dagster.images import IMAGES, registry_path
 from homelab_dagster.loader import load_inventory
 from homelab_dagster.settings import Settings
-from homelab_dagster.twin import Twin
+from homelab_dagster.twin import Progress, Twin
 from homelab_dagster.twin_real import RealNodeStatus
 
-__all__ = ["open_twin", "start_twin", "twin_app"]
+__all__ = ["ensure_images", "open_twin", "start_twin", "twin_app"]
 
 twin_app = typer.Typer(help="The twin: real local control planes with simulated nodes.")
 
@@ -36,27 +38,89 @@ def open_twin(*, build: bool = True) -> Twin:
 
 
 def start_twin(clusters: list[str] | None) -> Twin:
-    """Bring up ``clusters`` of the twin (all when None), printing each step."""
+    """Bring up ``clusters`` of the twin (all when None), then the images their pods pull,
+    printing each step."""
     twin = open_twin()
     with console.status("starting the twin") as status:
-
-        def report(cluster: str, message: str) -> None:
-            status.update(f"{cluster}: {message}")
-            console.print(f"  twin {cluster}: {message}", highlight=False)
-
-        twin.up(clusters, progress=report)
+        twin.up(clusters, progress=_printer(status, "twin"))
+        ensure_images(twin, clusters, _printer(status, "image"))
     return twin
+
+
+def _printer(status: Status, kind: str) -> Progress:
+    """Progress of ``kind`` (``twin <cluster>: ...``, ``image <name>: ...``): a line each,
+    the last one on the spinner."""
+
+    def report(name: str, message: str) -> None:
+        status.update(f"{name}: {message}")
+        console.print(f"  {kind} {name}: {message}", highlight=False)
+
+    return report
+
+
+def ensure_images(twin: Twin, clusters: list[str] | None, report: Progress) -> None:
+    """Where real nodes run, every image the inventory's pods pull on ``clusters`` is in the
+    twin's registry: built from its lock file (cached by content: an unchanged one costs a
+    hash) and pushed (skipped when the registry has that manifest: one ``HEAD``).
+
+    An image no lock file here builds (``HOMELAB_IMAGE``) is only looked for. Where images
+    cannot be built (no root, ``make system-deps`` not run) the twin still comes up, and the
+    step that needs a missing image fails at once, naming it and the command.
+
+    Raises:
+        ImageBuildError: a build or push failed; the message names the image and its log.
+    """
+    from infra.images import ImageBuilder, missing_tools
+    from resources.deployment import build_deployment
+
+    start = time.monotonic()
+    names = list(twin.inventory.clusters) if clusters is None else clusters
+    real = [c for c in names if twin.real_nodes(c)] if twin.real_fallback is None else []
+    if not real:  # KWOK nodes pull nothing; the registry runs only beside real nodes
+        return
+    deployment = build_deployment(Settings.from_env(), twin.inventory)
+    wanted = deployment.pulled_images(twin.inventory, real)
+    by_reference = {spec.reference: name for name, spec in IMAGES.items()}
+    for reference in (r for r in wanted if r not in by_reference):
+        try:
+            twin.registry.require(reference)
+            report(reference, "in the registry")
+        except ImageMissingError as exc:
+            report(reference, str(exc))
+    buildable = [by_reference[r] for r in wanted if r in by_reference]
+    why = missing_tools()
+    if why:
+        missing = [n for n in buildable if _absent(twin, n)]
+        if missing:
+            report(", ".join(missing), f"not in the registry, and not built here: {why}")
+        return
+    results = ImageBuilder(progress=report).build_and_push(buildable, twin.registry)
+    pushed = [r.name for r in results if r.pushed]
+    report(
+        ", ".join(r.name for r in results),
+        f"in the registry ({', '.join(pushed) or 'nothing'} pushed) "
+        f"in {time.monotonic() - start:.1f} s",
+    )
+
+
+def _absent(twin: Twin, name: str) -> bool:
+    try:
+        twin.registry.require(IMAGES[name].reference)
+    except ImageMissingError:
+        return True
+    return False
 
 
 @twin_app.command("up")
 def twin_up(clusters: ClustersArg = None) -> None:
-    """Start the twin (idempotent: running clusters are kept, crashed ones restarted)."""
+    """Start the twin (idempotent: running clusters are kept, crashed ones restarted), and
+    put the images its real nodes' pods pull in its registry (built from their lock files)."""
     try:
         twin = start_twin(clusters)
+        console.print(_status_table(twin))
+        console.print(_registry(twin), highlight=False)
     except HomelabError as exc:
         raise error_exit(exc) from exc
-    console.print(_status_table(twin))
-    console.print(_registry_line(twin), highlight=False)
     console.print(f'kubeconfig: {twin.kubeconfig}  (eval "$(homelab twin env)")')
 
 
@@ -77,10 +141,13 @@ def twin_down(
 
 @twin_app.command("status")
 def twin_status() -> None:
-    """Each cluster's API server, nodes, GPU capacity and health; the image registry."""
+    """Each cluster's API server, nodes, GPU capacity and health; the registry's images."""
     twin = _open_or_exit()
     console.print(_status_table(twin))
-    console.print(_registry_line(twin), highlight=False)
+    try:
+        console.print(_registry(twin), highlight=False)
+    except HomelabError as exc:
+        raise error_exit(exc) from exc
 
 
 @twin_app.command("images")
@@ -99,11 +166,7 @@ def twin_images(
     twin = _open_or_exit()
     try:
         with console.status("images") as status:
-
-            def report(name: str, message: str) -> None:
-                status.update(f"{name}: {message}")
-                console.print(f"  image {name}: {message}", highlight=False)
-
+            report = _printer(status, "image")
             report("registry", twin.registry.up())
             builder = ImageBuilder(progress=report)
             results = builder.build_and_push(names or list(IMAGES), twin.registry)
@@ -119,7 +182,7 @@ def twin_images(
             f"built in {r.seconds:.0f} s" if r.built else "cached",
             "pushed" if r.pushed else "in the registry",
             f"{r.size / 2**20:.0f} MiB",
-            r.digest.removeprefix("sha256:")[:12],
+            _short(r.digest),
         )
     console.print(table)
 
@@ -140,10 +203,42 @@ def _open_or_exit() -> Twin:
         raise error_exit(exc) from exc
 
 
-def _registry_line(twin: Twin) -> str:
+def _registry(twin: Twin) -> Table | str:
+    """The registry's images, their digests and whether they are what their lock files build
+    here; or one line where the registry does not answer."""
+    from infra.images import ImageBuilder
+
     r = twin.registry_status()
-    state = "[green]up[/]" if r.answering else f"[dim]{r.message}[/]"
-    return f"registry: {r.address} {state}  (homelab twin images builds and pushes the images)"
+    if not r.answering:
+        return (
+            f"registry: {r.address} [dim]{r.message}[/]  (homelab twin up starts it where "
+            "real nodes run, with the images they pull)"
+        )
+    held = twin.registry.images()
+    builder = ImageBuilder()
+    table = Table(title=f"registry {r.address}", title_justify="left")
+    for column in ("image", "reference", "digest", "lock file"):
+        table.add_column(column)
+    for name, spec in IMAGES.items():
+        digest = held.pop(registry_path(spec.reference), None)
+        current = builder.current(spec)
+        fix = f"  (homelab twin images {name})"
+        if digest is None:
+            state = f"[red]missing[/]{fix}"
+        elif digest == current:
+            state = "[green]matches[/]"
+        elif current is None:
+            state = f"[yellow]not built here from the current lock file[/]{fix}"
+        else:
+            state = f"[yellow]stale: its lock file or sources changed[/]{fix}"
+        table.add_row(name, spec.reference, _short(digest) if digest else "-", state)
+    for reference, digest in sorted(held.items()):
+        table.add_row("-", reference, _short(digest), "[dim]no lock file here[/]")
+    return table
+
+
+def _short(digest: str) -> str:
+    return digest.removeprefix("sha256:")[:12]
 
 
 def _status_table(twin: Twin) -> Table:
