@@ -129,17 +129,23 @@ def mirror_hosts_toml(registry_host: str, mirror: str) -> str:
     images from the twin's registry at ``mirror`` (``127.0.0.1:<port>``, plain HTTP), and from
     nowhere else.
 
-    The twin's registry is the file's ``server``, not a ``[host]`` tried before it: containerd
-    falls through from its hosts to the server, so a name the twin lacks was asked of the
-    internet (``lookup ghcr.io: no such host``, after DNS's timeouts). Now it fails at once
-    with the registry's own answer (``... not found``).
+    The twin's registry is both the ``[host]`` tried first and the ``server`` tried last:
+    containerd falls through from its hosts to the server, so with the homelab's registry as
+    the server a name the twin lacks was asked of the internet (``lookup ghcr.io: no such
+    host``, after DNS's timeouts). Now it fails at once with the registry's own answer
+    (``... not found``). The ``[host]`` stays: containerd 1.6 refuses a file without one
+    (``invalid `host` tree``) and then uses the registry's own address.
     """
+    source = f"http://{mirror}/v2/{registry_host}"
     return (
         f"# Written by homelab_dagster/twin_real.py: {registry_host} from the twin's registry "
         "only.\n"
-        f'server = "http://{mirror}/v2/{registry_host}"\n'
+        f'server = "{source}"\n'
         'capabilities = ["pull", "resolve"]\n'
-        "override_path = true\n"
+        "override_path = true\n\n"
+        f'[host."{source}"]\n'
+        '  capabilities = ["pull", "resolve"]\n'
+        "  override_path = true\n"
     )
 
 

@@ -89,12 +89,13 @@ def test_image_references_are_the_homelabs_names_and_map_into_the_twins_registry
 
 def test_the_mirror_configuration_sends_a_registry_to_the_twins_registry_and_nowhere_else():
     config = tomllib.loads(mirror_hosts_toml("ghcr.io", "127.0.0.1:5000"))
-    # The twin's registry is the server itself: no [host] from which containerd would fall
-    # through to the internet (a name the twin lacks failed on DNS, after its timeouts).
+    # The twin's registry is the host tried first and the server containerd falls through to
+    # (a name the twin lacks was asked of ghcr.io, and failed on DNS after its timeouts).
+    twins = {"capabilities": ["pull", "resolve"], "override_path": True}
     assert config == {
         "server": "http://127.0.0.1:5000/v2/ghcr.io",
-        "capabilities": ["pull", "resolve"],
-        "override_path": True,
+        **twins,
+        "host": {"http://127.0.0.1:5000/v2/ghcr.io": twins},
     }
 
 

@@ -99,7 +99,7 @@ def ensure_images(twin: Twin, clusters: list[str] | None, report: Progress) -> N
     report(
         ", ".join(r.name for r in results),
         f"in the registry ({', '.join(pushed) or 'nothing'} pushed) "
-        f"in {time.monotonic() - start:.1f} s",
+        f"in {time.monotonic() - start:.2f} s",
     )
 
 
@@ -228,7 +228,7 @@ def _registry(twin: Twin) -> Table | str:
         elif digest == current:
             state = "[green]matches[/]"
         elif current is None:
-            state = f"[yellow]not built here from the current lock file[/]{fix}"
+            state = f"[yellow]not built here from its current lock file and sources[/]{fix}"
         else:
             state = f"[yellow]stale: its lock file or sources changed[/]{fix}"
         table.add_row(name, spec.reference, _short(digest) if digest else "-", state)
