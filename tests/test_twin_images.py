@@ -99,6 +99,33 @@ def test_the_mirror_configuration_sends_a_registry_to_the_twins_registry_and_now
     }
 
 
+def test_twin_up_puts_in_the_registry_the_images_the_pods_on_its_clusters_pull(
+    project_root, shipped_inventory, tmp_path
+):
+    """What `homelab twin up` pushes, per cluster started; and where a step asks for its
+    image (the twin's registry, beside the clusters' ports) or does not (the homelab)."""
+    from homelab_dagster.settings import Settings, Target
+    from resources.deployment import build_deployment
+
+    def deployment(target: Target):
+        settings = Settings(project_root / "homelab.yaml", target, tmp_path, twin_port_base=20443)
+        return build_deployment(settings, shipped_inventory)
+
+    twin = deployment(Target.TWIN)
+    assert twin.pulled_images(shipped_inventory, ["forge"]) == [image_reference("vllm-cpu")]
+    assert twin.pulled_images(shipped_inventory, ["studio"]) == [image_reference("homelab-dagster")]
+    assert twin.pulled_images(shipped_inventory, ["pi", "air"]) == []
+    assert twin.resources["image_registry"].address == "127.0.0.1:20483"  # 20443 + 8 x 5
+
+    homelab = deployment(Target.HOMELAB)
+    assert set(homelab.pulled_images(shipped_inventory, shipped_inventory.clusters)) == {
+        *(e.image for e in shipped_inventory.endpoints.values()),
+        image_reference("homelab-dagster"),
+    }
+    assert homelab.resources["image_registry"].address == ""
+    assert homelab.resources["image_registry"].require("ghcr.io/homelab/absent:1") is None
+
+
 # ----------------------------------------------------------------------------- built
 
 
