@@ -165,6 +165,21 @@ def _uv_export(project_root: Path) -> dict[str, str]:
     return wanted
 
 
+def _pod_on_node(name: str, container: dict) -> dict:
+    """A pod of one container ``main`` on the real node, run once."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name},
+        "spec": {
+            "nodeSelector": {"kubernetes.io/hostname": NODE},
+            "restartPolicy": "Never",
+            "automountServiceAccountToken": False,
+            "containers": [{"name": "main", **container}],
+        },
+    }
+
+
 # A build may wait for another one holding the cache's lock (the vLLM image: minutes).
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
@@ -194,26 +209,16 @@ def test_a_pod_pulls_the_project_image_by_its_homelab_name_and_runs_it(real_forg
         "import homelab_dagster.images as i, importlib.metadata as m; "
         "print('homelab-dagster', m.version('homelab-dagster'), i.image_reference('vllm-cpu'))"
     )
-    pod = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": "project-image"},
-        "spec": {
-            "nodeSelector": {"kubernetes.io/hostname": NODE},
-            "restartPolicy": "Never",
-            "automountServiceAccountToken": False,
-            "containers": [
-                {
-                    "name": "main",
-                    "image": PROJECT.reference,
-                    "imagePullPolicy": "Always",  # through the mirror, every time
-                    # From /: the installed wheel is imported, not the sources in /app.
-                    "workingDir": "/",
-                    "command": ["python", "-c", code],
-                }
-            ],
+    pod = _pod_on_node(
+        "project-image",
+        {
+            "image": PROJECT.reference,
+            "imagePullPolicy": "Always",  # through the mirror, every time
+            # From /: the installed wheel is imported, not the sources in /app.
+            "workingDir": "/",
+            "command": ["python", "-c", code],
         },
-    }
+    )
     core.create_namespaced_pod("default", pod)
     try:
         done = wait(
@@ -264,16 +269,7 @@ def test_a_name_the_twins_registry_lacks_fails_to_pull_at_once_and_never_asks_th
     from kubernetes import client
 
     core = client.CoreV1Api(real_forge.client("forge"))
-    pod = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": "never-built"},
-        "spec": {
-            "nodeSelector": {"kubernetes.io/hostname": NODE},
-            "automountServiceAccountToken": False,
-            "containers": [{"name": "main", "image": "ghcr.io/homelab/never-built:0"}],
-        },
-    }
+    pod = _pod_on_node("never-built", {"image": "ghcr.io/homelab/never-built:0"})
     core.create_namespaced_pod("default", pod)
 
     def waiting():
