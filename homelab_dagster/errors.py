@@ -138,12 +138,14 @@ class ImageMissingError(TwinRegistryError):
     """An image a step's pods pull is not in the twin's registry: the step stops before it
     changes anything, naming the image and the command that provides it."""
 
-    def __init__(self, reference: str, registry: str, command: str) -> None:
-        super().__init__(
-            f"image {reference} is not in the twin's registry ({registry}): `{command}` builds "
-            "it from its lock file and pushes it (`homelab twin up` does so for every image "
-            "the inventory uses)"
+    def __init__(self, reference: str, registry: str, command: str, *, built_here: bool) -> None:
+        how = (
+            f"`{command}` builds it from its lock file and pushes it (`homelab twin up` does so "
+            "for every image the inventory uses)"
+            if built_here
+            else f"no lock file here builds it; push it there: `{command}`"
         )
+        super().__init__(f"image {reference} is not in the twin's registry ({registry}): {how}")
         self.reference = reference
         self.command = command
 

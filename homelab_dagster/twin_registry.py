@@ -101,7 +101,7 @@ class RegistryClient:
                 else f"skopeo copy --dest-tls-verify=false <source> "
                 f"docker://{self.address}/{registry_path(reference)}"
             )
-            raise ImageMissingError(reference, self.address, command)
+            raise ImageMissingError(reference, self.address, command, built_here=bool(names))
         return digest
 
     def images(self) -> dict[str, str]:

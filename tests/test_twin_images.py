@@ -307,6 +307,7 @@ def test_the_registry_names_a_missing_image_with_its_command_and_lists_what_it_h
         missing.value
     )
     assert "skopeo copy" in missing.value.command  # no lock file here builds that tag
+    assert "no lock file here builds it; push it there: `skopeo copy" in str(missing.value)
     for name, spec in IMAGES.items():
         if spec.reference not in registry.images():
             with pytest.raises(ImageMissingError) as ours:
