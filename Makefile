@@ -87,6 +87,7 @@ bench: tools ## Benchmarks (ratios against a baseline measured in the same run)
 	@$(UV) run python benchmarks/train_throughput.py
 	@$(UV) run python benchmarks/reconcile.py
 	@$(UV) run python benchmarks/drift_repair.py
+	@$(UV) run python benchmarks/weights_store.py
 
 clean: ## Stop and delete the twin, then remove local state
 	-@$(UV) run homelab twin down --purge

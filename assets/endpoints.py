@@ -163,7 +163,8 @@ def build_endpoint_defs(
         try:
             if key in context.selected_asset_keys:
                 # Before anything changes: an image its nodes cannot pull fails the step now.
-                image_registry.require(vllm.runtime().image_of(endpoint))
+                for image in vllm.pulled_images(endpoint):
+                    image_registry.require(image)
                 events = entry.materialise(
                     context.log, config, pulumi, kubernetes, vllm, weights_store
                 )

@@ -4,8 +4,9 @@ Materialising the asset resolves the corpus (an empty one fails here, before any
 launched), computes the run's fingerprint (corpus digest, spec, training code version)
 and, when the weights store already holds a version with that fingerprint, reuses it
 without training. Otherwise the Flyte launcher runs the workflow (locally on the twin, on
-Forge on the homelab) and the materialisation records the execution and the weights it
-produced; ``model_weights/<model>`` registers them. Metadata keys: docs/training.md.
+Forge on the homelab), its weights go into the weights store (uploaded and verified under
+their version's prefix, not listed yet), and the materialisation records the execution and
+their ``s3://`` URI; ``model_weights/<model>`` registers them. Metadata keys: docs/training.md.
 """
 
 from dataclasses import asdict
@@ -21,7 +22,7 @@ from homelab_dagster.ml.corpus import resolve_corpus
 from homelab_dagster.ml.spec import code_version, fingerprint
 from homelab_dagster.weights import WeightsVersion
 from resources.flyte import FlyteLauncher, GpuRequest, TrainingLaunch, TrainingOutcome
-from resources.weights import WeightsStore
+from resources.weights import StagedWeights, WeightsStore
 
 __all__ = ["build_training_run_defs", "gpu_request"]
 
@@ -33,7 +34,7 @@ def gpu_request(run: TrainingRun, cluster: Cluster) -> GpuRequest:
     return GpuRequest(run.nodes, run.gpus_per_node, run.memory, product)
 
 
-def _outcome_metadata(outcome: TrainingOutcome) -> dict[str, Any]:
+def _outcome_metadata(outcome: TrainingOutcome, stored: StagedWeights) -> dict[str, Any]:
     return {
         "reused": False,
         "execution_id": outcome.execution_id,
@@ -47,9 +48,9 @@ def _outcome_metadata(outcome: TrainingOutcome) -> dict[str, Any]:
         "parameter_count": outcome.train.parameter_count,
         "eval_loss": outcome.evaluation.eval_loss,
         "perplexity": outcome.evaluation.perplexity,
-        "weights_uri": outcome.weights_uri,
-        "weights_digest": outcome.weights_digest,
-        "weights_size_bytes": outcome.weights_size_bytes,
+        "weights_uri": stored.uri,
+        "weights_digest": stored.digest,
+        "weights_size_bytes": stored.size_bytes,
     }
 
 
@@ -119,7 +120,16 @@ def build_training_run_defs(
                     f"{outcome.train.final_loss:.3f}, held-out {outcome.evaluation.eval_loss:.3f}, "
                     f"weights {outcome.weights_digest[:12]}"
                 )
-                metadata |= _outcome_metadata(outcome)
+                # Into the weights store, verified (not listed: model_weights registers it).
+                stored = weights_store.stage(
+                    run.model, outcome.weights_uri, expected_digest=outcome.weights_digest
+                )
+                context.log.info(
+                    f"weights stored at {stored.uri}: {len(stored.files)} files, "
+                    f"{stored.size_bytes / 2**20:.1f} MiB"
+                    + (f" ({stored.reused} already there)" if stored.reused else "")
+                )
+                metadata |= _outcome_metadata(outcome, stored)
         except (TrainingError, WeightsError) as exc:
             raise dg.Failure(
                 description=f"{key.to_user_string()}: {exc}", allow_retries=False

@@ -9,8 +9,9 @@ The data version is the weights' digest, so the asset's history in the UI is the
 history of versions. Materialising with the config ``rollback_to: <digest>`` makes an
 older version current instead (recorded as a materialisation of that version). The asset
 follows its training runs by itself (:func:`assets._automation.follow_upstream`), and the
-check ``weights_intact`` (run by the ``reconcile`` job) proves the current version's stored
-files still hash to its digest.
+check ``weights_intact`` (run by the ``reconcile`` job) reads the current version's stored
+files back and proves they still hash to its digest (a change made behind the store's back,
+which its checksums would not show, included).
 
 An external model (``source: external``) is an observable source asset: observing it
 reads the store's current version where one was put there, and otherwise reports the
@@ -228,11 +229,14 @@ def build_model_weights_defs(
     @dg.asset_check(
         asset=key,
         name=INTACT_CHECK,
-        description="The current version's stored files still hash to its digest.",
+        description="Every byte of the current version's stored files still hashes to its "
+        "digest (read back from the store).",
     )
     def _intact(weights_store: WeightsStore) -> dg.AssetCheckResult:
         try:
             current = weights_store.current(name)
+            if current is not None:
+                weights_store.refuse_if_corrupt(current, deep=True)
         except WeightsError as exc:
             return dg.AssetCheckResult(passed=False, description=str(exc))
         if current is None:

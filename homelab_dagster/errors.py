@@ -134,6 +134,11 @@ class TwinRegistryError(TwinError):
     """The twin's image registry (Debian's docker-registry on loopback) did not start or answer."""
 
 
+class TwinStoreError(TwinError):
+    """The twin's object store (versitygw) is not built, did not start, or its keys are
+    unreadable."""
+
+
 class ImageMissingError(TwinRegistryError):
     """An image a step's pods pull is not in the twin's registry: the step stops before it
     changes anything, naming the image and the command that provides it."""

@@ -50,6 +50,8 @@ class ObservedPod:
     unschedulable: str | None = None  # the scheduler's message, while it cannot place the pod
     waiting: str | None = None  # a container's waiting reason and message (CrashLoopBackOff)
     terminated: str | None = None  # a container's last termination (exit code, reason)
+    # An init container (the weights copy step) that failed: its name and what it said.
+    init_failed: str | None = None
     restarts: int = 0
     deleting: bool = False
     age_s: float = 0.0  # seconds since the pod was created
@@ -64,8 +66,18 @@ def observed_pod(pod: Any) -> ObservedPod:
         if scheduled is not None and scheduled.status == "False"
         else None
     )
-    waiting = terminated = None
+    waiting = terminated = init_failed = None
     restarts = 0
+    for status in pod.status.init_container_statuses or []:
+        held = status.state and status.state.waiting
+        if held and held.reason and "ImagePull" in held.reason:
+            waiting = f"{held.reason}: {held.message or ''}".strip(": ")
+        ended = (status.state and status.state.terminated) or (
+            status.last_state and status.last_state.terminated
+        )
+        if ended and ended.exit_code:
+            said = (ended.message or "").strip() or f"exit code {ended.exit_code}"
+            init_failed = f"{status.name}: {said}"
     for status in pod.status.container_statuses or []:
         restarts += status.restart_count or 0
         state, last = status.state, status.last_state
@@ -84,6 +96,7 @@ def observed_pod(pod: Any) -> ObservedPod:
         unschedulable=unschedulable,
         waiting=waiting,
         terminated=terminated,
+        init_failed=init_failed,
         restarts=restarts,
         deleting=pod.metadata.deletion_timestamp is not None,
         age_s=_age_s(pod.metadata.creation_timestamp),
@@ -130,6 +143,10 @@ def rollout_state(
         if pod.unschedulable:
             return Rollout(
                 "failed", f"the scheduler cannot place pod {pod.name}: {pod.unschedulable}", pod
+            )
+        if pod.init_failed:
+            return Rollout(
+                "failed", f"pod {pod.name} never started its server: {pod.init_failed}", pod
             )
         if pod.waiting and ("ImagePull" in pod.waiting or "InvalidImageName" in pod.waiting):
             return Rollout("failed", f"pod {pod.name} cannot pull its image: {pod.waiting}", pod)

@@ -10,8 +10,9 @@ where the machine allows it (Linux, root, the packages); elsewhere they are KWOK
 and the twin says so once (:attr:`Twin.real_fallback`).
 
 State lives under ``<state dir>/twin``: kwokctl's work directory, one kubeconfig with a
-context ``twin-<cluster>`` per cluster (mode 0600: it holds client keys), and the image
-registry the real nodes pull from (:mod:`homelab_dagster.twin_registry`).
+context ``twin-<cluster>`` per cluster (mode 0600: it holds client keys), the image
+registry the real nodes pull from (:mod:`homelab_dagster.twin_registry`), and the S3 object
+store that holds the weights bucket (:mod:`homelab_dagster.twin_store`).
 """
 
 from __future__ import annotations
@@ -39,9 +40,11 @@ from homelab_dagster.errors import PortInUseError, RealNodesUnavailable, TwinErr
 from homelab_dagster.inventory import Inventory
 from homelab_dagster.twin_real import RealNodes, RealNodeStatus
 from homelab_dagster.twin_registry import Registry, RegistryStatus
+from homelab_dagster.twin_store import ObjectStore, StoreStatus
 
 __all__ = [
     "DEFAULT_API_PORT_BASE",
+    "STORE_PORT_INDEX",
     "ClusterStatus",
     "Twin",
     "TwinTools",
@@ -71,9 +74,13 @@ _FAKE_SELECTOR = f"{twin_nodes.FAKE_ANNOTATION}=fake"
 _log = logging.getLogger(__name__)
 
 
+STORE_PORT_INDEX = 2
+
+
 def service_port(inventory: Inventory, api_port_base: int, index: int) -> int:
     """The twin's ``index``-th port after its clusters' blocks: 0 is its image registry,
-    1 the orchestrator's webserver when it runs as a pod (resources/deployment.py)."""
+    1 the orchestrator's webserver when it runs as a pod (resources/deployment.py), 2 its
+    object store (:data:`STORE_PORT_INDEX`)."""
     return api_port_base + _PORT_BLOCK * len(inventory.clusters) + index
 
 
@@ -113,6 +120,7 @@ class TwinTools(Protocol):
     kwokctl: Path
     kubelet: Path | None  # None: not built, and every node stays a KWOK node
     pause: Path | None
+    versitygw: Path  # the object store (homelab_dagster/twin_store.py)
     versions: dict[str, Any]
 
     def env(self) -> dict[str, str]:
@@ -143,6 +151,12 @@ class Twin:
         self.kubeconfig = self.root / "kubeconfig"
         # The image registry on loopback, on the first port after the clusters' blocks.
         self.registry = Registry(self.root / "registry", service_port(inventory, api_port_base, 0))
+        # The S3 object store (the weights bucket), on the third.
+        self.store = ObjectStore(
+            self.root / "store",
+            service_port(inventory, api_port_base, STORE_PORT_INDEX),
+            toolchain.versitygw,
+        )
         self.real = RealNodes(
             inventory,
             self.root / "real",
@@ -205,6 +219,7 @@ class Twin:
         real = self._real_plan(names, report)
         if any(real.values()):  # the real nodes pull the homelab's images from it
             report(names[0], f"registry: {self.registry.up()}")
+        report(names[0], f"object store: {self.store.up(for_pods=any(real.values()))}")
         for name in names:
             report(name, "reconciling nodes")
             api = self.client(name)
@@ -241,6 +256,7 @@ class Twin:
                 stopped.append(name)
             if set(names) == set(self.inventory.clusters):
                 self.registry.stop(purge=purge)
+                self.store.stop(purge=purge)
             if purge and not self._existing():
                 shutil.rmtree(self.root, ignore_errors=True)
         return stopped
@@ -295,6 +311,10 @@ class Twin:
     def registry_status(self) -> RegistryStatus:
         """The twin's image registry: its address, whether it runs and answers."""
         return self.registry.status()
+
+    def store_status(self) -> StoreStatus:
+        """The twin's object store: its addresses, whether it runs and answers, its buckets."""
+        return self.store.status()
 
     def real_nodes(self, cluster: str) -> list[twin_real.RealNodeSpec]:
         """The real nodes of ``cluster`` as this twin runs them (empty where they fell back)."""

@@ -11,6 +11,7 @@ node starts and :func:`undo_host` puts it back when the last one stops.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import shlex
@@ -25,17 +26,20 @@ from typing import Any
 from homelab_dagster.errors import TwinHostError
 
 __all__ = [
+    "add_loopback_address",
     "alive",
     "cgroup_mounts",
     "cgroup_pids",
     "host_snapshot",
     "iptables_state",
+    "loopback_address",
     "mounts_under",
     "pids_with_argument",
     "read_pid",
     "record_host",
     "remove_cgroup",
     "remove_log_links",
+    "remove_loopback_address",
     "run",
     "start_process",
     "tail",
@@ -70,6 +74,33 @@ _HOST_DIRS = (
 _HOST_DIRS_OWNED = ("/var/lib/kubelet", "/var/lib/cni", "/run/containerd")
 _STOP_TIMEOUT_S = 10
 _SEARCH_PATH = ("/usr/local/sbin", "/usr/sbin", "/sbin", "/usr/bin", "/bin")
+
+# A real node's address, and the object store's address for pods, on `lo`: one per port in
+# 198.18.0.0/15 (the benchmarking range, never routed), named by the twin's port that owns it.
+_ADDRESS_NET = ipaddress.IPv4Network("198.18.0.0/15")
+
+
+def loopback_address(port: int) -> str:
+    """The address on ``lo`` that the twin's ``port`` names (a real node's, the store's):
+    a pod on a real node reaches the host there (through its bridge, to a local address)."""
+    return str(_ADDRESS_NET[port])
+
+
+def add_loopback_address(address: str) -> bool:
+    """Put ``address`` on ``lo`` (root); whether it was added (False: it was there)."""
+    ip = which("ip")
+    if f" {address}/" in run([ip, "-o", "addr", "show", "dev", "lo"]).stdout:
+        return False
+    run([ip, "addr", "add", f"{address}/32", "dev", "lo"], check=True)
+    return True
+
+
+def remove_loopback_address(address: str) -> None:
+    """Take ``address`` off ``lo`` where it is there."""
+    ip = which("ip")
+    if f" {address}/" in run([ip, "-o", "addr", "show", "dev", "lo"]).stdout:
+        run([ip, "addr", "del", f"{address}/32", "dev", "lo"])
+
 
 # --------------------------------------------------------------------------- host record
 
@@ -361,12 +392,21 @@ def which(binary: str) -> str:
     return found
 
 
-def start_process(cmd: list[str], *, log: Path, pid_file: Path, cwd: Path) -> int:
+def start_process(
+    cmd: list[str],
+    *,
+    log: Path,
+    pid_file: Path,
+    cwd: Path,
+    env: dict[str, str] | None = None,
+) -> int:
     """Start ``cmd`` detached (its own session: it outlives the command that started it, like
-    kwokctl's processes), output appended to ``log``; its pid goes to ``pid_file``."""
+    kwokctl's processes), output appended to ``log``; its pid goes to ``pid_file``. ``env``
+    adds variables (a secret goes there, never on the command line, which any user can read)."""
     env = {
         **os.environ,
         "PATH": os.pathsep.join([*_SEARCH_PATH[:3], os.environ.get("PATH", "/usr/bin:/bin")]),
+        **(env or {}),
     }
     with log.open("ab") as out:
         proc = subprocess.Popen(

@@ -45,14 +45,17 @@ from homelab_dagster.errors import RealNodeError
 from homelab_dagster.images import MIRRORED_REGISTRIES, mirror_hosts_toml, oci_archive
 from homelab_dagster.inventory import Inventory, Node
 from homelab_dagster.twin_host import (
+    add_loopback_address,
     alive,
     cgroup_mounts,
     cgroup_pids,
+    loopback_address,
     pids_with_argument,
     read_pid,
     record_host,
     remove_cgroup,
     remove_log_links,
+    remove_loopback_address,
     run,
     start_process,
     tail,
@@ -97,7 +100,6 @@ _READY_TIMEOUT_S = 90
 # use (offsets 6 and 7, homelab_dagster.twin): the port names the node's address on `lo`
 # (198.18.0.0/15, the benchmarking range, never routed), its bridge and its cgroup.
 _PORT_OFFSETS = (6, 7)
-_ADDRESS_NET = ipaddress.IPv4Network("198.18.0.0/15")
 _MAX_SOCKET_PATH = 107  # sockaddr_un's sun_path, less its terminating NUL
 
 
@@ -148,7 +150,7 @@ class RealNodeSpec:
 
     @property
     def address(self) -> str:
-        return str(_ADDRESS_NET[self.port])
+        return loopback_address(self.port)
 
     @property
     def bridge(self) -> str:
@@ -294,10 +296,7 @@ class RealNodes:
             spec.path(*sub.split("/")).mkdir(parents=True, exist_ok=True)
         changes = self._changes(spec)
         # The address: the kubelet refuses a loopback node IP; one on `lo` stays local.
-        ip = which("ip")
-        shown = run([ip, "-o", "addr", "show", "dev", "lo"]).stdout
-        if f" {spec.address}/" not in shown:
-            run([ip, "addr", "add", f"{spec.address}/32", "dev", "lo"], check=True)
+        if add_loopback_address(spec.address):
             changes["address"] = spec.address
         changes["bridge"] = spec.bridge
         changes["cgroup_root"] = spec.cgroup_root
@@ -668,9 +667,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                 run([ip, "link", "del", spec.bridge])
             # Its address: recorded when added; also removed when a lost record left it (the
             # address comes from the twin's own port, in a range no network uses).
-            for address in {changes.get("address"), spec.address} - {None}:
-                if f" {address}/" in run([ip, "-o", "addr", "show", "dev", "lo"]).stdout:
-                    run([ip, "addr", "del", f"{address}/32", "dev", "lo"])
+            for address in {str(a) for a in (changes.get("address"), spec.address) if a}:
+                remove_loopback_address(address)
         remove_log_links(spec.dir)
         shutil.rmtree(spec.path("cni", "ipam"), ignore_errors=True)  # no sandbox survives
         sandboxes = spec.path("containerd", "root", "io.containerd.grpc.v1.cri", "sandboxes")

@@ -53,6 +53,11 @@ class WeightsVersion(BaseModel):
     uri: str = Field(description="Where the version's files are.")
     size_bytes: int
     files: dict[str, str] = Field(description="Relative path -> sha256 of every file.")
+    checksums: dict[str, str] = Field(
+        default_factory=dict,
+        description="Relative path -> the SHA-256 checksum the object store keeps for it "
+        "(base64; S3's composite form for a file stored in parts).",
+    )
     parameter_count: int | None = None
     source_run: str | None = None
     execution_id: str | None = None

@@ -10,10 +10,11 @@ One stack per endpoint, on the endpoint's cluster, in its namespace:
   for model loading, then a readiness probe; strategy ``Recreate`` (a rolling update would
   need the GPUs twice: on a node with exactly the endpoint's GPUs the new pod could never be
   scheduled);
-- the weights version mounted read-only at ``/models/<digest>``: on the twin by ``hostPath``
-  from the weights store's directory (the real node runs on the machine that holds it); on the
-  homelab by an init container that copies the version from the store's bucket into an
-  ``emptyDir`` (:class:`WeightsSource`);
+- the weights version read-only at ``/models/<digest>``, on both targets: an init container
+  copies it from the store's bucket into an ``emptyDir`` and verifies every file and the
+  tree's digest before the server starts (:class:`WeightsSource`,
+  :mod:`resources.weights_copy`); its keys are in a Secret the stack manages (the twin's
+  generated keys, as Pulumi secrets; on the homelab an ``ExternalSecret``);
 - ``/dev/shm`` as a memory ``emptyDir`` (vLLM's engine needs more than a container's 64 MiB);
 - where the endpoint has a chat template, a ConfigMap holding it, mounted at
   ``/etc/vllm/`` (outside the weights: their digest is unchanged);
@@ -37,11 +38,14 @@ from homelab_dagster.inventory import Cluster, Endpoint
 __all__ = [
     "CHAT_TEMPLATE_PATH",
     "CONTAINER",
+    "COPY_CONTAINER",
     "GPU_RESOURCE",
     "MODELS_DIR",
     "SERVER_PORT",
+    "ExternalKeys",
     "ServedWeights",
     "ServerRuntime",
+    "StoreKeys",
     "WeightsSource",
     "endpoint_labels",
     "endpoint_program",
@@ -53,6 +57,7 @@ __all__ = [
 GPU_RESOURCE = "nvidia.com/gpu"
 SERVER_PORT = 8000
 CONTAINER = "vllm"
+COPY_CONTAINER = "fetch-weights"
 MODELS_DIR = "/models"
 CHAT_TEMPLATE_PATH = "/etc/vllm/chat-template.jinja"
 # Model loading: up to 15 minutes (a 70B model from local disk; vLLM's CPU build under load
@@ -76,20 +81,36 @@ class ServedWeights:
 
 
 @dataclass(frozen=True)
+class StoreKeys:
+    """The store's keys as values (the twin's generated ones): the stack puts them in the
+    copy step's Secret as Pulumi secrets (encrypted in the stack's state). Never printed."""
+
+    access_key: str = field(repr=False)
+    secret_key: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class ExternalKeys:
+    """The store's keys through External Secrets (the homelab): the stack declares an
+    ``ExternalSecret`` that makes the copy step's Secret from ``remote_key`` of the
+    ``ClusterSecretStore`` ``store`` (its properties ``access_key`` and ``secret_key``)."""
+
+    store: str = "homelab"
+    remote_key: str = "weights-store"
+
+
+@dataclass(frozen=True)
 class WeightsSource:
-    """Where the server's pod finds the store's versions.
+    """Where the server's pod gets the store's versions: the init container ``fetch-weights``
+    (:mod:`resources.weights_copy`, in ``copy_image``) copies one from ``bucket_url``
+    (``s3://bucket``) at ``endpoint_url`` (as pods reach it) into an ``emptyDir``, verifying
+    it; its keys come from the Secret ``credentials_secret``, made from ``keys``."""
 
-    ``host_path``: the store's directory on the node (the twin). Otherwise ``bucket_url``
-    (``s3://bucket``), read by an init container with ``copy_image``, credentials from the
-    Secret ``credentials_secret`` (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``) and the
-    store's ``endpoint_url``.
-    """
-
-    host_path: str | None = None
     bucket_url: str = ""
     endpoint_url: str = ""
+    copy_image: str = ""
+    keys: StoreKeys | ExternalKeys = field(default_factory=ExternalKeys)
     credentials_secret: str = "weights-store-credentials"
-    copy_image: str = "amazon/aws-cli:2.22.35"
 
 
 @dataclass(frozen=True)
@@ -169,25 +190,68 @@ def _tolerations(cluster: Cluster, role: str) -> list[dict[str, str]]:
 def _weights_volume(
     weights: ServedWeights, source: WeightsSource
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(volumes, init containers) that put the version at ``/models/<digest>``, read-only."""
+    """(volumes, init containers) that put the version at ``/models/<digest>``: an
+    ``emptyDir`` the copy step fills from the store, verified, before the server starts."""
     if not weights.digest:
         return [], []
-    if source.host_path:
-        path = f"{source.host_path.rstrip('/')}/{weights.relative_path}"
-        return [{"name": "weights", "hostPath": {"path": path, "type": "Directory"}}], []
     copy = {
-        "name": "fetch-weights",
+        "name": COPY_CONTAINER,
         "image": source.copy_image,
-        "command": ["aws", "s3", "cp", "--recursive", "--no-progress"],
-        "args": [
-            f"{source.bucket_url.rstrip('/')}/{weights.relative_path}/",
-            f"{MODELS_DIR}/{weights.digest}/",
+        "imagePullPolicy": "IfNotPresent",
+        "command": [
+            "python",
+            "-m",
+            "resources.weights_copy",
             *(["--endpoint-url", source.endpoint_url] if source.endpoint_url else []),
+            f"{source.bucket_url.rstrip('/')}/{weights.relative_path}",
+            f"{MODELS_DIR}/{weights.digest}",
         ],
         "envFrom": [{"secretRef": {"name": source.credentials_secret}}],
+        # Its last line (the file that did not verify) becomes the pod's termination message.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "volumeMounts": [{"name": "weights", "mountPath": f"{MODELS_DIR}/{weights.digest}"}],
     }
     return [{"name": "weights", "emptyDir": {}}], [copy]
+
+
+def _credentials(
+    k8s: Any, pulumi: Any, meta: dict[str, Any], source: WeightsSource, opts: Any
+) -> None:
+    """The copy step's Secret: from the twin's keys (Pulumi secrets), or an ExternalSecret."""
+    name = source.credentials_secret
+    if isinstance(source.keys, StoreKeys):
+        k8s.core.v1.Secret(
+            "weights-credentials",
+            metadata={**meta, "name": name},
+            string_data={
+                "AWS_ACCESS_KEY_ID": pulumi.Output.secret(source.keys.access_key),
+                "AWS_SECRET_ACCESS_KEY": pulumi.Output.secret(source.keys.secret_key),
+            },
+            opts=opts,
+        )
+        return
+    k8s.apiextensions.CustomResource(
+        "weights-credentials",
+        api_version="external-secrets.io/v1beta1",
+        kind="ExternalSecret",
+        metadata={**meta, "name": name},
+        spec={
+            "refreshInterval": "1h",
+            "secretStoreRef": {"kind": "ClusterSecretStore", "name": source.keys.store},
+            "target": {"name": name},
+            "data": [
+                {
+                    "secretKey": variable,
+                    "remoteRef": {"key": source.keys.remote_key, "property": prop},
+                }
+                for variable, prop in (
+                    ("AWS_ACCESS_KEY_ID", "access_key"),
+                    ("AWS_SECRET_ACCESS_KEY", "secret_key"),
+                )
+            ],
+        },
+        opts=opts,
+    )
 
 
 def pod_spec(
@@ -287,6 +351,8 @@ def endpoint_program(
         )
         opts = pulumi.ResourceOptions(provider=provider)
         meta = {"namespace": endpoint.namespace, "labels": {**labels, **_MANAGED_BY}}
+        if weights.digest:
+            _credentials(k8s, pulumi, meta, runtime.weights, opts)
         if endpoint.chat_template:
             k8s.core.v1.ConfigMap(
                 "chat-template",

@@ -1,6 +1,7 @@
 """The twin's toolchain: Pulumi CLI, Kubernetes control plane, KWOK, the Pulumi Kubernetes
-provider plugin and etcd, pinned in infra/tools/versions.toml; and, for the twin's real nodes,
-the kubelet and the pause binary (optional: without them every twin node is a KWOK node).
+provider plugin, the S3 object store (versitygw) and etcd, pinned in
+infra/tools/versions.toml; and, for the twin's real nodes, the kubelet and the pause binary
+(optional: without them every twin node is a KWOK node).
 
 Go tools are built from their modules through the Go module proxy (release downloads are not
 reachable) into ${XDG_CACHE_HOME:-~/.cache}/homelab-dagster/tools/<name>-<version>/bin/, so a
@@ -32,13 +33,22 @@ from infra.tools import build_steps as steps
 VERSIONS_FILE = Path(__file__).resolve().parent / "tools" / "versions.toml"
 # pulumi first: the provider plugin is verified by `pulumi package get-schema <plugin>`.
 # kubelet after kubernetes: it reuses that build's Go cache (the same module).
-BUILD_ORDER = ("pulumi", "kubernetes", "kwok", "pulumi-kubernetes", "kubelet", "pause")
+BUILD_ORDER = (
+    "pulumi",
+    "kubernetes",
+    "kwok",
+    "pulumi-kubernetes",
+    "versitygw",
+    "kubelet",
+    "pause",
+)
 # Cold build minutes measured on the 2-core machine (docs/toolchain.md), for the warning only.
 COLD_MINUTES = {
     "pulumi": 6,
     "kubernetes": 7,
     "kwok": 3,
     "pulumi-kubernetes": 10,
+    "versitygw": 3,
     "kubelet": 3,
     "pause": 1,
 }
@@ -71,6 +81,7 @@ class Toolchain:
     etcd: Path | None
     pulumi_kubernetes: Path  # the plugin binary pulumi-resource-kubernetes
     pulumi_python: Path | None  # pulumi-resource-pulumi-python, for Python dynamic providers
+    versitygw: Path  # the twin's S3 object store (homelab_dagster/twin_store.py)
     bin_dirs: list[Path]
     # Real nodes only (optional tools: None when not built, and every twin node is a KWOK node).
     kubelet: Path | None = None
@@ -388,6 +399,7 @@ def _assemble(
         etcd=etcd,
         pulumi_kubernetes=found["pulumi-kubernetes"]["pulumi-resource-kubernetes"],
         pulumi_python=plugin,
+        versitygw=found["versitygw"]["versitygw"],
         bin_dirs=bin_dirs,
         kubelet=optional.get("kubelet"),
         pause=optional.get("pause"),

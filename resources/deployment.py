@@ -14,7 +14,8 @@ other module asks which target it runs on.
 | Helm components, Linkerd ``Link`` | skipped (no chart repository is reachable) | installed |
 | kubeconfig | ``<state>/twin/kubeconfig``, contexts ``twin-<cluster>`` | ``$KUBECONFIG`` or ``~/.kube/config``; ``kind-<cluster>`` for Kind clusters, ``<cluster>`` for k3s |
 | training | flytekit's local execution | FlyteRemote on Forge |
-| weights | ``<state>/weights`` | the MinIO bucket |
+| weights store (``ml.weights_bucket``) | versitygw on loopback (``homelab twin up``), keys in ``<state>/twin/store/credentials`` | MinIO at ``$HOMELAB_WEIGHTS_S3_ENDPOINT``, keys from ``AWS_*`` |
+| serving pods' copy step: endpoint, keys | the store's address on ``lo``; a Secret of the generated keys | the same endpoint; an ``ExternalSecret`` (ClusterSecretStore ``homelab``) |
 | images asked for before a deploy | the twin's registry (``homelab twin up`` fills it) | not asked (the nodes pull from ``ghcr.io``) |
 | executor | multiprocess, steps forked from a preloaded server | ``k8s_job_executor``: each step a pod on the orchestrator's nodes |
 | training schedules | stopped | running |
@@ -48,7 +49,8 @@ from homelab_dagster.settings import (
     Settings,
     Target,
 )
-from homelab_dagster.twin import cluster_kubeconfig, service_port
+from homelab_dagster.twin import STORE_PORT_INDEX, cluster_kubeconfig, service_port
+from homelab_dagster.twin_host import loopback_address
 from homelab_dagster.twin_nodes import REAL_NODE_LABELS
 from infra.toolchain import cache_root
 from resources.flyte import LocalFlyteLauncher, RemoteFlyteLauncher
@@ -75,6 +77,8 @@ PRELOAD_MODULES = [
 # The most stack steps at once: each runs a Pulumi engine and a provider.
 MAX_CONCURRENT_STEPS = 8
 _CHARTS_NOTE = "the twin cannot reach chart repositories; installed on the homelab target"
+# The weights store's S3 endpoint on the homelab (MinIO on Forge), for steps and pods alike.
+WEIGHTS_ENDPOINT_VAR = "HOMELAB_WEIGHTS_S3_ENDPOINT"
 
 
 @dataclass(frozen=True)
@@ -95,16 +99,16 @@ class Deployment:
 
     def pulled_images(self, inventory: Inventory, clusters: Iterable[str]) -> list[str]:
         """The images this deployment's pods pull on ``clusters``: each endpoint's server
-        there, and Dagster's own on the orchestrator's cluster (what ``homelab twin up`` makes
-        sure the twin's registry holds)."""
+        and copy step there, and Dagster's own on the orchestrator's cluster (what
+        ``homelab twin up`` makes sure the twin's registry holds)."""
         wanted = set(clusters)
         vllm = self.resources["vllm"]
         assert isinstance(vllm, VllmServers)
-        runtime = vllm.runtime()
         images = [
-            runtime.image_of(endpoint)
+            image
             for endpoint in inventory.endpoints.values()
             if endpoint.cluster in wanted
+            for image in vllm.pulled_images(endpoint)
         ]
         if inventory.orchestrator.cluster in wanted:
             dagster = self.resources["dagster_on_kubernetes"]
@@ -143,7 +147,7 @@ def build_deployment(settings: Settings, inventory: Inventory | None) -> Deploym
         )
         return Deployment(
             resources={
-                **_twin_resources(settings),
+                **_twin_resources(settings, inventory, dagster.image),
                 "dagster_on_kubernetes": dagster,
                 "image_registry": ImageRegistry(address=registry),
             },
@@ -158,7 +162,7 @@ def build_deployment(settings: Settings, inventory: Inventory | None) -> Deploym
         )
     return Deployment(
         resources={
-            **_homelab_resources(settings, inventory),
+            **_homelab_resources(settings, inventory, dagster.image),
             "dagster_on_kubernetes": dagster,
             "image_registry": ImageRegistry(),
         },
@@ -183,8 +187,15 @@ def _webhook(settings: Settings) -> Webhook:
     return Webhook(url=dg.EnvVar(WEBHOOK_URL_VAR)) if settings.webhook else Webhook()
 
 
-def _twin_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
+def _twin_resources(
+    settings: Settings, inventory: Inventory | None, image: str
+) -> dict[str, dg.ConfigurableResource]:
     state = settings.state_dir
+    ml = inventory.ml if inventory else Ml()
+    # The twin's object store (homelab_dagster/twin_store.py): this machine's processes reach
+    # it on loopback, the serving pods at its address on `lo` (through their node's bridge).
+    port = service_port(inventory, settings.twin_port_base, STORE_PORT_INDEX) if inventory else 0
+    keys = str(state / "twin" / "store" / "credentials")
     return {
         "pulumi": PulumiStacks(
             target=settings.target.value,
@@ -202,15 +213,19 @@ def _twin_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
         "flyte": LocalFlyteLauncher(
             corpus_root=str(settings.inventory_path.parent), work_dir=str(state / "flyte")
         ),
-        "weights_store": WeightsStore(url=str(state / "weights")),
-        # vLLM's CPU build (docs/serving.md); the real node runs on this machine, so the
-        # store's directory is mounted by hostPath.
+        "weights_store": WeightsStore(
+            bucket=ml.weights_bucket, endpoint_url=f"http://127.0.0.1:{port}", credentials_file=keys
+        ),
+        # vLLM's CPU build (docs/serving.md).
         "vllm": VllmServers(
             image=image_reference("vllm-cpu"),
             runtime_args=["--enforce-eager", "--dtype", "float32"],
             runtime_env={"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"},
             memory="4Gi",
-            weights_host_path=str((state / "weights").resolve()),
+            weights_bucket_url=f"s3://{ml.weights_bucket}",
+            weights_endpoint_url=f"http://{loopback_address(port)}:{port}",
+            weights_copy_image=image,
+            weights_credentials_file=keys,
             serves_unstored=False,
         ),
         "git": _git_repository(settings),
@@ -219,7 +234,7 @@ def _twin_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
 
 
 def _homelab_resources(
-    settings: Settings, inventory: Inventory | None
+    settings: Settings, inventory: Inventory | None, image: str
 ) -> dict[str, dg.ConfigurableResource]:
     """Homelab environment (read at launch, never at import): ``HOMELAB_TRAINING_IMAGE``,
     ``HOMELAB_WEIGHTS_S3_ENDPOINT``, the AWS credential variables for the bucket, flytekit's
@@ -243,13 +258,15 @@ def _homelab_resources(
             domain=ml.flyte_domain,
             image=dg.EnvVar("HOMELAB_TRAINING_IMAGE"),
         ),
+        # Keys: boto3's chain (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY: docs/deploy.md).
         "weights_store": WeightsStore(
-            url=f"s3://{ml.weights_bucket}",
-            endpoint_url=dg.EnvVar("HOMELAB_WEIGHTS_S3_ENDPOINT"),
+            bucket=ml.weights_bucket, endpoint_url=dg.EnvVar(WEIGHTS_ENDPOINT_VAR)
         ),
+        # The copy step's keys: an ExternalSecret from the ClusterSecretStore `homelab`.
         "vllm": VllmServers(
             weights_bucket_url=f"s3://{ml.weights_bucket}",
-            weights_endpoint_url=dg.EnvVar("HOMELAB_WEIGHTS_S3_ENDPOINT"),
+            weights_endpoint_url=dg.EnvVar(WEIGHTS_ENDPOINT_VAR),
+            weights_copy_image=image,
         ),
         "git": _git_repository(settings),
         "webhook": _webhook(settings),

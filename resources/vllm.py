@@ -2,10 +2,10 @@
 
 One resource, two configurations. :class:`VllmServers` says what the endpoint program needs
 besides the inventory (on the twin: the image of vLLM's CPU build from the twin's registry,
-``--enforce-eager --dtype float32``, ``VLLM_CPU_KVCACHE_SPACE``, the weights store's
-directory mounted by ``hostPath``; on the homelab: the inventory's pinned CUDA image and the
-store's bucket), and opens :class:`ServerClient`\\ s, which talk to a server with the
-``openai`` package.
+``--enforce-eager --dtype float32``, ``VLLM_CPU_KVCACHE_SPACE``; on the homelab: the
+inventory's pinned CUDA image), where the pods' copy step finds the weights store (its
+bucket, endpoint and keys: the only differences there), and opens :class:`ServerClient`\\ s,
+which talk to a server with the ``openai`` package.
 
 **How a check reaches the server: the Kubernetes API's port-forward, on both targets.** The
 twin's clusters have no kube-proxy (a NodePort answers nowhere), and on the homelab the step
@@ -34,7 +34,9 @@ import dagster as dg
 from pydantic import Field
 
 from homelab_dagster.errors import EndpointError
-from infra.endpoint import SERVER_PORT, ServerRuntime, WeightsSource
+from homelab_dagster.inventory import Endpoint
+from infra.endpoint import SERVER_PORT, ExternalKeys, ServerRuntime, StoreKeys, WeightsSource
+from resources._s3 import file_keys
 from resources.kubernetes import KubernetesClusters
 
 __all__ = ["Completion", "ServerClient", "VllmServers"]
@@ -75,13 +77,26 @@ class VllmServers(dg.ConfigurableResource):
         default_factory=dict, description="Server environment this runtime needs."
     )
     memory: str | None = Field(default=None, description="Memory each server pod requests.")
-    weights_host_path: str | None = Field(
-        default=None,
-        description="The weights store's directory on the nodes (the twin): mounted by "
-        "hostPath. None: an init container copies the version from weights_bucket_url.",
-    )
     weights_bucket_url: str = Field(default="", description="s3://bucket of the weights store.")
-    weights_endpoint_url: str = Field(default="", description="The bucket's S3 endpoint.")
+    weights_endpoint_url: str = Field(
+        default="", description="The store's S3 endpoint as the serving pods reach it."
+    )
+    weights_copy_image: str = Field(
+        default="", description="The image of the pods' copy step (the project's own)."
+    )
+    weights_credentials_file: str | None = Field(
+        default=None,
+        description="An AWS shared-credentials file whose keys the endpoint's stack puts in "
+        "the copy step's Secret (the twin's generated keys). None: an ExternalSecret makes "
+        "that Secret from weights_secret_store (the homelab).",
+    )
+    weights_secret_store: str = Field(
+        default="homelab", description="The ClusterSecretStore holding the store's keys."
+    )
+    weights_secret_key: str = Field(
+        default="weights-store",
+        description="Its remote key (properties access_key and secret_key).",
+    )
     serves_unstored: bool = Field(
         default=True,
         description="Whether a model whose weights are not in the store is served from its "
@@ -101,6 +116,11 @@ class VllmServers(dg.ConfigurableResource):
     connect_retries: int = Field(default=5, ge=0, description="Retries on connection errors.")
     backoff_s: float = Field(default=0.5, gt=0, description="First retry's wait (doubled each).")
 
+    def pulled_images(self, endpoint: Endpoint) -> list[str]:
+        """The images ``endpoint``'s pods pull: its server's, and its copy step's."""
+        server = ServerRuntime(image=self.image).image_of(endpoint)
+        return [server, self.weights_copy_image] if self.weights_copy_image else [server]
+
     def runtime(self) -> ServerRuntime:
         """What the endpoint program takes from this deployment."""
         return ServerRuntime(
@@ -109,9 +129,14 @@ class VllmServers(dg.ConfigurableResource):
             env=dict(self.runtime_env),
             memory=self.memory,
             weights=WeightsSource(
-                host_path=self.weights_host_path,
                 bucket_url=self.weights_bucket_url,
                 endpoint_url=self.weights_endpoint_url,
+                copy_image=self.weights_copy_image,
+                keys=(
+                    StoreKeys(*file_keys(self.weights_credentials_file))
+                    if self.weights_credentials_file
+                    else ExternalKeys(self.weights_secret_store, self.weights_secret_key)
+                ),
             ),
         )
 

@@ -109,6 +109,28 @@ def twin(tmp_path_factory, toolchain, shipped_inventory, twin_port_base):
     instance.down(purge=True)
 
 
+@pytest.fixture(scope="session")
+def object_store(twin):
+    """The session twin's S3 object store (versitygw), started once (as ``twin up`` does)."""
+    twin.store.up(for_pods=False)  # kept as it runs where real nodes started it for pods
+    return twin.store
+
+
+@pytest.fixture
+def weights_store(object_store):
+    """A weights store of the twin's configuration on a bucket of its own (created by the
+    first write)."""
+    import uuid
+
+    from resources.weights import WeightsStore
+
+    return WeightsStore(
+        bucket=f"test-{uuid.uuid4().hex[:12]}",
+        endpoint_url=f"http://{object_store.address}",
+        credentials_file=str(object_store.credentials),
+    )
+
+
 # ---------------------------------------------------------------------------- the ml extra
 
 

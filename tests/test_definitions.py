@@ -232,12 +232,19 @@ def test_the_preview_job_previews_every_cluster_link_and_endpoint_stack(project_
 
 
 def test_an_endpoint_whose_trained_model_has_no_version_yet_is_not_previewed_and_says_why(
-    project_root, inventory, tmp_path
+    project_root, inventory, object_store, twin
 ):
     """Before the first training, `homelab preview` cannot plan the trained model's endpoint;
-    its op says so (an observation, not a failure: `up` registers the version first)."""
-    settings = Settings(project_root / "homelab.yaml", Target.TWIN, tmp_path / "state")
-    defs = build_definitions(settings, inventory)
+    its op says so (an observation, not a failure: `up` registers the version first). The
+    twin's deployment on the session twin's object store, with a weights bucket of its own."""
+    settings = Settings(
+        project_root / "homelab.yaml",
+        Target.TWIN,
+        object_store.root.parent.parent,  # <state>/twin/store
+        twin_port_base=twin.api_port_base,
+    )
+    empty = inventory.ml.model_copy(update={"weights_bucket": "test-never-trained"})
+    defs = build_definitions(settings, inventory.model_copy(update={"ml": empty}))
     result = defs.resolve_job_def("preview").execute_in_process(
         op_selection=["preview_vllm_endpoint_sre_agent"], instance=dg.DagsterInstance.ephemeral()
     )
@@ -283,7 +290,7 @@ def test_the_target_is_read_only_by_settings_and_the_configuration_root(project_
 
 
 def test_an_endpoints_checks_run_alone_and_say_what_they_cannot_check(
-    project_root, tmp_path, inventory
+    project_root, tmp_path, inventory, weights_store
 ):
     # The 70B endpoint on a fresh twin deployment: its stack was never brought up, its weights
     # are not in the store and the twin cannot fetch them. A run of its checks alone (can_subset)
@@ -302,7 +309,8 @@ def test_an_endpoints_checks_run_alone_and_say_what_they_cannot_check(
     key = endpoint_key("vllm")
     result = dg.materialize(
         list(defs.assets or []),
-        resources=build_deployment(settings, inventory).resources,
+        resources=build_deployment(settings, inventory).resources
+        | {"weights_store": weights_store},  # a bucket of its own: the model is not in it
         selection=dg.AssetSelection.checks_for_assets(key),
         raise_on_error=False,
     )

@@ -21,6 +21,7 @@ from infra.endpoint import (
     GPU_RESOURCE,
     ServedWeights,
     ServerRuntime,
+    StoreKeys,
     WeightsSource,
     pod_spec,
     served_names,
@@ -125,7 +126,7 @@ def _sre_agent(shipped_inventory):
 DIGEST = "ab" * 32
 
 
-def test_the_twin_pod_mounts_the_version_read_only_asks_no_gpu_on_cpu_and_runs_on_inference(
+def test_the_twin_pod_copies_the_version_in_first_asks_no_gpu_on_cpu_and_runs_on_inference(
     shipped_inventory,
 ):
     endpoint, forge = _sre_agent(shipped_inventory)
@@ -134,7 +135,12 @@ def test_the_twin_pod_mounts_the_version_read_only_asks_no_gpu_on_cpu_and_runs_o
         args=("--enforce-eager", "--dtype", "float32"),
         env={"VLLM_CPU_KVCACHE_SPACE": "1"},
         memory="4Gi",
-        weights=WeightsSource(host_path="/state/weights"),
+        weights=WeightsSource(
+            bucket_url="s3://ml-models",
+            endpoint_url="http://198.18.66.211:16485",
+            copy_image="ghcr.io/homelab/homelab-dagster:0.1.0",
+            keys=StoreKeys("AKIATWIN", "twin-secret"),
+        ),
     )
     weights = ServedWeights(DIGEST, f"sre-agent/versions/{DIGEST}")
     spec = pod_spec("sre-agent", endpoint, forge, weights, runtime)
@@ -147,11 +153,23 @@ def test_the_twin_pod_mounts_the_version_read_only_asks_no_gpu_on_cpu_and_runs_o
     assert GPU_RESOURCE not in container["resources"]["limits"]
     assert GPU_RESOURCE not in container["resources"]["requests"]
     assert container["image"] == "ghcr.io/homelab/vllm-cpu:0.32.0"
-    weights_volume = next(v for v in spec["volumes"] if v["name"] == "weights")
-    assert weights_volume["hostPath"] == {
-        "path": f"/state/weights/sre-agent/versions/{DIGEST}",
-        "type": "Directory",
-    }
+    # No hostPath anywhere: the copy step fills an emptyDir, verified, before the server starts.
+    assert {"name": "weights", "emptyDir": {}} in spec["volumes"]
+    assert not any("hostPath" in v for v in spec["volumes"])
+    (copy,) = spec["initContainers"]
+    assert copy["image"] == "ghcr.io/homelab/homelab-dagster:0.1.0"
+    assert copy["command"] == [
+        "python",
+        "-m",
+        "resources.weights_copy",
+        "--endpoint-url",
+        "http://198.18.66.211:16485",
+        f"s3://ml-models/sre-agent/versions/{DIGEST}",
+        f"/models/{DIGEST}",
+    ]
+    assert copy["envFrom"] == [{"secretRef": {"name": "weights-store-credentials"}}]
+    assert copy["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    assert "twin-secret" not in repr(runtime)  # the keys never print
     mount = next(m for m in container["volumeMounts"] if m["name"] == "weights")
     assert mount == {"name": "weights", "mountPath": f"/models/{DIGEST}", "readOnly": True}
     command = container["command"]
@@ -182,10 +200,12 @@ def test_the_homelab_pod_fetches_the_version_from_the_bucket_and_tolerates_node_
     inventory = parse_inventory(inventory_text(edit), "homelab.yaml")
     endpoint = inventory.endpoints["vllm"]
     weights = ServedWeights(DIGEST, f"llama/versions/{DIGEST}")
-    runtime = ServerRuntime(weights=WeightsSource(bucket_url="s3://ml-models"))
+    runtime = ServerRuntime(
+        weights=WeightsSource(bucket_url="s3://ml-models", endpoint_url="http://minio:9000")
+    )
     spec = pod_spec("vllm", endpoint, inventory.clusters["forge"], weights, runtime)
     (init,) = spec["initContainers"]
-    assert init["args"][:2] == [f"s3://ml-models/llama/versions/{DIGEST}/", f"/models/{DIGEST}/"]
+    assert init["command"][-2:] == [f"s3://ml-models/llama/versions/{DIGEST}", f"/models/{DIGEST}"]
     assert {"name": "weights", "emptyDir": {}} in spec["volumes"]
     assert {"key": "dedicated", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
     (container,) = spec["containers"]
@@ -207,7 +227,7 @@ def test_a_model_the_store_does_not_hold_is_served_by_its_hub_id_with_no_weights
     weights"); every mount names a volume of the pod."""
     endpoint = shipped_inventory.endpoints["vllm"]
     weights = ServedWeights(None, model_id="meta-llama/Llama-3.1-70B-Instruct")
-    for source in (WeightsSource(host_path="/srv/weights"), WeightsSource(bucket_url="s3://m")):
+    for source in (WeightsSource(), WeightsSource(bucket_url="s3://m")):
         runtime = ServerRuntime(weights=source)
         spec = pod_spec("vllm", endpoint, shipped_inventory.clusters["forge"], weights, runtime)
         (container,) = spec["containers"]
@@ -313,6 +333,39 @@ def test_observed_pod_reads_the_schedulers_refusal_from_a_client_pod():
     assert observed.unschedulable == "no GPUs" and observed.digest == DIGEST
     assert not observed.ready and not observed.deleting
     assert 89 <= observed.age_s < 120  # the API server's clock: what a stuck step is timed by
+
+
+def test_a_failed_copy_step_fails_the_rollout_with_what_it_said():
+    """The init container's termination message (its last line: the file that did not
+    verify) is the rollout's reason; the server never started."""
+    from kubernetes import client
+
+    said = "weights copy failed: model.safetensors of version abababababab has sha256 ..."
+    pod = client.V1Pod(
+        metadata=client.V1ObjectMeta(name="p", annotations={"homelab.dev/weights-digest": DIGEST}),
+        spec=client.V1PodSpec(containers=[], node_name="forge-inference"),
+        status=client.V1PodStatus(
+            phase="Pending",
+            init_container_statuses=[
+                client.V1ContainerStatus(
+                    name="fetch-weights",
+                    image="i",
+                    image_id="",
+                    ready=False,
+                    restart_count=1,
+                    state=client.V1ContainerState(
+                        waiting=client.V1ContainerStateWaiting(reason="CrashLoopBackOff")
+                    ),
+                    last_state=client.V1ContainerState(
+                        terminated=client.V1ContainerStateTerminated(exit_code=1, message=said)
+                    ),
+                )
+            ],
+        ),
+    )
+    rollout = serving.rollout_state([serving.observed_pod(pod)], DIGEST)
+    assert rollout.state == "failed"
+    assert rollout.reason == f"pod p never started its server: fetch-weights: {said}"
 
 
 def test_serves_weights_latency_and_rollback_rules():

@@ -1,7 +1,8 @@
 """training_run/<run> and model_weights/<model>, materialised against the twin's local Flyte.
 
 Real flytekit local execution in a child process, real torch on the CPU, a real weights
-store in a temporary directory: nothing is mocked. Each training takes seconds.
+store on the twin's S3 server (a bucket of this module's own): nothing is mocked. Each training
+takes seconds.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from homelab_dagster.inventory import Inventory
 from homelab_dagster.loader import load_inventory, parse_inventory
 from homelab_dagster.ml.digest import directory_digest
 from resources.flyte import LocalFlyteLauncher
-from resources.weights import WeightsStore
+from resources.weights import WeightsStore, version_prefix
+from resources.weights_copy import copy_version
 from sensors.training import build_training_schedules
 
 RUN, MODEL = "sre-runbook", "sre-agent"
@@ -48,13 +50,14 @@ def ml_assets(inventory: Inventory) -> list:
     return list(defs.assets)
 
 
-class Twin:
-    """A corpus, a state directory and one Dagster instance kept across materialisations."""
+class Lab:
+    """A corpus, a state directory, a weights store and one Dagster instance kept across
+    materialisations."""
 
-    def __init__(self, tmp: Path, inventory: Inventory) -> None:
+    def __init__(self, tmp: Path, inventory: Inventory, store: WeightsStore) -> None:
         self.root = write_corpus(tmp / "project")
         self.inventory = inventory
-        self.store = WeightsStore(url=str(tmp / "state" / "weights"))
+        self.store = store
         self.work = tmp / "state" / "flyte"
         self.resources = {
             "flyte": LocalFlyteLauncher(corpus_root=str(self.root), work_dir=str(self.work)),
@@ -87,62 +90,78 @@ def shipped(project_root) -> Inventory:
     return load_inventory(project_root / "homelab.yaml").inventory
 
 
-@pytest.fixture(scope="module")
-def twin(tmp_path_factory, shipped) -> Twin:
-    return Twin(tmp_path_factory.mktemp("ml"), shipped)
+def store_on(server, bucket: str) -> WeightsStore:
+    """A weights store of the twin's configuration on ``bucket`` of the twin's object store."""
+    return WeightsStore(
+        bucket=bucket,
+        endpoint_url=f"http://{server.address}",
+        credentials_file=str(server.credentials),
+    )
 
 
 @pytest.fixture(scope="module")
-def first(twin: Twin) -> dg.ExecuteInProcessResult:
-    return twin.materialize()
+def lab(tmp_path_factory, shipped, object_store) -> Lab:
+    return Lab(tmp_path_factory.mktemp("ml"), shipped, store_on(object_store, "test-ml-assets"))
+
+
+@pytest.fixture(scope="module")
+def first(lab: Lab) -> dg.ExecuteInProcessResult:
+    return lab.materialize()
 
 
 @needs_ml
 @pytest.mark.slow
-def test_training_run_trains_on_the_cpu(first: dg.ExecuteInProcessResult, twin: Twin) -> None:
+def test_training_run_trains_on_the_cpu(first: dg.ExecuteInProcessResult, lab: Lab) -> None:
     assert first.success
     meta = metadata(first, RUN_KEY)
     assert meta["reused"] is False
     assert meta["execution_id"].startswith(f"local-{RUN}-")
     assert meta["execution_url"].startswith("file://")
-    assert meta["train_steps"] == twin.inventory.training_runs[RUN].twin_hyperparameters.steps
+    assert meta["train_steps"] == lab.inventory.training_runs[RUN].twin_hyperparameters.steps
     curve = meta["loss_curve"]
     assert sum(curve[-10:]) / 10 < sum(curve[:10]) / 10 - 0.3  # the loss goes down
     assert meta["eval_loss"] > 0 and meta["perplexity"] > 1
     assert meta["parameter_count"] > 100_000 and meta["duration_s"] > 0
-    assert len(twin.executions()) == 1
+    assert len(lab.executions()) == 1
 
 
 @needs_ml
 @pytest.mark.slow
 def test_model_weights_registers_a_version_whose_digest_matches_the_files(
-    first: dg.ExecuteInProcessResult, twin: Twin
+    first: dg.ExecuteInProcessResult, lab: Lab, tmp_path_factory
 ) -> None:
     run_meta, weights_meta = metadata(first, RUN_KEY), metadata(first, WEIGHTS_KEY)
     digest = weights_meta["digest"]
     assert digest == run_meta["weights_digest"]
-    assert directory_digest(weights_meta["weights_uri"])[0] == digest
+    assert weights_meta["weights_uri"] == f"s3://{lab.store.bucket}/{MODEL}/versions/{digest}"
+    assert run_meta["weights_uri"] == weights_meta["weights_uri"]  # staged by the run
+    copied = tmp_path_factory.mktemp("copied")
+    copy_version(lab.store.store, version_prefix(MODEL, digest), copied)
+    assert directory_digest(copied)[0] == digest
     assert weights_meta["promoted"] is True and weights_meta["new_version"] is True
-    version = twin.store.current(MODEL)
+    version = lab.store.current(MODEL)
     assert version.digest == digest and version.fingerprint == run_meta["fingerprint"]
     assert version.metrics["eval_loss"] == pytest.approx(run_meta["eval_loss"])
     assert version.source_run == RUN and version.execution_id == run_meta["execution_id"]
     (check,) = first.get_asset_check_evaluations()
     assert check.passed
     # The UI's history: the materialisation's data version is the digest.
-    record = twin.instance.get_latest_materialization_event(WEIGHTS_KEY)
+    record = lab.instance.get_latest_materialization_event(WEIGHTS_KEY)
     assert record.asset_materialization.tags["dagster/data_version"] == digest
 
 
 @needs_ml
 @pytest.mark.slow
 def test_the_registered_weights_generate_offline(
-    first: dg.ExecuteInProcessResult, twin: Twin
+    first: dg.ExecuteInProcessResult, lab: Lab, tmp_path: Path
 ) -> None:
+    """What the serving pod's copy step puts in /models/<digest> loads and generates."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = twin.store.current(MODEL).uri
+    current = lab.store.current(MODEL)
+    path = tmp_path / current.digest
+    copy_version(lab.store.store, version_prefix(MODEL, current.digest), path)
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     prompt = tokenizer("Check the flyte pod", return_tensors="pt")
@@ -154,17 +173,17 @@ def test_the_registered_weights_generate_offline(
 @needs_ml
 @pytest.mark.slow
 def test_the_same_inputs_reuse_the_version_without_training(
-    first: dg.ExecuteInProcessResult, twin: Twin
+    first: dg.ExecuteInProcessResult, lab: Lab
 ) -> None:
-    before = twin.executions()
-    again = twin.materialize()
+    before = lab.executions()
+    again = lab.materialize()
     assert again.success
     meta = metadata(again, RUN_KEY)
     assert meta["reused"] is True
     assert meta["weights_digest"] == metadata(first, WEIGHTS_KEY)["digest"]
     assert meta["execution_id"] == metadata(first, RUN_KEY)["execution_id"]  # the original run
-    assert twin.executions() == before  # the training function did not run again
-    logs = [entry.user_message for entry in twin.instance.all_logs(again.run_id)]
+    assert lab.executions() == before  # the training function did not run again
+    logs = [entry.user_message for entry in lab.instance.all_logs(again.run_id)]
     assert any(m.startswith("reusing sre-agent version") for m in logs)
     weights = metadata(again, WEIGHTS_KEY)
     assert weights["new_version"] is False and weights["version_count"] == 1
@@ -173,28 +192,26 @@ def test_the_same_inputs_reuse_the_version_without_training(
 @needs_ml
 @pytest.mark.slow
 def test_changed_hyperparameters_train_a_new_version_and_both_stay_listed(
-    first: dg.ExecuteInProcessResult, twin: Twin
+    first: dg.ExecuteInProcessResult, lab: Lab
 ) -> None:
-    changed = with_run(twin.inventory, twin_hyperparameters={"learning_rate": 4e-3})
-    result = twin.materialize(changed)
+    changed = with_run(lab.inventory, twin_hyperparameters={"learning_rate": 4e-3})
+    result = lab.materialize(changed)
     assert result.success
     assert metadata(result, RUN_KEY)["reused"] is False
     new = metadata(result, WEIGHTS_KEY)
     old_digest = metadata(first, WEIGHTS_KEY)["digest"]
     assert new["digest"] != old_digest and new["new_version"] is True
-    listed = {v.digest for v in twin.store.versions(MODEL)}
+    listed = {v.digest for v in lab.store.versions(MODEL)}
     assert {old_digest, new["digest"]} <= listed
 
 
 @needs_ml
 @pytest.mark.slow
-def test_a_changed_corpus_trains_a_new_version(
-    first: dg.ExecuteInProcessResult, twin: Twin
-) -> None:
-    page = twin.root / "docs" / "drain.md"
+def test_a_changed_corpus_trains_a_new_version(first: dg.ExecuteInProcessResult, lab: Lab) -> None:
+    page = lab.root / "docs" / "drain.md"
     page.write_text("Drain a Forge node: cordon it, evict the vLLM pods, wait for Flux.\n" * 20)
     try:
-        result = twin.materialize()
+        result = lab.materialize()
     finally:
         page.unlink()
     meta = metadata(result, RUN_KEY)
@@ -204,18 +221,18 @@ def test_a_changed_corpus_trains_a_new_version(
     # Registered and listed whatever the gate decides (the held-out blocks changed too).
     registered = metadata(result, WEIGHTS_KEY)
     assert registered["new_version"] is True
-    assert registered["digest"] in {v.digest for v in twin.store.versions(MODEL)}
-    assert metadata(first, WEIGHTS_KEY)["digest"] in {v.digest for v in twin.store.versions(MODEL)}
+    assert registered["digest"] in {v.digest for v in lab.store.versions(MODEL)}
+    assert metadata(first, WEIGHTS_KEY)["digest"] in {v.digest for v in lab.store.versions(MODEL)}
 
 
 @needs_ml
 @pytest.mark.slow
 def test_a_regressing_version_is_listed_but_blocked(
-    first: dg.ExecuteInProcessResult, twin: Twin
+    first: dg.ExecuteInProcessResult, lab: Lab
 ) -> None:
-    current = twin.store.current(MODEL)
-    worse = with_run(twin.inventory, twin_hyperparameters={"steps": 2, "learning_rate": 1e-4})
-    result = twin.materialize(worse)
+    current = lab.store.current(MODEL)
+    worse = with_run(lab.inventory, twin_hyperparameters={"steps": 2, "learning_rate": 1e-4})
+    result = lab.materialize(worse)
     assert not result.success  # the blocking check fails the step
     (check,) = result.get_asset_check_evaluations()
     assert not check.passed and "worse than the current version" in check.description
@@ -224,22 +241,22 @@ def test_a_regressing_version_is_listed_but_blocked(
     )
     rejected = metadata(result, WEIGHTS_KEY)
     assert rejected["promoted"] is False
-    assert twin.store.current(MODEL).digest == current.digest  # still the good one
-    assert rejected["digest"] in {v.digest for v in twin.store.versions(MODEL)}
+    assert lab.store.current(MODEL).digest == current.digest  # still the good one
+    assert rejected["digest"] in {v.digest for v in lab.store.versions(MODEL)}
 
 
 @needs_ml
 @pytest.mark.slow
 def test_rollback_makes_an_older_version_current(
-    first: dg.ExecuteInProcessResult, twin: Twin
+    first: dg.ExecuteInProcessResult, lab: Lab
 ) -> None:
     target = metadata(first, WEIGHTS_KEY)["digest"]
-    result = twin.materialize(
+    result = lab.materialize(
         selection=[WEIGHTS_KEY],
         run_config={"ops": {"model_weights__sre_agent": {"config": {"rollback_to": target[:12]}}}},
     )
     assert result.success
-    assert twin.store.current(MODEL).digest == target
+    assert lab.store.current(MODEL).digest == target
     assert metadata(result, WEIGHTS_KEY)["digest"] == target
 
 
@@ -272,12 +289,12 @@ def report_training(instance: dg.DagsterInstance, tmp: Path, tag: int, eval_loss
 
 
 def test_the_gate_promotes_holds_and_rolls_back_reported_runs(
-    tmp_path: Path, shipped: Inventory
+    tmp_path: Path, shipped: Inventory, weights_store: WeightsStore
 ) -> None:
     """model_weights' own path through Dagster, fed by reported training materialisations."""
     run = shipped.training_runs[RUN]
     assets = list(build_model_weights_defs(MODEL, shipped.models[MODEL], {RUN: run}).assets)
-    store = WeightsStore(url=str(tmp_path / "store"))
+    store = weights_store
     instance = dg.DagsterInstance.ephemeral()
 
     def weights(rollback_to: str | None = None) -> dg.ExecuteInProcessResult:
@@ -332,15 +349,17 @@ def test_the_gate_promotes_holds_and_rolls_back_reported_runs(
     assert store.current(MODEL).digest == good
 
 
-def test_an_empty_corpus_fails_before_launching(tmp_path: Path, shipped: Inventory) -> None:
-    twin = Twin(tmp_path, shipped)
+def test_an_empty_corpus_fails_before_launching(
+    tmp_path: Path, shipped: Inventory, weights_store: WeightsStore
+) -> None:
+    lab = Lab(tmp_path, shipped, weights_store)
     empty = with_run(shipped, corpus=["nothing/**/*.md"])
-    result = twin.materialize(empty, selection=[RUN_KEY])
+    result = lab.materialize(empty, selection=[RUN_KEY])
     assert not result.success
     (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
     message = failure.step_failure_data.user_failure_data.description
     assert "the corpus is empty" in message and "nothing/**/*.md" in message
-    assert twin.executions() == []  # nothing was launched
+    assert lab.executions() == []  # nothing was launched
 
 
 def test_a_run_on_a_cluster_without_gpus_is_refused_by_the_inventory(inventory_text) -> None:
@@ -349,13 +368,15 @@ def test_a_run_on_a_cluster_without_gpus_is_refused_by_the_inventory(inventory_t
         parse_inventory(text)
 
 
-def test_an_external_model_is_observed_not_trained(tmp_path: Path, shipped: Inventory) -> None:
+def test_an_external_model_is_observed_not_trained(
+    shipped: Inventory, weights_store: WeightsStore
+) -> None:
     name = "llama-3.1-70b-instruct"
     model = shipped.models[name]
     defs = dg.Definitions(
         assets=list(build_model_weights_defs(name, model, {}).assets),
         jobs=[dg.define_asset_job("observe", selection=[model_weights_key(name)])],
-        resources={"weights_store": WeightsStore(url=str(tmp_path / "weights"))},
+        resources={"weights_store": weights_store},
     )
     result = defs.resolve_job_def("observe").execute_in_process()
     assert result.success
@@ -378,12 +399,12 @@ def test_schedules_come_from_the_inventory_and_start_as_asked(shipped: Inventory
 @needs_ml
 @pytest.mark.slow
 def test_a_failure_inside_the_workflow_surfaces_its_reason(
-    tmp_path: Path, shipped: Inventory
+    tmp_path: Path, shipped: Inventory, weights_store: WeightsStore
 ) -> None:
-    twin = Twin(tmp_path, shipped)
-    (twin.root / "tiny").mkdir()
-    (twin.root / "tiny" / "a.md").write_text("far too short to train on")
-    result = twin.materialize(with_run(shipped, corpus=["tiny/*.md"]), selection=[RUN_KEY])
+    lab = Lab(tmp_path, shipped, weights_store)
+    (lab.root / "tiny").mkdir()
+    (lab.root / "tiny" / "a.md").write_text("far too short to train on")
+    result = lab.materialize(with_run(shipped, corpus=["tiny/*.md"]), selection=[RUN_KEY])
     assert not result.success
     (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
     message = failure.step_failure_data.user_failure_data.description

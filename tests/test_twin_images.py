@@ -112,7 +112,11 @@ def test_twin_up_puts_in_the_registry_the_images_the_pods_on_its_clusters_pull(
         return build_deployment(settings, shipped_inventory)
 
     twin = deployment(Target.TWIN)
-    assert twin.pulled_images(shipped_inventory, ["forge"]) == [image_reference("vllm-cpu")]
+    # Forge's endpoints: vLLM's server, and the copy step (the project's image).
+    assert twin.pulled_images(shipped_inventory, ["forge"]) == [
+        image_reference("vllm-cpu"),
+        image_reference("homelab-dagster"),
+    ]
     assert twin.pulled_images(shipped_inventory, ["studio"]) == [image_reference("homelab-dagster")]
     assert twin.pulled_images(shipped_inventory, ["pi", "air"]) == []
     assert twin.resources["image_registry"].address == "127.0.0.1:20483"  # 20443 + 8 x 5

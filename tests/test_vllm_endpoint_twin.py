@@ -1,12 +1,15 @@
 """vLLM on the twin, end to end: trained weights served by a pod on Forge's real inference node.
 
-A tiny GPT-2 (head width 32) is trained on the CPU and registered in the twin's weights store;
-``vllm_endpoint/sre-agent`` deploys vLLM's CPU build (the image ``homelab twin images``
-builds from ``images/vllm-cpu/uv.lock``) on ``forge-inference``, mounting that version
-read-only, and its checks talk to it through the API server's port-forward. Then: a killed pod
-is brought back by the next materialisation; a version whose head width the runtime refuses
-is caught and the previous version keeps serving; tensor parallelism 4 on GPUs fails
-with the scheduler's words (forge-inference has 2).
+A tiny GPT-2 (head width 32) is trained on the CPU and registered in the twin's weights store
+(the S3 bucket of the twin's object store); ``vllm_endpoint/sre-agent`` deploys vLLM's CPU
+build (the image ``homelab twin images`` builds from ``images/vllm-cpu/uv.lock``) on
+``forge-inference``, whose copy step (the project's image) fetches that version from the bucket
+and verifies it before the server starts, and its checks talk to it through the API server's
+port-forward. Then: a killed pod is brought back by the next materialisation; a version whose
+head width the runtime refuses is caught and the previous version keeps serving; a version
+changed in the store behind its back fails its pod's copy step, naming the file, and the
+previous version keeps serving; tensor parallelism 4 on GPUs fails with the scheduler's words
+(forge-inference has 2).
 
 Slow (minutes: vLLM's CPU build starts in about 30 s idle, several minutes under load). Needs
 real nodes (Linux, root, `make system-deps`, `make tools`) and the image tools of
@@ -49,7 +52,8 @@ def serving(real_forge, shipped_inventory, tmp_path_factory):
     if why:
         pytest.skip(f"the twin's images cannot be built here: {why}")
     real_forge.registry.up()
-    ImageBuilder().build_and_push(["vllm-cpu"], real_forge.registry)
+    # The server's image and the copy step's (the project's own).
+    ImageBuilder().build_and_push(["vllm-cpu", "homelab-dagster"], real_forge.registry)
     settings = Settings(
         real_forge.root.parent / "homelab.yaml",
         Target.TWIN,
@@ -220,6 +224,11 @@ def test_the_trained_weights_serve_from_the_real_node_checked_then_a_bad_version
     assert f"{ENDPOINT}@{first.digest[:12]}" in checks["serves_weights"].metadata["observed"].value
     assert meta["url"] == "http://sre-agent.ml-inference.svc.cluster.local:8000/v1"
     assert meta["sample_completion"] == checks["completion_within_budget"].metadata["sample"].value
+    # The weights came from the store's bucket, through the copy step, verified; no hostPath.
+    assert meta["weights_uri"] == f"s3://{store.bucket}/{ENDPOINT}/versions/{first.digest}"
+    pod, copied = _copy_step(real_forge, meta["pod"])
+    assert not any(v.host_path for v in pod.spec.volumes)
+    assert "every file and the tree digest verified" in copied, copied
     # What `homelab up` prints after the run: the endpoint, its node, and how to reach it.
     capsys.readouterr()
     settings = Settings(
@@ -280,6 +289,66 @@ def test_the_trained_weights_serve_from_the_real_node_checked_then_a_bad_version
     serves = _checks(rolled)["serves_weights"]
     assert not serves.passed and f"{first.digest[:12]} was restored" in serves.description
     store.set_current(ENDPOINT, first.digest, "back to the good one")
+
+
+def _copy_step(real_forge, pod_name: str):
+    """The pod ``pod_name`` and what its copy step (init container) printed."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(real_forge.client("forge"))
+    pod = core.read_namespaced_pod(pod_name, "ml-inference")
+    log = core.read_namespaced_pod_log(pod_name, "ml-inference", container="fetch-weights")
+    return pod, log
+
+
+def test_a_version_changed_in_the_store_fails_its_check_and_its_copy_step_the_previous_serves(
+    serving, shipped_inventory, real_forge
+):
+    """Behind the store's back (its data directory), one file of a newer version changed:
+    weights_intact fails naming it; the endpoint's pod for that version fails in its copy
+    step with the mismatch, naming the file, before vLLM starts; the previous version is
+    restored and serves."""
+    from assets.weights import INTACT_CHECK, build_model_weights_defs
+    from resources.weights import version_prefix
+
+    resources, weights = serving
+    store = resources["weights_store"]
+    first = store.current(ENDPOINT)
+    deployed = _materialize(resources, shipped_inventory)
+    assert deployed.success and _metadata(deployed)["weights_digest"] == first.digest
+
+    newer_dir = weights.parent / "newer"
+    shutil.copytree(weights, newer_dir)
+    (newer_dir / "README.md").write_text("the same weights, one more file: another digest\n")
+    newer, _ = store.register(ENDPOINT, str(newer_dir), source_run="sre-runbook")
+    store.set_current(ENDPOINT, newer.digest, "a version changed behind the store's back")
+    on_disk = real_forge.store.data / store.bucket / version_prefix(ENDPOINT, newer.digest)
+    (on_disk / "config.json").write_text("{}")
+    try:
+        model = shipped_inventory.models[ENDPOINT]
+        runs = {"sre-runbook": shipped_inventory.training_runs["sre-runbook"]}
+        checked = dg.materialize(
+            list(build_model_weights_defs(ENDPOINT, model, runs).assets or []),
+            resources=resources,
+            raise_on_error=False,
+            selection=dg.AssetSelection.checks(
+                dg.AssetCheckKey(dg.AssetKey(["model_weights", ENDPOINT]), INTACT_CHECK)
+            ),
+        )
+        (intact,) = checked.get_asset_check_evaluations()
+        assert not intact.passed and "config.json" in intact.description, intact.description
+
+        rolled = _materialize(resources, shipped_inventory)
+        assert not rolled.success
+        restored = _metadata(rolled)
+        assert restored["weights_digest"] == first.digest and restored["serving"]
+        serves = _checks(rolled)["serves_weights"]
+        assert "fetch-weights: weights copy failed: config.json" in serves.description, (
+            serves.description
+        )
+        assert f"{first.digest[:12]} was restored" in serves.description
+    finally:
+        store.set_current(ENDPOINT, first.digest, "back to the good one")
 
 
 def test_tensor_parallel_4_fails_with_the_schedulers_reason(serving, shipped_inventory):

@@ -119,6 +119,7 @@ def twin_up(clusters: ClustersArg = None) -> None:
         twin = start_twin(clusters)
         console.print(_status_table(twin))
         console.print(_registry(twin), highlight=False)
+        console.print(_store(twin), highlight=False)
     except HomelabError as exc:
         raise error_exit(exc) from exc
     console.print(f'kubeconfig: {twin.kubeconfig}  (eval "$(homelab twin env)")')
@@ -141,11 +142,13 @@ def twin_down(
 
 @twin_app.command("status")
 def twin_status() -> None:
-    """Each cluster's API server, nodes, GPU capacity and health; the registry's images."""
+    """Each cluster's API server, nodes, GPU capacity and health; the registry's images; the
+    object store's addresses and buckets."""
     twin = _open_or_exit()
     console.print(_status_table(twin))
     try:
         console.print(_registry(twin), highlight=False)
+        console.print(_store(twin), highlight=False)
     except HomelabError as exc:
         raise error_exit(exc) from exc
 
@@ -235,6 +238,20 @@ def _registry(twin: Twin) -> Table | str:
     for reference, digest in sorted(held.items()):
         table.add_row("-", reference, _short(digest), "[dim]no lock file here[/]")
     return table
+
+
+def _store(twin: Twin) -> str:
+    """The object store in one line: where it listens, its buckets, or what is wrong (never
+    its keys: only the file that holds them)."""
+    s = twin.store_status()
+    if not s.answering:
+        return f"object store: {s.address} [red]{s.message}[/]  (homelab twin up starts it)"
+    pods = f", for pods {s.pod_address}" if s.pod_address else ""
+    buckets = ", ".join(s.buckets) or "no bucket yet (the first weights create it)"
+    return (
+        f"object store: {s.address}{pods} [green]up[/]; buckets: {buckets}; "
+        f"keys: {twin.store.credentials}"
+    )
 
 
 def _short(digest: str) -> str:

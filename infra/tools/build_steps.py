@@ -142,6 +142,8 @@ def ldflags(name: str, versions: dict, info: dict | None) -> str:
         flags.append(f"-X sigs.k8s.io/kwok/pkg/consts.KubeVersion={k8s}")
     elif name == "pulumi-kubernetes":
         flags.append(f"-X github.com/pulumi/pulumi-kubernetes/provider/v4/pkg/version.Version={v}")
+    elif name == "versitygw":  # what its Makefile sets; `versitygw --version` prints it
+        flags.append(f"-X main.Version=v{v}")
     return " ".join(flags)
 
 
@@ -290,6 +292,8 @@ def binary_version(binary: str, path: Path, pulumi: Path | None = None) -> str |
         m = re.search(r"Kubernetes v(\d+\.\d+\.\d+\S*)", _out([p, "--version"]))
     elif binary in ("kwok", "kwokctl"):
         m = re.search(r"v(\d+\.\d+\.\d+\S*)", _out([p, "--version"]))
+    elif binary == "versitygw":  # "Version  : v1.8.0"
+        m = re.search(r"Version\s*:\s*v(\d+\.\d+\.\d+\S*)", _out([p, "--version"]))
     elif binary == "etcd":
         m = re.search(r"etcd Version: (\d+\.\d+\.\d+\S*)", _out([p, "--version"]))
     elif binary == "pause":  # pause.c: "-v" prints "pause.c v<VERSION>"

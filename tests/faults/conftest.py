@@ -1,10 +1,16 @@
 """Fixtures of the fault suite: Pulumi stacks of the twin target over a temporary state
-directory, configured as the twin's deployment configures them."""
+directory, configured as the twin's deployment configures them.
+
+``HOMELAB_TEST_PULUMI_BACKEND=s3`` (a measurement run only, docs/pulumi.md): the ``stacks``
+fixture keeps its state in Pulumi's S3 backend instead, on a versitygw of the session
+(``HOMELAB_TEST_PULUMI_S3_PORT``, default 17190), a prefix of one bucket per test. Tests that
+run ``homelab`` itself (the twin's deployment) still use the file backend."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -29,16 +35,66 @@ def state_dir(tmp_path: Path) -> Iterator[Path]:
                 proc.kill()
 
 
+PULUMI_S3_BUCKET = "pulumi-state"
+
+
+@pytest.fixture(scope="session")
+def pulumi_object_store(tmp_path_factory, toolchain) -> Iterator[str]:
+    """A versitygw holding bucket ``PULUMI_S3_BUCKET``, for ``HOMELAB_TEST_PULUMI_BACKEND=s3``
+    only; its address. Its keys are in the environment (``AWS_*``) while it runs."""
+    import boto3
+    from botocore.config import Config
+
+    from homelab_dagster.twin_store import ObjectStore, read_credentials
+
+    port = int(os.environ.get("HOMELAB_TEST_PULUMI_S3_PORT", "17190"))
+    store = ObjectStore(tmp_path_factory.mktemp("pulumi-s3"), port, toolchain.versitygw)
+    store.up(for_pods=False)
+    access, secret = read_credentials(store.credentials)
+    keys = {"AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret}
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in keys.items():
+            env.setenv(name, value)
+        boto3.client(
+            "s3",
+            endpoint_url=f"http://{store.address}",
+            region_name="us-east-1",
+            config=Config(s3={"addressing_style": "path"}),
+        ).create_bucket(Bucket=PULUMI_S3_BUCKET)
+        try:
+            yield store.address
+        finally:
+            store.stop(purge=True)
+
+
 @pytest.fixture
-def stacks(state_dir: Path, toolchain, monkeypatch) -> PulumiStacks:
+def pulumi_backend(request, state_dir: Path) -> str:
+    """The ``stacks`` fixture's backend URL: the file backend under ``state_dir``, or with
+    ``HOMELAB_TEST_PULUMI_BACKEND=s3`` a prefix of its own in the session's object store."""
+    kind = os.environ.get("HOMELAB_TEST_PULUMI_BACKEND", "file")
+    if kind == "file":
+        return f"file://{state_dir / 'pulumi' / 'backend'}"
+    if kind != "s3":
+        pytest.fail(f"HOMELAB_TEST_PULUMI_BACKEND={kind}: file or s3")
+    address = request.getfixturevalue("pulumi_object_store")
+    prefix = state_dir.parent.name  # tmp_path's name: one per test
+    return (
+        f"s3://{PULUMI_S3_BUCKET}/{prefix}?endpoint=http://{address}"
+        "&use_path_style=true&region=us-east-1"
+    )
+
+
+@pytest.fixture
+def stacks(state_dir: Path, pulumi_backend: str, toolchain, monkeypatch) -> PulumiStacks:
     """Stacks of target ``twin`` under ``state_dir``, as ``resources.deployment`` builds them
-    (so ``homelab`` commands with ``HOMELAB_STATE_DIR=state_dir`` see the same stacks)."""
+    (so ``homelab`` commands with ``HOMELAB_STATE_DIR=state_dir`` see the same stacks; on the
+    file backend only)."""
     monkeypatch.delenv("PULUMI_CONFIG_PASSPHRASE", raising=False)
     monkeypatch.delenv("PULUMI_BACKEND_URL", raising=False)
     return PulumiStacks(
         target="twin",
         state_dir=str(state_dir),
-        backend_url=f"file://{state_dir / 'pulumi' / 'backend'}",
+        backend_url=pulumi_backend,
         passphrase_file=str(state_dir / "pulumi" / "passphrase"),
         generate_passphrase=True,
         install_charts=False,  # as on the twin: chart repositories cannot be reached

@@ -1,8 +1,9 @@
 """Fault: secrets that could leak. Canary secrets are planted where the project reads them (a
 webhook URL with a token, the Pulumi passphrase, the PostgreSQL password of Dagster's
-storage, the twin's client keys), the newcomer's `make up` (every cluster, the mesh,
-training, weights, serving) and a `homelab reconcile` that repairs a drift are run, failing
-runs are made, and every place a person or tool could read is searched for them."""
+storage, the twin's client keys, the object store's generated keys), the newcomer's
+`make up` (every cluster, the mesh, training, weights, serving) and a `homelab reconcile`
+that repairs a drift are run, failing runs are made, and every place a person or tool could
+read is searched for them."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from typing import Any
 
 import pytest
 from _webhook_support import Receiver, evaluate_failure_sensor
+
+from homelab_dagster.twin_store import read_credentials
 
 pytestmark = [pytest.mark.faults]
 
@@ -153,6 +156,10 @@ def test_canary_secrets_never_leak_and_files_holding_secrets_are_private(
         for key in (state / "twin").rglob("*.key"):
             for i, piece in enumerate(key_material(key)):
                 planted[f"{key.relative_to(state)} ({i})"] = piece
+        # The object store's generated keys (the weights bucket, the serving pods' Secret).
+        store_keys = state / "twin" / "store" / "credentials"
+        access, secret = read_credentials(store_keys)
+        planted |= {"object store access key": access, "object store secret": secret}
 
         terminal = {
             "the webhook's message": json.dumps(sent),
@@ -167,6 +174,7 @@ def test_canary_secrets_never_leak_and_files_holding_secrets_are_private(
             state / "logs",
             state / "pulumi" / "backend",
             state / "pulumi" / "work",
+            state / "twin" / "store" / "store.log",
             ROOT / "docs",
         )
         leaks = [
@@ -190,10 +198,14 @@ def test_canary_secrets_never_leak_and_files_holding_secrets_are_private(
             for p in state.rglob("*")
             if p.is_file()
             and not p.is_symlink()
-            and (p.suffix == ".key" or "kubeconfig" in p.name or p.name == "passphrase")
+            and (
+                p.suffix == ".key"
+                or "kubeconfig" in p.name
+                or p.name in ("passphrase", "credentials")
+            )
         ]
-        assert (
-            state / "pulumi" / "passphrase" in holding and state / "twin" / "kubeconfig" in holding
+        assert {state / "pulumi" / "passphrase", state / "twin" / "kubeconfig", store_keys} <= set(
+            holding
         )
         loose = {str(p): oct(p.stat().st_mode & 0o777) for p in holding if p.stat().st_mode & 0o077}
         assert not loose, loose
