@@ -26,6 +26,7 @@ from typing import Any
 from homelab_dagster.errors import TwinHostError
 
 __all__ = [
+    "TWIN_ADDRESSES",
     "add_loopback_address",
     "alive",
     "cgroup_mounts",
@@ -77,13 +78,13 @@ _SEARCH_PATH = ("/usr/local/sbin", "/usr/sbin", "/sbin", "/usr/bin", "/bin")
 
 # A real node's address, and the object store's address for pods, on `lo`: one per port in
 # 198.18.0.0/15 (the benchmarking range, never routed), named by the twin's port that owns it.
-_ADDRESS_NET = ipaddress.IPv4Network("198.18.0.0/15")
+TWIN_ADDRESSES = ipaddress.IPv4Network("198.18.0.0/15")
 
 
 def loopback_address(port: int) -> str:
     """The address on ``lo`` that the twin's ``port`` names (a real node's, the store's):
     a pod on a real node reaches the host there (through its bridge, to a local address)."""
-    return str(_ADDRESS_NET[port])
+    return str(TWIN_ADDRESSES[port])
 
 
 def add_loopback_address(address: str) -> bool:

@@ -45,6 +45,7 @@ from homelab_dagster.errors import RealNodeError
 from homelab_dagster.images import MIRRORED_REGISTRIES, mirror_hosts_toml, oci_archive
 from homelab_dagster.inventory import Inventory, Node
 from homelab_dagster.twin_host import (
+    TWIN_ADDRESSES,
     add_loopback_address,
     alive,
     cgroup_mounts,
@@ -228,12 +229,15 @@ class RealNodes:
         ]
 
     def pod_subnet(self, spec: RealNodeSpec) -> ipaddress.IPv4Network:
-        """A /24 at the end of the cluster's pod range (the controller allocates from the start)."""
+        """A /24 of the upper half of the cluster's pod range (the controller allocates from
+        the start), chosen by the node's port: two twins on one machine (a developer's and a
+        test session's) then give their nodes' bridges different subnets, so the host routes
+        each pod's answers to its own bridge (the same subnet twice sent them to the first)."""
         pods = self.inventory.clusters[spec.cluster].network.pod_cidr
         if pods.prefixlen >= 24:
             return pods
-        index = _PORT_OFFSETS.index(spec.port - self._block_port(spec.cluster))
-        return list(pods.subnets(new_prefix=24))[-1 - index]
+        subnets = list(pods.subnets(new_prefix=24))
+        return subnets[-1 - spec.port % max(1, len(subnets) // 2)]
 
     # ------------------------------------------------------------------ up
 
@@ -248,6 +252,7 @@ class RealNodes:
         containerd_up = alive(self._pid(spec, "containerd"), spec.dir)
         kubelet_up = alive(self._pid(spec, "kubelet"), spec.dir)
         if containerd_up and kubelet_up:
+            self._write_network(spec, running=True)
             self._apply_inventory(spec, api)
             return "running"
         socket = spec.path("kubelet", "root", "pod-resources", "0123456789")
@@ -312,6 +317,38 @@ class RealNodes:
         self._save_changes(spec, changes)
         self._write_configs(spec)
 
+    def _write_network(self, spec: RealNodeSpec, *, running: bool = False) -> None:
+        """The node's CNI configuration (read by containerd for each new pod sandbox). On a
+        ``running`` node only where its subnet stays (new pods get a route added); a new
+        subnet waits for the node's next start, its bridge holding the old one till then."""
+        subnet = self.pod_subnet(spec)
+        path = spec.path("cni", "net.d", "10-homelab-twin.conflist")
+        if running and str(subnet) not in (path.read_text() if path.exists() else ""):
+            return
+        cni = {
+            "cniVersion": "1.0.0",
+            "name": f"homelab-twin-{spec.port}",
+            "plugins": [
+                {
+                    "type": "bridge",
+                    "bridge": spec.bridge,
+                    "isGateway": True,
+                    "ipMasq": False,
+                    "hairpinMode": True,
+                    "ipam": {
+                        "type": "host-local",
+                        "ranges": [[{"subnet": str(subnet)}]],
+                        # The one route out of the pod's subnet: to the twin's addresses on
+                        # this machine's `lo` (the object store's), through the bridge.
+                        "routes": [{"dst": str(TWIN_ADDRESSES)}],
+                        "dataDir": str(spec.path("cni", "ipam")),
+                    },
+                },
+                {"type": "portmap", "capabilities": {"portMappings": True}},
+            ],
+        }
+        path.write_text(json.dumps(cni, indent=1))
+
     def _write_configs(self, spec: RealNodeSpec) -> None:
         sandbox = f"{PAUSE_IMAGE_REPOSITORY}:{self.toolchain.versions['tools']['pause']['version']}"
         containerd = f"""\
@@ -355,27 +392,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 """
         spec.path("containerd.toml").write_text(containerd)
         self._write_mirrors(spec)
-        subnet = self.pod_subnet(spec)
-        cni = {
-            "cniVersion": "1.0.0",
-            "name": f"homelab-twin-{spec.port}",
-            "plugins": [
-                {
-                    "type": "bridge",
-                    "bridge": spec.bridge,
-                    "isGateway": True,
-                    "ipMasq": False,
-                    "hairpinMode": True,
-                    "ipam": {
-                        "type": "host-local",
-                        "ranges": [[{"subnet": str(subnet)}]],
-                        "dataDir": str(spec.path("cni", "ipam")),
-                    },
-                },
-                {"type": "portmap", "capabilities": {"portMappings": True}},
-            ],
-        }
-        spec.path("cni", "net.d", "10-homelab-twin.conflist").write_text(json.dumps(cni, indent=1))
+        self._write_network(spec)
         cluster_dir = self._kubeconfig(spec.cluster)
         ca = cluster_dir["ca_file"]
         kubelet = {

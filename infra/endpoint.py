@@ -52,6 +52,7 @@ __all__ = [
     "served_names",
     "server_args",
     "service_url",
+    "weights_secret",
 ]
 
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -104,13 +105,18 @@ class WeightsSource:
     """Where the server's pod gets the store's versions: the init container ``fetch-weights``
     (:mod:`resources.weights_copy`, in ``copy_image``) copies one from ``bucket_url``
     (``s3://bucket``) at ``endpoint_url`` (as pods reach it) into an ``emptyDir``, verifying
-    it; its keys come from the Secret ``credentials_secret``, made from ``keys``."""
+    it; its keys come from the endpoint's Secret (:func:`weights_secret`), made from ``keys``."""
 
     bucket_url: str = ""
     endpoint_url: str = ""
     copy_image: str = ""
     keys: StoreKeys | ExternalKeys = field(default_factory=ExternalKeys)
-    credentials_secret: str = "weights-store-credentials"
+
+
+def weights_secret(endpoint_name: str) -> str:
+    """The Secret holding the copy step's keys: one per endpoint, each managed by its own
+    stack (two stacks applying one object would conflict)."""
+    return f"{endpoint_name}-weights-store"
 
 
 @dataclass(frozen=True)
@@ -188,7 +194,7 @@ def _tolerations(cluster: Cluster, role: str) -> list[dict[str, str]]:
 
 
 def _weights_volume(
-    weights: ServedWeights, source: WeightsSource
+    endpoint_name: str, weights: ServedWeights, source: WeightsSource
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(volumes, init containers) that put the version at ``/models/<digest>``: an
     ``emptyDir`` the copy step fills from the store, verified, before the server starts."""
@@ -206,7 +212,7 @@ def _weights_volume(
             f"{source.bucket_url.rstrip('/')}/{weights.relative_path}",
             f"{MODELS_DIR}/{weights.digest}",
         ],
-        "envFrom": [{"secretRef": {"name": source.credentials_secret}}],
+        "envFrom": [{"secretRef": {"name": weights_secret(endpoint_name)}}],
         # Its last line (the file that did not verify) becomes the pod's termination message.
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "volumeMounts": [{"name": "weights", "mountPath": f"{MODELS_DIR}/{weights.digest}"}],
@@ -215,10 +221,10 @@ def _weights_volume(
 
 
 def _credentials(
-    k8s: Any, pulumi: Any, meta: dict[str, Any], source: WeightsSource, opts: Any
+    k8s: Any, pulumi: Any, meta: dict[str, Any], name: str, source: WeightsSource, opts: Any
 ) -> None:
-    """The copy step's Secret: from the twin's keys (Pulumi secrets), or an ExternalSecret."""
-    name = source.credentials_secret
+    """The copy step's Secret ``name``: from the twin's keys (Pulumi secrets), or an
+    ExternalSecret."""
     if isinstance(source.keys, StoreKeys):
         k8s.core.v1.Secret(
             "weights-credentials",
@@ -262,7 +268,7 @@ def pod_spec(
     runtime: ServerRuntime,
 ) -> dict[str, Any]:
     """The server's pod: the part of the program that the fast tests read."""
-    volumes, init = _weights_volume(weights, runtime.weights)
+    volumes, init = _weights_volume(endpoint_name, weights, runtime.weights)
     mounts: list[dict[str, Any]] = [
         {"name": "weights", "mountPath": f"{MODELS_DIR}/{weights.digest}", "readOnly": True}
         for _ in volumes  # none for a model served from its hub id
@@ -352,7 +358,7 @@ def endpoint_program(
         opts = pulumi.ResourceOptions(provider=provider)
         meta = {"namespace": endpoint.namespace, "labels": {**labels, **_MANAGED_BY}}
         if weights.digest:
-            _credentials(k8s, pulumi, meta, runtime.weights, opts)
+            _credentials(k8s, pulumi, meta, weights_secret(endpoint_name), runtime.weights, opts)
         if endpoint.chat_template:
             k8s.core.v1.ConfigMap(
                 "chat-template",

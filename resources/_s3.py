@@ -54,8 +54,6 @@ class FileHash:
 class StoredObject:
     key: str
     size: int
-    etag: str
-    modified: datetime
 
 
 def _b64(digest: bytes) -> str:
@@ -174,10 +172,7 @@ class Bucket:
 
         where = f"at {self.endpoint_url or 'AWS'}"
         if isinstance(exc, bx.NoCredentialsError | bx.PartialCredentialsError):
-            why = (
-                f"no credentials ({self.credentials_file or 'AWS_ACCESS_KEY_ID and '}"
-                f"{'' if self.credentials_file else 'AWS_SECRET_ACCESS_KEY are unset'})"
-            )
+            why = "no credentials: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY are unset"
         elif isinstance(exc, bx.EndpointConnectionError | bx.ConnectionClosedError):
             why = "the object store does not answer (on the twin: `homelab twin up` starts it)"
         elif isinstance(exc, bx.ClientError):
@@ -231,9 +226,7 @@ class Bucket:
             )
             for page in pages:
                 for o in page.get("Contents") or []:
-                    found.append(
-                        StoredObject(o["Key"], int(o["Size"]), o["ETag"], o["LastModified"])
-                    )
+                    found.append(StoredObject(o["Key"], int(o["Size"])))
         except Exception as exc:
             if self._is(exc, {"NoSuchBucket"}):
                 return []

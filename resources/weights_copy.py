@@ -11,7 +11,7 @@ message (``FallbackToLogsOnError``), where the endpoint's rollout reads it
 (``homelab_dagster.serving``).
 
 Credentials: ``AWS_ACCESS_KEY_ID`` and ``AWS_SECRET_ACCESS_KEY`` from the Secret
-``weights-store-credentials`` that the endpoint's stack manages. Nothing here imports Dagster.
+``<endpoint>-weights-store`` that the endpoint's stack manages. Nothing here imports Dagster.
 
     python -m resources.weights_copy --endpoint-url URL s3://bucket/<model>/versions/<digest> DEST
 """

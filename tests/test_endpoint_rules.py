@@ -167,7 +167,7 @@ def test_the_twin_pod_copies_the_version_in_first_asks_no_gpu_on_cpu_and_runs_on
         f"s3://ml-models/sre-agent/versions/{DIGEST}",
         f"/models/{DIGEST}",
     ]
-    assert copy["envFrom"] == [{"secretRef": {"name": "weights-store-credentials"}}]
+    assert copy["envFrom"] == [{"secretRef": {"name": "sre-agent-weights-store"}}]
     assert copy["terminationMessagePolicy"] == "FallbackToLogsOnError"
     assert "twin-secret" not in repr(runtime)  # the keys never print
     mount = next(m for m in container["volumeMounts"] if m["name"] == "weights")

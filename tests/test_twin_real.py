@@ -190,7 +190,7 @@ def _host_state(port: int, state: Path) -> dict:
     links = subprocess.run([ip, "-o", "link"], capture_output=True, text=True).stdout
     names = [line.split(":")[1].strip().split("@")[0] for line in links.splitlines()]
     lo = subprocess.run([ip, "-o", "addr", "show", "dev", "lo"], capture_output=True, text=True)
-    address = str(twin_real._ADDRESS_NET[port])
+    address = twin_host.loopback_address(port)
     return {
         "iptables": {b: _iptables(b) for b in ("iptables", "ip6tables")},
         # veths of other twins' pods come and go; ours are gone with their namespaces

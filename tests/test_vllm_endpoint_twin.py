@@ -327,8 +327,9 @@ def test_a_version_changed_in_the_store_fails_its_check_and_its_copy_step_the_pr
     try:
         model = shipped_inventory.models[ENDPOINT]
         runs = {"sre-runbook": shipped_inventory.training_runs["sre-runbook"]}
+        weights_defs = build_model_weights_defs(ENDPOINT, model, runs)
         checked = dg.materialize(
-            list(build_model_weights_defs(ENDPOINT, model, runs).assets or []),
+            [*(weights_defs.assets or []), *(weights_defs.asset_checks or [])],
             resources=resources,
             raise_on_error=False,
             selection=dg.AssetSelection.checks(
