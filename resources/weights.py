@@ -37,6 +37,7 @@ rolling back sets ``current`` to an older version, nothing is deleted.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,6 +55,7 @@ from resources._s3 import Bucket, FileHash, hash_stream
 __all__ = ["StagedWeights", "WeightsStore", "WeightsVersion", "version_prefix"]
 
 _CURRENT_ATTEMPTS = 20
+_PARALLEL_FILES = 4
 
 
 def _now() -> str:
@@ -164,12 +166,22 @@ class WeightsStore(dg.ConfigurableResource):
             for p in sorted(p for p in root.rglob("*") if p.is_file())
         ]
 
-    def _hash(self, files: list[_SourceFile]) -> dict[str, FileHash]:
-        hashes = {}
-        for f in files:
+    def _hash_one(self, f: _SourceFile) -> FileHash:
+        with f.open() as stream:
+            return hash_stream(stream, self.store.part_size)
+
+    def _store_one(self, prefix: str, f: _SourceFile, want: FileHash) -> bool:
+        """Store ``f`` under ``prefix`` unless it is there with checksum ``want``; whether it
+        was there."""
+        key = f"{prefix}/{f.relative}"
+        if self.store.checksum(key) == want.checksum:
+            return True
+        if f.path is not None:
+            self.store.upload(key, f.path, want)
+        else:
             with f.open() as stream:
-                hashes[f.relative] = hash_stream(stream, self.store.part_size)
-        return hashes
+                self.store.copy_stream(key, stream, f.size, want)
+        return False
 
     # ------------------------------------------------------------------ writing
 
@@ -188,30 +200,24 @@ class WeightsStore(dg.ConfigurableResource):
         source = self._source(source_uri)
         if not source:
             raise WeightsError(f"no files below {source_uri} to store")
-        try:
-            hashes = self._hash(source)
-        except OSError as exc:
-            raise WeightsError(f"cannot read the weights at {source_uri}: {exc}") from exc
-        digest = tree_digest((name, h.sha256) for name, h in hashes.items())
-        if expected_digest and digest != expected_digest:
-            raise WeightsError(
-                f"the weights at {source_uri} have digest {digest}, not the {expected_digest} "
-                "their training run reported"
-            )
-        bucket, prefix = self.store, version_prefix(model, digest)
-        bucket.ensure()
-        bucket.abort_uploads(f"{prefix}/", self.stale_upload_s)
-        reused = 0
-        for f in source:
-            key, want = f"{prefix}/{f.relative}", hashes[f.relative]
-            if bucket.checksum(key) == want.checksum:
-                reused += 1
-                continue
-            if f.path is not None:
-                bucket.upload(key, f.path, want)
-            else:
-                with f.open() as stream:
-                    bucket.copy_stream(key, stream, f.size, want)
+        # Files are hashed, then stored, a few at a time (hashlib and sockets release the GIL).
+        with ThreadPoolExecutor(max_workers=_PARALLEL_FILES) as pool:
+            try:
+                hashed = list(pool.map(self._hash_one, source))
+            except OSError as exc:
+                raise WeightsError(f"cannot read the weights at {source_uri}: {exc}") from exc
+            hashes = {f.relative: h for f, h in zip(source, hashed, strict=True)}
+            digest = tree_digest((name, h.sha256) for name, h in hashes.items())
+            if expected_digest and digest != expected_digest:
+                raise WeightsError(
+                    f"the weights at {source_uri} have digest {digest}, not the "
+                    f"{expected_digest} their training run reported"
+                )
+            bucket, prefix = self.store, version_prefix(model, digest)
+            bucket.ensure()
+            bucket.abort_uploads(f"{prefix}/", self.stale_upload_s)
+            prefixes = [prefix] * len(source)
+            reused = sum(pool.map(self._store_one, prefixes, source, hashed))
         stray = [
             o.key for o in bucket.objects(f"{prefix}/") if o.key[len(prefix) + 1 :] not in hashes
         ]
