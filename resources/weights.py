@@ -237,7 +237,8 @@ class WeightsStore(dg.ConfigurableResource):
 
         ``info`` fills :class:`WeightsVersion`'s optional fields (source_run, metrics, ...).
         Returns the version and whether it is new (False: the same files were registered
-        before, by this call's twin or earlier; a damaged copy is repaired from the source).
+        before, or by a registration racing this one; a damaged copy is repaired from the
+        source either way).
 
         Raises:
             WeightsError: the source is empty or unreadable, its digest is not
