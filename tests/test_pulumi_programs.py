@@ -242,3 +242,59 @@ def test_mesh_link_declares_access_on_to_and_mirrors_on_from(shipped_inventory, 
         assert links[0].inputs["spec"]["selector"] == {
             "matchLabels": {"mirror.linkerd.io/exported": "true"}
         }
+
+
+@pytest.mark.parametrize("target", ["twin", "homelab"])
+def test_an_endpoints_copy_step_gets_its_keys_from_a_secret_its_stack_manages(
+    shipped_inventory, target
+):
+    """The twin: a Secret of the generated keys, as Pulumi secrets (ciphertext in the state).
+    The homelab: an ExternalSecret of the same name from the ClusterSecretStore."""
+    from infra.endpoint import (
+        ExternalKeys,
+        ServedWeights,
+        ServerRuntime,
+        StoreKeys,
+        WeightsSource,
+        endpoint_program,
+    )
+
+    keys = StoreKeys("AKIATWIN", "s3cr3t") if target == "twin" else ExternalKeys()
+    runtime = ServerRuntime(weights=WeightsSource(bucket_url="s3://ml-models", keys=keys))
+    digest = "ab" * 32
+    program = endpoint_program(
+        "sre-agent",
+        shipped_inventory.endpoints["sre-agent"],
+        shipped_inventory.clusters["forge"],
+        ServedWeights(digest, f"sre-agent/versions/{digest}"),
+        runtime,
+        kubeconfig="/tmp/kubeconfig",
+        context="twin-forge",
+        cluster_identifier=f"{target}.forge",
+        export_label="mirror.linkerd.io/exported",
+    )
+    mocks = run(program)
+    (deployment,) = mocks.of_type("kubernetes:apps/v1:Deployment")
+    (copy,) = deployment.inputs["spec"]["template"]["spec"]["initContainers"]
+    assert copy["envFrom"] == [{"secretRef": {"name": "sre-agent-weights-store"}}]
+    if target == "twin":
+        (secret,) = mocks.of_type("kubernetes:core/v1:Secret")
+        assert secret.inputs["metadata"]["name"] == "sre-agent-weights-store"
+        string_data = secret.inputs["stringData"]
+        assert string_data[SECRET_SIG] == SECRET_VALUE_SIG  # masked in state and logs
+        assert string_data["value"] == {
+            "AWS_ACCESS_KEY_ID": "AKIATWIN",
+            "AWS_SECRET_ACCESS_KEY": "s3cr3t",
+        }
+        assert not mocks.of_type("kubernetes:external-secrets.io/v1beta1:ExternalSecret")
+    else:
+        (external,) = mocks.of_type("kubernetes:external-secrets.io/v1beta1:ExternalSecret")
+        assert external.inputs["metadata"]["name"] == "sre-agent-weights-store"
+        spec = external.inputs["spec"]
+        assert spec["secretStoreRef"] == {"kind": "ClusterSecretStore", "name": "homelab"}
+        assert spec["target"] == {"name": "sre-agent-weights-store"}
+        assert [(d["secretKey"], d["remoteRef"]["property"]) for d in spec["data"]] == [
+            ("AWS_ACCESS_KEY_ID", "access_key"),
+            ("AWS_SECRET_ACCESS_KEY", "secret_key"),
+        ]
+        assert not mocks.of_type("kubernetes:core/v1:Secret")
