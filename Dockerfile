@@ -4,6 +4,10 @@
 # the same `uv sync` flags (UV_SYNC_FLAGS), the same environment (/app/.venv, Debian's Python).
 #
 #   docker build -t ghcr.io/homelab/homelab-dagster:0.1.0 .
+#   docker build --build-arg UV_EXTRAS=--extra=ml -t ghcr.io/homelab/homelab-training:0.1.0 .
+#
+# The second is the training pods' image (IMAGES["homelab-training"]): the same project with the
+# `ml` extra (torch, transformers, peft), from the same lock file.
 #
 # Only the homelab's image holds the Pulumi CLI, its Kubernetes provider and git: on the twin,
 # step pods mount the toolchain (infra/toolchain.py) and the daemon (with the Git sensor) is
@@ -36,5 +40,6 @@ COPY assets ./assets
 COPY resources ./resources
 COPY sensors ./sensors
 COPY infra ./infra
-RUN --mount=type=cache,target=/root/.cache/uv uv sync --locked --no-dev --no-editable
+ARG UV_EXTRAS=""
+RUN --mount=type=cache,target=/root/.cache/uv uv sync --locked --no-dev --no-editable ${UV_EXTRAS}
 CMD ["python3"]

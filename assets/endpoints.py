@@ -55,11 +55,14 @@ from resources.weights import WeightsStore
 
 __all__ = [
     "CHECKS",
+    "GPUS",
+    "GPU_SECONDS_SERVED",
     "SAMPLE_PROMPTS",
     "EndpointConfig",
     "build_endpoint_defs",
     "endpoint_op_name",
     "endpoint_preview_op",
+    "gpu_seconds_served",
 ]
 
 CHECKS = {
@@ -81,6 +84,8 @@ SAMPLE_PROMPTS = (
 _MAX_TOKENS = 16
 _HISTORY = 20  # versions the stack remembers
 _POLL_S = 2.0
+GPUS = "gpus"  # metadata: the GPUs the materialised deployment's pods hold
+GPU_SECONDS_SERVED = "gpu_seconds_served"  # metadata: what the deployment before it served
 
 
 class EndpointConfig(dg.Config):
@@ -92,6 +97,16 @@ class EndpointConfig(dg.Config):
         "8+ characters) instead of the store's current one; 'previous': the version served "
         "before the current one.",
     )
+
+
+def gpu_seconds_served(previous: dg.EventLogEntry | None, now: float) -> float:
+    """The GPU-seconds the deployment materialised by ``previous`` served until ``now``: its
+    ``gpus`` times the seconds since (0.0 where there is none, or it held no GPU)."""
+    materialization = previous.asset_materialization if previous else None
+    held = materialization.metadata.get(GPUS) if materialization else None
+    if previous is None or not isinstance(held, dg.IntMetadataValue) or not held.value:
+        return 0.0
+    return round(held.value * max(0.0, now - previous.timestamp), 3)
 
 
 def endpoint_op_name(name: str) -> str:
@@ -166,7 +181,7 @@ def build_endpoint_defs(
                 for image in vllm.pulled_images(endpoint):
                     image_registry.require(image)
                 events = entry.materialise(
-                    context.log, config, pulumi, kubernetes, vllm, weights_store
+                    context.log, context.instance, config, pulumi, kubernetes, vllm, weights_store
                 )
             else:
                 events = entry.check_serving(pulumi, kubernetes, vllm, weights_store)
@@ -250,6 +265,7 @@ class _EndpointEntry:
     def materialise(
         self,
         log: dg.DagsterLogManager,
+        instance: dg.DagsterInstance,
         config: EndpointConfig,
         pulumi: PulumiStacks,
         kubernetes: KubernetesClusters,
@@ -260,7 +276,7 @@ class _EndpointEntry:
         before = self._served(pulumi, stack)
         version = self._version(config, store, before)
         if _unfetchable(version, vllm):
-            yield from self._schedule_only(log, stack, pulumi, kubernetes, vllm, before)
+            yield from self._schedule_only(log, instance, stack, pulumi, kubernetes, vllm, before)
             return
         digest = version.digest if version else None
         result, rollout = self._deploy(log, stack, pulumi, kubernetes, vllm, version, before)
@@ -302,7 +318,10 @@ class _EndpointEntry:
         yield dg.MaterializeResult(
             asset_key=self.key,
             data_version=dg.DataVersion(restored or digest or "unstored"),
-            metadata=self._metadata(result, rollout, store, restored or digest, verdicts, restored),
+            metadata={
+                **self._metadata(result, rollout, store, restored or digest, verdicts, restored),
+                **self._gpu_usage(instance, held=True),
+            },
         )
         for check, verdict in verdicts.items():
             yield _result(self.key, check, verdict)
@@ -503,6 +522,7 @@ class _EndpointEntry:
     def _schedule_only(
         self,
         log: dg.DagsterLogManager,
+        instance: dg.DagsterInstance,
         stack: str,
         pulumi: PulumiStacks,
         kubernetes: KubernetesClusters,
@@ -532,6 +552,7 @@ class _EndpointEntry:
                 "scheduled_on": rollout.pod.node if rollout.pod and rollout.pod.node else "",
                 "serving": False,
                 "skipped_reason": reason,
+                **self._gpu_usage(instance, held=False),  # scaled to zero: none held
             },
         )
         yield from self._skipped(reason)
@@ -628,6 +649,15 @@ class _EndpointEntry:
         }
 
     # ------------------------------------------------------------------ metadata
+
+    def _gpu_usage(self, instance: dg.DagsterInstance, *, held: bool) -> dict[str, int | float]:
+        """``gpus``: the GPUs this deployment's pods hold (none when ``held`` is False);
+        ``gpu_seconds_served``: what the deployment materialised before it served until now."""
+        previous = instance.get_latest_materialization_event(self.key)
+        return {
+            GPUS: self.endpoint.gpus * self.endpoint.replicas if held else 0,
+            GPU_SECONDS_SERVED: gpu_seconds_served(previous, time.time()),
+        }
 
     def _metadata(
         self,

@@ -1,12 +1,14 @@
-"""``training_run/<run>``: a Flyte workflow that trains a model on its cluster's GPUs.
+"""``training_run/<run>``: trains a model on its cluster's GPUs.
 
 Materialising the asset resolves the corpus (an empty one fails here, before anything is
 launched), computes the run's fingerprint (corpus digest, spec, training code version)
 and, when the weights store already holds a version with that fingerprint, reuses it
-without training. Otherwise the Flyte launcher runs the workflow (locally on the twin, on
-Forge on the homelab), its weights go into the weights store (uploaded and verified under
-their version's prefix, not listed yet), and the materialisation records the execution and
-their ``s3://`` URI; ``model_weights/<model>`` registers them. Metadata keys: docs/training.md.
+without training. Otherwise the training launcher runs it (:mod:`resources.training`: a pod
+on the run's nodes on both targets, or Flyte), its weights go into the weights store
+(stored and verified under their version's prefix, not listed yet), and the materialisation
+records the pod or execution, the GPU-seconds and their ``s3://`` URI; ``model_weights/<model>``
+registers them. The asset's pool (``gpu-<cluster>``) keeps two GPU steps from sharing a
+cluster's GPUs at once. Metadata keys: docs/training.md.
 """
 
 from dataclasses import asdict
@@ -21,10 +23,15 @@ from homelab_dagster.inventory import Cluster, Model, TrainingRun
 from homelab_dagster.ml.corpus import resolve_corpus
 from homelab_dagster.ml.spec import code_version, fingerprint
 from homelab_dagster.weights import WeightsVersion
-from resources.flyte import FlyteLauncher, GpuRequest, TrainingLaunch, TrainingOutcome
+from resources.training import GpuRequest, TrainingLaunch, TrainingLauncher, TrainingOutcome
 from resources.weights import StagedWeights, WeightsStore
 
-__all__ = ["build_training_run_defs", "gpu_request"]
+__all__ = ["build_training_run_defs", "gpu_pool", "gpu_request"]
+
+
+def gpu_pool(cluster: str) -> str:
+    """The Dagster concurrency pool of ``cluster``'s GPU steps (one at a time by default)."""
+    return f"gpu-{cluster}"
 
 
 def gpu_request(run: TrainingRun, cluster: Cluster) -> GpuRequest:
@@ -35,10 +42,14 @@ def gpu_request(run: TrainingRun, cluster: Cluster) -> GpuRequest:
 
 
 def _outcome_metadata(outcome: TrainingOutcome, stored: StagedWeights) -> dict[str, Any]:
+    where = {"pod": outcome.pod, "node": outcome.node} if outcome.pod else {}
     return {
         "reused": False,
         "execution_id": outcome.execution_id,
         "execution_url": dg.MetadataValue.url(outcome.execution_url),
+        **{k: v for k, v in where.items() if v},
+        "world_size": outcome.world_size,
+        "gpu_seconds": dg.MetadataValue.float(outcome.gpu_seconds),
         "duration_s": round(outcome.duration_s, 2),
         "train_steps": outcome.train.steps,
         "train_loss_first": outcome.train.first_loss,
@@ -48,6 +59,11 @@ def _outcome_metadata(outcome: TrainingOutcome, stored: StagedWeights) -> dict[s
         "parameter_count": outcome.train.parameter_count,
         "eval_loss": outcome.evaluation.eval_loss,
         "perplexity": outcome.evaluation.perplexity,
+        **(
+            {"eval_unigram_loss": outcome.evaluation.unigram_loss}
+            if outcome.evaluation.unigram_loss is not None
+            else {}
+        ),
         "weights_uri": stored.uri,
         "weights_digest": stored.digest,
         "weights_size_bytes": stored.size_bytes,
@@ -67,7 +83,7 @@ def _reused_metadata(version: WeightsVersion) -> dict[str, Any]:
         metadata["execution_url"] = dg.MetadataValue.url(version.execution_url)
     if version.parameter_count is not None:
         metadata["parameter_count"] = version.parameter_count
-    for name in ("train_loss_final", "eval_loss", "perplexity"):
+    for name in ("train_loss_final", "eval_loss", "perplexity", "eval_unigram_loss"):
         if name in version.metrics:
             metadata[name] = version.metrics[name]
     return metadata
@@ -84,16 +100,17 @@ def build_training_run_defs(
         key=key,
         deps=[INVENTORY_KEY, cluster_key(run.cluster)],
         group_name="ml",
-        kinds={"flyte"},
+        kinds={"pytorch"},
+        pool=gpu_pool(run.cluster),
         description=f"Trains {run.model} on {run.cluster} ({gpu.describe()}).",
         metadata={"model": run.model, "cluster": run.cluster, "gpu_request": gpu.describe()},
     )
     def _training_run(
-        context: dg.AssetExecutionContext, flyte: FlyteLauncher, weights_store: WeightsStore
+        context: dg.AssetExecutionContext, training: TrainingLauncher, weights_store: WeightsStore
     ) -> dg.MaterializeResult:
         try:
-            spec = flyte.spec_for(run.model, model, run)
-            corpus = resolve_corpus(flyte.corpus_root, run.corpus)
+            spec = training.spec_for(run.model, model, run)
+            corpus = resolve_corpus(training.corpus_root, run.corpus)
             run_fingerprint = fingerprint(spec, corpus.digest, code_version())
             metadata: dict[str, Any] = {
                 "fingerprint": run_fingerprint,
@@ -113,8 +130,17 @@ def build_training_run_defs(
                 )
                 metadata |= _reused_metadata(existing)
             else:
-                launch = TrainingLaunch(name, spec, corpus, gpu, run_fingerprint)
-                outcome = flyte.launch(context.log, launch)
+                launch = TrainingLaunch(
+                    name,
+                    spec,
+                    corpus,
+                    gpu,
+                    run_fingerprint,
+                    cluster=run.cluster,
+                    node_role=run.node_role,
+                    tolerations=cluster.tolerations(run.node_role),
+                )
+                outcome = training.launch(context, launch)
                 context.log.info(
                     f"{outcome.execution_id}: loss {outcome.train.first_loss:.3f} -> "
                     f"{outcome.train.final_loss:.3f}, held-out {outcome.evaluation.eval_loss:.3f}, "

@@ -63,7 +63,8 @@ class ImageSpec:
     are the paths of it copied into the image besides ``pyproject.toml`` and ``uv.lock`` (the
     project's own packages, installed as wheels); ``tag`` is the project's version, stated
     here because the images that load this module (the project's own) hold no other
-    project's ``pyproject.toml``.
+    project's ``pyproject.toml``; ``extras`` are the project's optional dependency groups the
+    image installs besides its dependencies.
     """
 
     name: str
@@ -71,6 +72,12 @@ class ImageSpec:
     project: str
     tag: str
     sources: tuple[str, ...] = ()
+    extras: tuple[str, ...] = ()
+
+    @property
+    def sync_flags(self) -> tuple[str, ...]:
+        """``uv sync``'s flags for this image: :data:`UV_SYNC_FLAGS` and its extras."""
+        return (*UV_SYNC_FLAGS, *(f"--extra={extra}" for extra in self.extras))
 
     @property
     def project_dir(self) -> Path:
@@ -87,16 +94,24 @@ class ImageSpec:
         return f"{self.repository}:{self.tag}"
 
 
+_PROJECT_SOURCES = ("README.md", "homelab_dagster", "assets", "resources", "sensors", "infra")
+
 IMAGES: dict[str, ImageSpec] = {
     spec.name: spec
     for spec in (
         # This project: its code location, CLI and step code (no `ml` extra, no dev group).
         ImageSpec(
-            "homelab-dagster",
-            "ghcr.io/homelab/homelab-dagster",
+            "homelab-dagster", "ghcr.io/homelab/homelab-dagster", ".", "0.1.0", _PROJECT_SOURCES
+        ),
+        # The training pods' image: the same project with the `ml` extra (torch, transformers,
+        # peft), from the same lock file; its entry point is homelab_dagster.ml.pod.
+        ImageSpec(
+            "homelab-training",
+            "ghcr.io/homelab/homelab-training",
             ".",
             "0.1.0",
-            ("README.md", "homelab_dagster", "assets", "resources", "sensors", "infra"),
+            _PROJECT_SOURCES,
+            extras=("ml",),
         ),
         # vLLM's CPU build, the twin's stand-in for vLLM's CUDA image on the homelab.
         ImageSpec("vllm-cpu", "ghcr.io/homelab/vllm-cpu", "images/vllm-cpu", "0.32.0"),

@@ -34,24 +34,32 @@ __all__ = [
     "Taint",
     "TrainingHyperparameters",
     "TrainingRun",
+    "WeightsDtype",
     "check_corpus_glob",
 ]
 
 _NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 _MODEL_NAME = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+_PARAMETERS = r"^[0-9]+(\.[0-9]+)?[KMBT]$"
 # RFC 1123 label names, as Kubernetes requires of namespaces, nodes and services. Names
 # also name files and directories (the twin's, the stacks'), so no path separator passes.
 Name = Annotated[str, StringConstraints(pattern=_NAME, max_length=63)]
 # Model names may carry a version with dots (llama-3.1-70b-instruct).
 ModelName = Annotated[str, StringConstraints(pattern=_MODEL_NAME, max_length=63)]
-# What a name that does not match says, by pattern (the loader's problems use it).
+# What a value that does not match a pattern says, by pattern (the loader's problems use it).
 NAME_RULES = {
     _NAME: "not a valid Kubernetes name (an RFC 1123 label: lowercase letters, digits and "
     "'-', starting and ending with a letter or digit, at most 63 characters; no '/' or '.')",
     _MODEL_NAME: "not a valid model name (lowercase letters, digits, '-' and '.', starting "
     "and ending with a letter or digit, at most 63 characters; no '/')",
+    _PARAMETERS: "not a parameter count (a number and K, M, B or T, e.g. 270M or 70.6B)",
 }
 Quantity = Annotated[str, StringConstraints(pattern=r"^[0-9]+(\.[0-9]+)?(m|Ki|Mi|Gi|Ti|k|M|G|T)?$")]
+# A model's size: 270M, 70B, 70.6B (K, M, B, T: thousands to trillions of parameters).
+ParameterCount = Annotated[str, StringConstraints(pattern=_PARAMETERS)]
+_PARAMETER_UNITS = {"K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
+# The precision of served weights (homelab_dagster.gpus.SERVING_BYTES_PER_PARAMETER sizes each).
+WeightsDtype = Literal["bf16", "fp16", "fp8", "int8", "int4"]
 
 _LABEL_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)$")
 _LABEL_PREFIX = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
@@ -245,6 +253,18 @@ class Cluster(_Strict):
         """GPUs over all nodes."""
         return sum(n.gpus for n in self.expanded_nodes())
 
+    def tolerations(self, role: str) -> list[dict[str, str]]:
+        """What a pod for the ``role`` nodes tolerates: every taint of those nodes, and the GPU
+        operator's usual ``nvidia.com/gpu`` taint (the endpoints' and training pods' rule)."""
+        gpu = "nvidia.com/gpu"
+        seen = {(gpu, "NoSchedule"): {"key": gpu, "operator": "Exists", "effect": "NoSchedule"}}
+        for node in self.expanded_nodes():
+            if node.role == role:
+                for taint in node.taints:
+                    toleration = {"key": taint.key, "operator": "Exists", "effect": taint.effect}
+                    seen.setdefault((taint.key, taint.effect), toleration)
+        return list(seen.values())
+
 
 class Component(_Strict):
     """A third-party component installed as a Helm release (skipped, visibly, on the twin)."""
@@ -311,7 +331,24 @@ class Model(_Strict):
         default=None, description="What the twin trains from scratch on the CPU."
     )
     format: Literal["safetensors"] = Field(default="safetensors", description="Weights format.")
-    parameters: str | None = Field(default=None, description="Nominal size, e.g. 270M or 70B.")
+    parameters: ParameterCount | None = Field(
+        default=None,
+        description="Size: a number and K, M, B or T, e.g. 270M or 70.6B (what the GPU fit "
+        "rule weighs; a trained model with a base_model has the base's).",
+    )
+    dtype: WeightsDtype = Field(
+        default="bf16",
+        description="Precision of the weights vLLM serves (the checkpoint's; 32-bit ones are "
+        "served in 16 bits): bf16 or fp16 take 2 bytes a parameter, fp8 or int8 1, int4 (an "
+        "AWQ or GPTQ 4-bit checkpoint) 0.5.",
+    )
+
+    @property
+    def parameter_count(self) -> int | None:
+        """``parameters`` as a number (``70.6B`` -> 70_600_000_000), or None when unset."""
+        if self.parameters is None:
+            return None
+        return round(float(self.parameters[:-1]) * _PARAMETER_UNITS[self.parameters[-1]])
 
 
 class TrainingHyperparameters(_Strict):
@@ -416,9 +453,22 @@ class Endpoint(_Strict):
 class Ml(_Strict):
     """Where ML work runs and where weights live on the homelab target."""
 
+    launcher: Literal["pods", "flyte"] = Field(
+        default="pods",
+        description="How training runs on the homelab: a pod per run on its cluster through "
+        "Dagster Pipes (pods), or a Flyte execution (flyte). The twin runs pods.",
+    )
     flyte_project: str = Field(default="homelab", description="Flyte project.")
     flyte_domain: str = Field(default="production", description="Flyte domain.")
     weights_bucket: str = Field(default="ml-models", description="MinIO bucket of the weights.")
+    training_namespace: Name = Field(
+        default="ml-training", description="Where training pods run (the GPU quota's namespace)."
+    )
+    hf_token_secret: Name | None = Field(
+        default=None,
+        description="A Secret in the training namespace whose key `token` is the Hugging Face "
+        "token a gated base model needs; only the training pods read it.",
+    )
 
 
 class Orchestrator(_Strict):

@@ -10,6 +10,13 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterator
 
+from homelab_dagster.gpus import (
+    GPU_MEMORY_GIB,
+    ServingNeed,
+    TrainingNeed,
+    gpu_memory_utilization,
+    model_size,
+)
 from homelab_dagster.inventory import Cluster, Endpoint, Inventory, Model, check_label
 
 __all__ = ["CPU_HEAD_SIZES", "RULES", "Finding", "check"]
@@ -224,6 +231,101 @@ def _endpoint_gpus(inv: Inventory) -> Iterator[Finding]:
             )
 
 
+def _gpu_pools(cluster: Cluster, role: str, gpus: int) -> list[tuple[int, str]]:
+    """(pool index, product) of each GPU product of the ``role`` pools whose nodes have at
+    least ``gpus`` GPUs (where a replica or a rank may land): unknown products first, then
+    the smallest memory first (the one that decides whether it fits)."""
+    first: dict[str, int] = {}
+    for i, pool in enumerate(cluster.nodes):
+        if pool.role == role and pool.gpu and pool.gpu.count >= gpus:
+            first.setdefault(pool.gpu.product, i)
+    return sorted(
+        ((i, product) for product, i in first.items()),
+        key=lambda entry: GPU_MEMORY_GIB.get(entry[1], -1.0),
+    )
+
+
+def _unknown_gpu(cluster: str, pool: int, product: str, what: str) -> Finding:
+    return (
+        ("clusters", cluster, "nodes", pool, "gpu", "product"),
+        f"GPU product {product!r} has no known memory, so whether {what} fits on it cannot be "
+        "checked: add the product and its memory in GiB to GPU_MEMORY_GIB "
+        "(homelab_dagster/gpus.py)",
+    )
+
+
+def _no_size(model: str, what: str) -> Finding:
+    return (
+        ("models", model, "parameters"),
+        f"model {model!r} declares no parameters, so whether {what} fits its GPUs cannot be "
+        "checked: declare them (e.g. 70B)",
+    )
+
+
+def _endpoint_fit(inv: Inventory) -> Iterator[Finding]:
+    """A GPU endpoint's replica fits the memory vLLM may take of its GPUs (gpus.ServingNeed)."""
+    for name, ep in inv.endpoints.items():
+        model, cluster = inv.models.get(ep.model), inv.clusters.get(ep.cluster)
+        if ep.accelerator != "gpu" or model is None or cluster is None:
+            continue
+        pools = _gpu_pools(cluster, ep.node_role, ep.tensor_parallel_size)
+        if not pools:
+            continue  # it fits no node at all: _endpoints' finding
+        try:
+            share = gpu_memory_utilization(ep.extra_args)
+        except ValueError as exc:
+            yield ("endpoints", name, "extra_args"), str(exc)
+            continue
+        size = model_size(model)
+        if size is None:
+            yield _no_size(ep.model, f"endpoint {name!r}")
+            continue
+        need = ServingNeed(size.parameters, model.dtype, ep.tensor_parallel_size)
+        for pool, product in pools:
+            memory = GPU_MEMORY_GIB.get(product)
+            if memory is None:
+                yield _unknown_gpu(ep.cluster, pool, product, f"endpoint {name!r}")
+                continue
+            budget = memory * ep.tensor_parallel_size * share
+            if need.total_gib > budget:
+                yield (
+                    ("endpoints", name, "model"),
+                    f"{need.explain(ep.model)}; {ep.tensor_parallel_size} x {product} give "
+                    f"{budget:.1f} GiB at {share:g} utilisation: serve a quantised checkpoint "
+                    "(a smaller dtype), on more or larger GPUs, or a smaller model",
+                )
+            break  # the smallest known product decides
+
+
+def _training_fit(inv: Inventory) -> Iterator[Finding]:
+    """One GPU of a training run holds the model, its optimizer state and the activations of
+    its slice of the batch (gpus.TrainingNeed; data parallel, every rank holds all of it)."""
+    for name, run in inv.training_runs.items():
+        model, cluster = inv.models.get(run.model), inv.clusters.get(run.cluster)
+        if model is None or model.source != "trained" or cluster is None:
+            continue
+        pools = _gpu_pools(cluster, run.node_role, run.gpus_per_node)
+        if not pools:
+            continue  # no node has gpus_per_node GPUs: _training_runs' finding
+        size = model_size(model)
+        if size is None:
+            yield _no_size(run.model, f"training run {name!r}")
+            continue
+        need = TrainingNeed(size, run.hyperparameters, run.nodes * run.gpus_per_node)
+        for pool, product in pools:
+            memory = GPU_MEMORY_GIB.get(product)
+            if memory is None:
+                yield _unknown_gpu(run.cluster, pool, product, f"training run {name!r}")
+                continue
+            if need.total_gib > memory:
+                yield (
+                    ("training_runs", name, "hyperparameters"),
+                    f"{need.explain(run.model)}; one {product} has {memory:.1f} GiB: train "
+                    "with lora_rank, a smaller batch_size or seq_len, or on more or larger GPUs",
+                )
+            break  # the smallest known product decides
+
+
 # The head widths (n_embd / n_head) that vLLM's CPU attention kernel computes, the runtime of
 # the twin's endpoints (vLLM 0.32, vllm/v1/attention/backends/cpu_attn.py,
 # CPUAttentionBackend.get_supported_head_sizes). A model with another width loads, then fails.
@@ -287,16 +389,21 @@ def _orchestrator(inv: Inventory) -> Iterator[Finding]:
 # Real twin nodes (``twin: real``): each runs a kubelet and containerd on the one machine that
 # runs the twin (about 150 MiB and their share of its CPUs, besides the pods), and takes one
 # of the two spare ports of its cluster's port block for its address (homelab_dagster.twin_real).
-MAX_REAL_NODES = 2
+# Three, measured on the 2-core 24 GiB machine with all five clusters, the three real nodes, the
+# vLLM pod and a two-rank training pod at once (docs/twin.md, "Cost").
+MAX_REAL_NODES = 3
+MAX_REAL_NODES_PER_CLUSTER = 2
 
 
 def _real_nodes(inv: Inventory) -> Iterator[Finding]:
     real = 0
     for name, cluster in inv.clusters.items():
+        in_cluster = 0
         for i, pool in enumerate(cluster.nodes):
             if pool.twin != "real":
                 continue
             real += 1
+            in_cluster += pool.count
             if real > MAX_REAL_NODES:
                 yield (
                     ("clusters", name, "nodes", i, "twin"),
@@ -304,6 +411,13 @@ def _real_nodes(inv: Inventory) -> Iterator[Finding]:
                     f"number {real}): each runs a kubelet and containerd on the one machine that "
                     "runs the twin, whose 2 cores and memory also hold five control planes; "
                     "leave the others fake (KWOK nodes)",
+                )
+            elif in_cluster > MAX_REAL_NODES_PER_CLUSTER:
+                yield (
+                    ("clusters", name, "nodes", i, "twin"),
+                    f"at most {MAX_REAL_NODES_PER_CLUSTER} nodes of a cluster may be real on the "
+                    f"twin ({name!r} would have {in_cluster}): a cluster's port block has two "
+                    "spare ports, one per real node's address",
                 )
 
 
@@ -317,6 +431,8 @@ RULES: tuple[Callable[[Inventory], Iterator[Finding]], ...] = (
     _training_runs,
     _endpoints,
     _endpoint_gpus,
+    _endpoint_fit,
+    _training_fit,
     _orchestrator,
     _real_nodes,
 )

@@ -41,7 +41,7 @@ __all__ = [
     "version_metadata",
 ]
 
-RUN_METRICS = ("train_loss_final", "eval_loss", "perplexity")
+RUN_METRICS = ("train_loss_final", "eval_loss", "eval_unigram_loss", "perplexity")
 """The metrics of a training run's materialisation that a version keeps."""
 
 

@@ -175,24 +175,6 @@ def server_args(
     return [*args, *runtime.args, *endpoint.extra_args]
 
 
-def _tolerations(cluster: Cluster, role: str) -> list[dict[str, str]]:
-    """Tolerate every taint of the role's nodes, and the GPU operator's usual taint."""
-    seen: dict[tuple[str, str], dict[str, str]] = {
-        (GPU_RESOURCE, "NoSchedule"): {
-            "key": GPU_RESOURCE,
-            "operator": "Exists",
-            "effect": "NoSchedule",
-        }
-    }
-    for node in cluster.expanded_nodes():
-        if node.role != role:
-            continue
-        for taint in node.taints:
-            toleration = {"key": taint.key, "operator": "Exists", "effect": taint.effect}
-            seen.setdefault((taint.key, taint.effect), toleration)
-    return list(seen.values())
-
-
 def _weights_volume(
     endpoint_name: str, weights: ServedWeights, source: WeightsSource
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -301,7 +283,7 @@ def pod_spec(
     }
     return {
         "nodeSelector": {"role": endpoint.node_role},
-        "tolerations": _tolerations(cluster, endpoint.node_role),
+        "tolerations": cluster.tolerations(endpoint.node_role),
         "automountServiceAccountToken": False,
         # No service variables in the environment: a Service named ``vllm`` would become
         # VLLM_PORT=tcp://..., which vLLM reads as its own setting and refuses to start.

@@ -47,7 +47,6 @@ from homelab_dagster.images import (
     DEBIAN_SUITE,
     IMAGE_PATH,
     IMAGES,
-    UV_SYNC_FLAGS,
     ImageSpec,
     registry_path,
 )
@@ -155,7 +154,7 @@ class ImageBuilder:
 
     def image_key(self, spec: ImageSpec) -> str:
         """The image's tag: the base, its lock file, pyproject, sources, uv and flags."""
-        parts: list[str | bytes] = [spec.name, BUILDER_VERSION, self.base_key(), *UV_SYNC_FLAGS]
+        parts: list[str | bytes] = [spec.name, BUILDER_VERSION, self.base_key(), *spec.sync_flags]
         parts.append(_uv_version())
         for path in _project_files(spec):
             parts += [str(path.relative_to(spec.project_dir)), path.read_bytes()]
@@ -283,8 +282,8 @@ class ImageBuilder:
         uv = _uv()
         assert uv is not None  # missing_tools() said so otherwise
         shutil.copy2(uv, root / "usr" / "local" / "bin" / "uv")
-        self.report(spec.name, f"uv sync {' '.join(UV_SYNC_FLAGS)} (in the image's root)")
-        self._in_root(spec.name, root, ["uv", "sync", *UV_SYNC_FLAGS, "--directory", APP_DIR])
+        self.report(spec.name, f"uv sync {' '.join(spec.sync_flags)} (in the image's root)")
+        self._in_root(spec.name, root, ["uv", "sync", *spec.sync_flags, "--directory", APP_DIR])
         listed = self._in_root(spec.name, root, ["python3", "-c", _LIST_DISTRIBUTIONS])
         distributions = dict(json.loads(listed.strip().splitlines()[-1]))
         self.report(spec.name, f"packing its layer ({len(distributions)} distributions)")

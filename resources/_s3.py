@@ -163,6 +163,26 @@ class Bucket:
             )
         return self._client
 
+    def keys(self) -> tuple[str, str]:
+        """The access key and secret this bucket is reached with: its credentials file's, else
+        boto3's own chain (``AWS_*`` variables, ``~/.aws``).
+
+        Raises:
+            WeightsError: there are none.
+        """
+        if self.credentials_file:
+            return file_keys(self.credentials_file)
+        import boto3
+
+        found = boto3.session.Session().get_credentials()
+        if found is None:
+            raise WeightsError(
+                f"no credentials for the store at {self.endpoint_url or 'AWS'}: set "
+                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (docs/deploy.md)"
+            )
+        frozen = found.get_frozen_credentials()
+        return frozen.access_key, frozen.secret_key
+
     def uri(self, key: str = "") -> str:
         return f"s3://{self.name}/{key}".rstrip("/")
 

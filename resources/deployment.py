@@ -13,7 +13,7 @@ other module asks which target it runs on.
 | Pulumi CLI and provider | the twin's toolchain | ``pulumi`` on ``PATH`` (plugins as Pulumi finds them) |
 | Helm components, Linkerd ``Link`` | skipped (no chart repository is reachable) | installed |
 | kubeconfig | ``<state>/twin/kubeconfig``, contexts ``twin-<cluster>`` | ``$KUBECONFIG`` or ``~/.kube/config``; ``kind-<cluster>`` for Kind clusters, ``<cluster>`` for k3s |
-| training | flytekit's local execution | FlyteRemote on Forge |
+| training | a pod per run on the run's real node (Pipes); flytekit's local execution where real nodes cannot run (not root) | a pod per run on the run's nodes (Pipes), or FlyteRemote on Forge (``ml.launcher: flyte``) |
 | weights store (``ml.weights_bucket``) | versitygw on loopback (``homelab twin up``), keys in ``<state>/twin/store/credentials`` | MinIO at ``$HOMELAB_WEIGHTS_S3_ENDPOINT``, keys from ``AWS_*`` |
 | serving pods' copy step: endpoint, keys | the store's address on ``lo``; a Secret of the generated keys | the same endpoint; an ``ExternalSecret`` (ClusterSecretStore ``homelab``) |
 | images asked for before a deploy | the twin's registry (``homelab twin up`` fills it) | not asked (the nodes pull from ``ghcr.io``) |
@@ -33,6 +33,7 @@ UI to look around in (or a homelab under maintenance) where nothing launches by 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,8 @@ from resources.kubernetes import KubernetesClusters
 from resources.orchestrator import DagsterOnKubernetes
 from resources.pulumi import PulumiStacks
 from resources.registry import ImageRegistry
+from resources.training import TrainingLauncher
+from resources.training_pods import PodTrainingLauncher
 from resources.vllm import VllmServers
 from resources.webhook import Webhook
 from resources.weights import WeightsStore
@@ -99,7 +102,8 @@ class Deployment:
 
     def pulled_images(self, inventory: Inventory, clusters: Iterable[str]) -> list[str]:
         """The images this deployment's pods pull on ``clusters``: each endpoint's server
-        and copy step there, and Dagster's own on the orchestrator's cluster (what
+        and copy step there, the training image where runs train in pods, and Dagster's own
+        on the orchestrator's cluster (what
         ``homelab twin up`` makes sure the twin's registry holds)."""
         wanted = set(clusters)
         vllm = self.resources["vllm"]
@@ -110,6 +114,11 @@ class Deployment:
             if endpoint.cluster in wanted
             for image in vllm.pulled_images(endpoint)
         ]
+        training = self.resources["training"]
+        if isinstance(training, PodTrainingLauncher) and any(
+            run.cluster in wanted for run in inventory.training_runs.values()
+        ):
+            images.append(training.image)
         if inventory.orchestrator.cluster in wanted:
             dagster = self.resources["dagster_on_kubernetes"]
             assert isinstance(dagster, DagsterOnKubernetes)
@@ -196,6 +205,27 @@ def _twin_resources(
     # it on loopback, the serving pods at its address on `lo` (through their node's bridge).
     port = service_port(inventory, settings.twin_port_base, STORE_PORT_INDEX) if inventory else 0
     keys = str(state / "twin" / "store" / "credentials")
+    kubernetes = KubernetesClusters(kubeconfig=str(twin_kubeconfig(state)), context_prefix="twin-")
+    weights_store = WeightsStore(
+        bucket=ml.weights_bucket, endpoint_url=f"http://127.0.0.1:{port}", credentials_file=keys
+    )
+    corpus_root = str(settings.inventory_path.parent)
+    training: TrainingLauncher
+    if _real_nodes_run_here():
+        # A pod on the run's real node (`twin: real`): the homelab's path, scaled down.
+        training = PodTrainingLauncher(
+            corpus_root=corpus_root,
+            scaled_down=True,
+            image=image_reference("homelab-training"),
+            kubernetes=kubernetes,
+            weights_store=weights_store,
+            store_endpoint_url=f"http://{loopback_address(port)}:{port}",
+            namespace=ml.training_namespace,
+            memory=TWIN_TRAINING_MEMORY,
+            node_selector=REAL_NODE_LABELS,
+        )
+    else:
+        training = LocalFlyteLauncher(corpus_root=corpus_root, work_dir=str(state / "flyte"))
     return {
         "pulumi": PulumiStacks(
             target=settings.target.value,
@@ -207,15 +237,9 @@ def _twin_resources(
             charts_note=_CHARTS_NOTE,
             linkerd_link=False,
         ),
-        "kubernetes": KubernetesClusters(
-            kubeconfig=str(twin_kubeconfig(state)), context_prefix="twin-"
-        ),
-        "flyte": LocalFlyteLauncher(
-            corpus_root=str(settings.inventory_path.parent), work_dir=str(state / "flyte")
-        ),
-        "weights_store": WeightsStore(
-            bucket=ml.weights_bucket, endpoint_url=f"http://127.0.0.1:{port}", credentials_file=keys
-        ),
+        "kubernetes": kubernetes,
+        "training": training,
+        "weights_store": weights_store,
         # vLLM's CPU build (docs/serving.md).
         "vllm": VllmServers(
             image=image_reference("vllm-cpu"),
@@ -236,7 +260,7 @@ def _twin_resources(
 def _homelab_resources(
     settings: Settings, inventory: Inventory | None, image: str
 ) -> dict[str, dg.ConfigurableResource]:
-    """Homelab environment (read at launch, never at import): ``HOMELAB_TRAINING_IMAGE``,
+    """Homelab environment (read at launch, never at import):
     ``HOMELAB_WEIGHTS_S3_ENDPOINT``, the AWS credential variables for the bucket, flytekit's
     ``FLYTECTL_CONFIG`` or ``FLYTE_PLATFORM_URL``, Pulumi's backend and passphrase."""
     ml = inventory.ml if inventory else Ml()
@@ -244,24 +268,41 @@ def _homelab_resources(
         name: f"kind-{name}" if cluster.distribution is Distribution.KIND else name
         for name, cluster in (inventory.clusters.items() if inventory else [])
     }
+    kubernetes = KubernetesClusters(
+        kubeconfig=os.environ.get("KUBECONFIG", "~/.kube/config").split(os.pathsep)[0],
+        contexts=contexts,
+    )
+    # Keys: boto3's chain (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY: docs/deploy.md).
+    weights_store = WeightsStore(
+        bucket=ml.weights_bucket, endpoint_url=dg.EnvVar(WEIGHTS_ENDPOINT_VAR)
+    )
+    corpus_root = str(settings.inventory_path.parent)
+    training: TrainingLauncher
+    if ml.launcher == "flyte":
+        training = RemoteFlyteLauncher(
+            corpus_root=corpus_root,
+            project=ml.flyte_project,
+            domain=ml.flyte_domain,
+            image=image_reference("homelab-training"),
+        )
+    else:
+        training = PodTrainingLauncher(
+            corpus_root=corpus_root,
+            image=image_reference("homelab-training"),
+            kubernetes=kubernetes,
+            weights_store=weights_store,
+            store_endpoint_url=dg.EnvVar(WEIGHTS_ENDPOINT_VAR),
+            namespace=ml.training_namespace,
+            hf_token_secret=ml.hf_token_secret,
+            compile_model=True,
+        )
     return {
         "pulumi": PulumiStacks(
             target=settings.target.value, state_dir=str(settings.state_dir), use_toolchain=False
         ),
-        "kubernetes": KubernetesClusters(
-            kubeconfig=os.environ.get("KUBECONFIG", "~/.kube/config").split(os.pathsep)[0],
-            contexts=contexts,
-        ),
-        "flyte": RemoteFlyteLauncher(
-            corpus_root=str(settings.inventory_path.parent),
-            project=ml.flyte_project,
-            domain=ml.flyte_domain,
-            image=dg.EnvVar("HOMELAB_TRAINING_IMAGE"),
-        ),
-        # Keys: boto3's chain (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY: docs/deploy.md).
-        "weights_store": WeightsStore(
-            bucket=ml.weights_bucket, endpoint_url=dg.EnvVar(WEIGHTS_ENDPOINT_VAR)
-        ),
+        "kubernetes": kubernetes,
+        "training": training,
+        "weights_store": weights_store,
         # The copy step's keys: an ExternalSecret from the ClusterSecretStore `homelab`.
         "vllm": VllmServers(
             weights_bucket_url=f"s3://{ml.weights_bucket}",
@@ -271,6 +312,18 @@ def _homelab_resources(
         "git": _git_repository(settings),
         "webhook": _webhook(settings),
     }
+
+
+# A training pod's memory on the twin: its real node has this machine's memory, not the
+# inventory's (two ranks of the twin's model hold about 1.5 GiB).
+TWIN_TRAINING_MEMORY = "4Gi"
+
+
+def _real_nodes_run_here() -> bool:
+    """Whether this machine can run the twin's real nodes' pods: root on Linux (what
+    ``homelab_dagster.twin_real.unavailable`` asks first; without it every node is a KWOK
+    node and training runs in a local process, saying so)."""
+    return sys.platform.startswith("linux") and os.geteuid() == 0
 
 
 def _git_repository(settings: Settings) -> GitRepository:

@@ -1,13 +1,15 @@
-"""Launching a training run's Flyte workflow and waiting for it: locally (twin) or on Forge.
+"""Training runs as Flyte workflows: flytekit's local execution here, or FlyteRemote on Forge.
 
-Assets are typed against :class:`FlyteLauncher`; the definitions choose the implementation
-from the target (:func:`resources.ml.build_ml_resources`):
+Two :class:`~resources.training.TrainingLauncher` implementations (which one runs where:
+:mod:`resources.deployment`):
 
-- :class:`LocalFlyteLauncher` (the twin): flytekit's local execution of the real workflow,
-  on the CPU with the run's ``twin_hyperparameters``, in a child process
+- :class:`LocalFlyteLauncher` (the twin without real nodes, the non-root fallback): flytekit's
+  local execution of the real workflow, on the CPU with the run's ``twin_hyperparameters``,
+  in a child process
   (``python -m homelab_dagster.workflows.local``) so torch never loads into Dagster's
   process and terminating the Dagster run kills the training.
-- :class:`RemoteFlyteLauncher` (the homelab): ``FlyteRemote`` against Flyte on Forge:
+- :class:`RemoteFlyteLauncher` (the homelab with ``ml.launcher: flyte``): ``FlyteRemote``
+  against Flyte on Forge:
   fetch the run's launch plan at the code's version or register the workflow, execute,
   poll until done or the timeout, read the outputs; the execution is terminated when the
   Dagster run is.
@@ -30,8 +32,7 @@ import tempfile
 import threading
 import time
 import uuid
-from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -40,102 +41,10 @@ import dagster as dg
 from pydantic import Field
 
 from homelab_dagster.errors import TrainingError
-from homelab_dagster.inventory import Model, TrainingHyperparameters, TrainingRun
-from homelab_dagster.ml.corpus import Corpus
-from homelab_dagster.ml.spec import (
-    Architecture,
-    EvalReport,
-    Hyperparameters,
-    TrainOptions,
-    TrainReport,
-    TrainSpec,
-    code_version,
-    from_dict,
-)
+from homelab_dagster.ml.spec import EvalReport, TrainOptions, TrainReport, code_version, from_dict
+from resources.training import TrainingLaunch, TrainingLauncher, TrainingOutcome
 
-__all__ = [
-    "FlyteLauncher",
-    "GpuRequest",
-    "LocalFlyteLauncher",
-    "RemoteFlyteLauncher",
-    "TrainingLaunch",
-    "TrainingOutcome",
-]
-
-
-@dataclass(frozen=True)
-class GpuRequest:
-    """What the run's training task asks of its cluster."""
-
-    nodes: int
-    gpus_per_node: int
-    memory: str
-    product: str | None
-
-    def describe(self) -> str:
-        """``2 x nvidia.com/gpu (NVIDIA-A100-SXM4-40GB), 200Gi``."""
-        product = f" ({self.product})" if self.product else ""
-        nodes = f"{self.nodes} nodes x " if self.nodes > 1 else ""
-        return f"{nodes}{self.gpus_per_node} x nvidia.com/gpu{product}, {self.memory}"
-
-
-@dataclass(frozen=True)
-class TrainingLaunch:
-    """Everything a launcher needs: the run, what to train, on what, with which resources."""
-
-    run: str
-    spec: TrainSpec
-    corpus: Corpus
-    gpu: GpuRequest
-    fingerprint: str
-
-
-@dataclass(frozen=True)
-class TrainingOutcome:
-    """A finished execution: where it ran, what it measured and where the weights are."""
-
-    execution_id: str
-    execution_url: str
-    weights_uri: str
-    weights_digest: str
-    weights_size_bytes: int
-    train: TrainReport
-    evaluation: EvalReport
-    duration_s: float
-
-
-class FlyteLauncher(dg.ConfigurableResource, ABC):
-    """Launches a training run's workflow and waits for its outcome."""
-
-    corpus_root: str = Field(description="The directory the runs' corpus globs are relative to.")
-
-    @abstractmethod
-    def spec_for(self, model_name: str, model: Model, run: TrainingRun) -> TrainSpec:
-        """What this target trains for ``run`` (its identity; see :class:`TrainSpec`)."""
-
-    @abstractmethod
-    def launch(self, log: Any, launch: TrainingLaunch) -> TrainingOutcome:
-        """Execute the workflow of ``launch`` and wait; progress goes to ``log``.
-
-        Raises:
-            TrainingError: the execution could not start, failed or timed out.
-        """
-
-
-def _spec(
-    name: str, model: Model, hp: TrainingHyperparameters, base_model: str | None
-) -> TrainSpec:
-    """The :class:`TrainSpec` of inventory entries (the ml package knows no pydantic)."""
-    arch = model.architecture
-    try:
-        return TrainSpec(
-            model=name,
-            hyperparameters=Hyperparameters(**hp.model_dump()),
-            architecture=Architecture(**arch.model_dump(exclude={"family"})) if arch else None,
-            base_model=base_model,
-        )
-    except ValueError as exc:
-        raise TrainingError(str(exc)) from exc
+__all__ = ["LocalFlyteLauncher", "RemoteFlyteLauncher"]
 
 
 def _stop(proc: subprocess.Popen[str]) -> None:
@@ -152,19 +61,18 @@ def _stop(proc: subprocess.Popen[str]) -> None:
             continue
 
 
-class LocalFlyteLauncher(FlyteLauncher):
-    """The twin: flytekit's local execution in a child process, on the CPU."""
+class LocalFlyteLauncher(TrainingLauncher):
+    """The twin without real nodes: flytekit's local execution in a child process, on the CPU
+    (the run's ``twin_hyperparameters``, its model's architecture from scratch)."""
 
+    scaled_down: bool = True
     work_dir: str = Field(description="Executions' directories (corpus, logs, weights).")
     threads: int = Field(default=1, description="torch CPU threads (the twin shares a small CPU).")
     timeout_s: float = Field(default=3600.0, gt=0)
 
-    def spec_for(self, model_name: str, model: Model, run: TrainingRun) -> TrainSpec:
-        """The model's architecture from scratch with the run's ``twin_hyperparameters``."""
-        return _spec(model_name, model, run.twin_hyperparameters or run.hyperparameters, None)
-
-    def launch(self, log: Any, launch: TrainingLaunch) -> TrainingOutcome:
+    def launch(self, context: dg.AssetExecutionContext, launch: TrainingLaunch) -> TrainingOutcome:
         """Run the workflow locally; its weights land in ``<work_dir>/<execution>/weights``."""
+        log = context.log
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         execution_id = f"local-{launch.run}-{stamp}-{uuid.uuid4().hex[:6]}"
         directory = Path(self.work_dir).resolve() / execution_id
@@ -269,7 +177,7 @@ class LocalFlyteLauncher(FlyteLauncher):
             raise
 
 
-class RemoteFlyteLauncher(FlyteLauncher):
+class RemoteFlyteLauncher(TrainingLauncher):
     """The homelab: FlyteRemote against Flyte on Forge.
 
     The Flyte endpoint and credentials come from flytekit's own configuration, read at
@@ -287,19 +195,16 @@ class RemoteFlyteLauncher(FlyteLauncher):
         default=True, description="torch.compile the model (1.7-1.9x on an H200: docs/training.md)."
     )
 
-    def spec_for(self, model_name: str, model: Model, run: TrainingRun) -> TrainSpec:
-        """The run's full hyperparameters, fine-tuning the model's ``base_model`` where set."""
-        return _spec(model_name, model, run.hyperparameters, model.base_model)
-
     def _version(self, launch: TrainingLaunch) -> str:
         """The registered version: the training code, the image and the run's resources."""
         identity = json.dumps([code_version(), self.image, asdict(launch.gpu)], sort_keys=True)
         return hashlib.sha256(identity.encode()).hexdigest()[:20]
 
-    def launch(self, log: Any, launch: TrainingLaunch) -> TrainingOutcome:
+    def launch(self, context: dg.AssetExecutionContext, launch: TrainingLaunch) -> TrainingOutcome:
         """Register (once per version), execute and wait; weights stay in Flyte's blob store."""
         from flytekit.exceptions.base import FlyteException
 
+        log = context.log
         if launch.gpu.nodes > 1:
             raise TrainingError(f"{launch.run}: multi-node training is not supported yet")
         started = time.monotonic()

@@ -32,7 +32,12 @@ from homelab_dagster.serving import ObservedPod, crash_cause
 from infra.orchestrator import INSTANCE_CONFIG_MAP, OrchestratorSpec
 from resources.kubernetes import KubernetesClusters
 
-__all__ = ["DagsterOnKubernetes", "StepPodWatch", "step_pod_problem"]
+__all__ = ["INSTANCE_CONCURRENCY", "DagsterOnKubernetes", "StepPodWatch", "step_pod_problem"]
+
+# The ``concurrency`` section of every dagster.yaml this project writes: a step in a pool (the
+# GPU steps, a pool per cluster: assets.training.gpu_pool) waits for a slot of it, and a pool
+# with no limit of its own has one slot; steps in no pool are not limited.
+INSTANCE_CONCURRENCY: dict[str, Any] = {"pools": {"default_limit": 1}}
 
 # A container waiting for one of these waits for something that does not come by itself.
 _STUCK_WAITING = (
@@ -250,6 +255,7 @@ class DagsterOnKubernetes(dg.ConfigurableResource):
             "nux": {"enabled": False},
             **yaml.safe_load(self.storage_yaml),
             "run_launcher": self.run_launcher(),
+            "concurrency": INSTANCE_CONCURRENCY,
         }
         if self.deploy == "manifests":
             # No daemon runs in the cluster to take runs off a queue (the twin's daemon is its

@@ -37,6 +37,8 @@ rolling back sets ``current`` to an older version, nothing is deleted.
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -47,12 +49,13 @@ import dagster as dg
 from pydantic import Field, PrivateAttr
 
 from homelab_dagster.errors import WeightsError
+from homelab_dagster.ml.corpus import Corpus
 from homelab_dagster.ml.digest import tree_digest
 from homelab_dagster.weights import WeightsVersion
 from resources._s3 import Bucket, FileHash, hash_stream
 
 # WeightsVersion is the core's model (homelab_dagster.weights), re-exported here.
-__all__ = ["StagedWeights", "WeightsStore", "WeightsVersion", "version_prefix"]
+__all__ = ["StagedWeights", "WeightsStore", "WeightsVersion", "corpus_prefix", "version_prefix"]
 
 _CURRENT_ATTEMPTS = 20
 _PARALLEL_FILES = 4
@@ -60,6 +63,12 @@ _PARALLEL_FILES = 4
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def corpus_prefix(digest: str) -> str:
+    """Where corpus ``digest`` is in the bucket (beside the models: no model name starts with
+    an underscore)."""
+    return f"_corpora/{digest}"
 
 
 def version_prefix(model: str, digest: str) -> str:
@@ -197,6 +206,36 @@ class WeightsStore(dg.ConfigurableResource):
             WeightsError: the source is empty or unreadable, its digest is not
                 ``expected_digest``, or the store refused or lost a file.
         """
+        digest, uri, hashes, reused = self._stage_tree(
+            source_uri, expected_digest, lambda digest: version_prefix(model, digest)
+        )
+        return StagedWeights(model, digest, uri, hashes, reused)
+
+    def stage_corpus(self, corpus: Corpus) -> str:
+        """The ``s3://`` URI of ``corpus`` in the store (``_corpora/<digest>``), storing it
+        first where it is not there yet: its files, verified, then a listing of them
+        (``<prefix>.json``) that the training pods' copy checks each file against."""
+        prefix = corpus_prefix(corpus.digest)
+        if self.store.read_json(f"{prefix}.json") is None:
+            with tempfile.TemporaryDirectory(prefix="homelab-corpus-") as tmp:
+                _, _, hashes, _ = self._stage_tree(
+                    str(corpus.stage(tmp)), corpus.digest, lambda _digest: prefix
+                )
+            listing = {"files": {name: h.sha256 for name, h in hashes.items()}}
+            self.store.write_json(f"{prefix}.json", listing, etag=None)
+        return self.store.uri(prefix)
+
+    def access_keys(self) -> tuple[str, str]:
+        """The access key and secret this resource reaches the store with (for a Secret that
+        gives pods the same access; never logged). Not ``keys``: ``dict()`` of a resource
+        would call it."""
+        return self.store.keys()
+
+    def _stage_tree(
+        self, source_uri: str, expected_digest: str | None, prefix_of: Callable[[str], str]
+    ) -> tuple[str, str, dict[str, FileHash], int]:
+        """Store and verify the files below ``source_uri`` under ``prefix_of(digest)``:
+        (digest, URI, hashes, files already there)."""
         source = self._source(source_uri)
         if not source:
             raise WeightsError(f"no files below {source_uri} to store")
@@ -213,7 +252,7 @@ class WeightsStore(dg.ConfigurableResource):
                     f"the weights at {source_uri} have digest {digest}, not the "
                     f"{expected_digest} their training run reported"
                 )
-            bucket, prefix = self.store, version_prefix(model, digest)
+            bucket, prefix = self.store, prefix_of(digest)
             bucket.ensure()
             bucket.abort_uploads(f"{prefix}/", self.stale_upload_s)
             prefixes = [prefix] * len(source)
@@ -228,7 +267,7 @@ class WeightsStore(dg.ConfigurableResource):
                 f"{', '.join(bad)} of {bucket.uri(prefix)} did not verify after the upload "
                 "(another writer replaced it?)"
             )
-        return StagedWeights(model, digest, bucket.uri(prefix), hashes, reused)
+        return digest, bucket.uri(prefix), hashes, reused
 
     def register(
         self, model: str, source_uri: str, expected_digest: str | None = None, **info: Any

@@ -14,6 +14,9 @@ Credentials: ``AWS_ACCESS_KEY_ID`` and ``AWS_SECRET_ACCESS_KEY`` from the Secret
 ``<endpoint>-weights-store`` that the endpoint's stack manages. Nothing here imports Dagster.
 
     python -m resources.weights_copy --endpoint-url URL s3://bucket/<model>/versions/<digest> DEST
+
+The training pods' init container ``fetch-corpus`` copies their corpus the same way
+(``--what corpus``, ``_corpora/<digest>``: :mod:`resources.training_pods`).
 """
 
 from __future__ import annotations
@@ -100,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--endpoint-url", default=None, help="The S3 endpoint (MinIO, versitygw).")
     parser.add_argument("source", help="s3://bucket/<model>/versions/<digest>")
     parser.add_argument("dest", type=Path, help="Where the files go (the pod's /models/<digest>).")
+    parser.add_argument(
+        "--what", default="weights", help="What is copied, for its messages (weights, corpus)."
+    )
     args = parser.parse_args(argv)
     name, _, prefix = args.source.removeprefix("s3://").partition("/")
     start = time.monotonic()
@@ -107,11 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         files, size = copy_version(Bucket(name, args.endpoint_url), prefix.rstrip("/"), args.dest)
     except WeightsError as exc:
         # The pod's termination message (terminationMessagePolicy: FallbackToLogsOnError).
-        print(f"weights copy failed: {exc}", file=sys.stderr, flush=True)
+        print(f"{args.what} copy failed: {exc}", file=sys.stderr, flush=True)
         return 1
     seconds = time.monotonic() - start
     print(
-        f"weights copy: {files} files, {size / 2**20:.1f} MiB from {args.source} in "
+        f"{args.what} copy: {files} files, {size / 2**20:.1f} MiB from {args.source} in "
         f"{seconds:.1f} s; every file and the tree digest verified",
         flush=True,
     )

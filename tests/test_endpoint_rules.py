@@ -226,7 +226,9 @@ def test_a_model_the_store_does_not_hold_is_served_by_its_hub_id_with_no_weights
     volume, so no mount of one (`make up` once failed here: "volumeMounts[1].name: Not found:
     weights"); every mount names a volume of the pod."""
     endpoint = shipped_inventory.endpoints["vllm"]
-    weights = ServedWeights(None, model_id="meta-llama/Llama-3.1-70B-Instruct")
+    hub_id = shipped_inventory.models[endpoint.model].base_model
+    assert hub_id == "hugging-quants/Meta-Llama-3.1-70B-Instruct-AWQ-INT4"  # 4 bits: it fits
+    weights = ServedWeights(None, model_id=hub_id)
     for source in (WeightsSource(), WeightsSource(bucket_url="s3://m")):
         runtime = ServerRuntime(weights=source)
         spec = pod_spec("vllm", endpoint, shipped_inventory.clusters["forge"], weights, runtime)
@@ -235,7 +237,7 @@ def test_a_model_the_store_does_not_hold_is_served_by_its_hub_id_with_no_weights
         assert {m["name"] for m in container["volumeMounts"]} <= volumes
         assert "weights" not in volumes and spec["initContainers"] == []
         command = container["command"]
-        assert command[command.index("--model") + 1] == "meta-llama/Llama-3.1-70B-Instruct"
+        assert command[command.index("--model") + 1] == hub_id
 
 
 # ----------------------------------------------------------------------------- serving rules

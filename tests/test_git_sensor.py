@@ -32,7 +32,7 @@ E = TypeVar("E", bound=BaseException)
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs the git command")
 
-FORGE_PLATFORM = "labels: {tier: platform}}\n      - {name: forge-training-primary"
+FORGE_PLATFORM = "labels: {tier: platform}}\n      # twin: real: on the twin, training pods"
 STUDIO_LINK = "    - {from: studio, to: forge, latency_ms: [2, 3]}"
 
 

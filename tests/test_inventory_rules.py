@@ -182,12 +182,21 @@ def test_not_yaml_and_missing_file(tmp_path):
 def test_real_twin_nodes_are_capped_and_the_rule_says_why(inventory_text):
     def edit(data):
         data["clusters"]["air"]["nodes"][1]["twin"] = "real"  # air-platform
-        data["clusters"]["studio"]["nodes"][3]["twin"] = "real"  # studio-platform-a
 
-    (problem,) = problems_of(inventory_text(edit))  # at the third, in the file's order
+    (problem,) = problems_of(inventory_text(edit))  # at the fourth, in the file's order
     assert "clusters.studio.nodes[3].twin" in problem  # (inventory_text sorts the clusters)
-    assert "at most 2 nodes may be real on the twin" in problem
+    assert "at most 3 nodes may be real on the twin" in problem
     assert "kubelet and containerd" in problem
+
+
+def test_a_cluster_has_at_most_two_real_nodes(inventory_text):
+    def edit(data):
+        data["clusters"]["studio"]["nodes"][3]["twin"] = "fake"  # studio-platform-a
+        data["clusters"]["forge"]["nodes"][3]["twin"] = "real"  # forge-training-secondary
+
+    (problem,) = problems_of(inventory_text(edit))
+    assert "clusters.forge.nodes[4].twin" in problem
+    assert "'forge' would have 3" in problem and "port block" in problem
 
 
 def test_twin_is_fake_or_real(inventory_text):
@@ -195,15 +204,16 @@ def test_twin_is_fake_or_real(inventory_text):
     assert "clusters.air.nodes[1].twin" in problem
 
 
-def test_the_shipped_inventory_makes_forge_inference_and_a_studio_platform_node_real(
+def test_the_shipped_inventory_makes_forges_serving_and_training_nodes_and_studio_platform_real(
     project_root,
 ):
-    """Forge's inference node serves vLLM; a Studio platform node runs Dagster's pods."""
+    """Forge's inference node serves vLLM, its primary training node trains; a Studio platform
+    node runs Dagster's pods."""
     inventory = load_inventory(project_root / "homelab.yaml").inventory
     real = [
         n.name for c in inventory.clusters.values() for n in c.expanded_nodes() if n.twin == "real"
     ]
-    assert real == ["studio-platform-a", "forge-inference"]
+    assert real == ["studio-platform-a", "forge-training-primary", "forge-inference"]
 
 
 @pytest.mark.parametrize(

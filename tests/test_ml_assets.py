@@ -60,7 +60,7 @@ class Lab:
         self.store = store
         self.work = tmp / "state" / "flyte"
         self.resources = {
-            "flyte": LocalFlyteLauncher(corpus_root=str(self.root), work_dir=str(self.work)),
+            "training": LocalFlyteLauncher(corpus_root=str(self.root), work_dir=str(self.work)),
             "weights_store": self.store,
         }
         self.instance = dg.DagsterInstance.ephemeral()

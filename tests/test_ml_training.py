@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import statistics
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 from _ml_support import CPU, needs_ml, tiny_spec, write_corpus
 
 from homelab_dagster.errors import TrainingError
+from homelab_dagster.inventory import Inventory
 from homelab_dagster.ml.corpus import resolve_corpus
 from homelab_dagster.ml.digest import directory_digest, tree_digest
 
@@ -108,6 +110,95 @@ def test_fine_tuning_starts_from_a_base_model(tmp_path: Path) -> None:
     _, _, report, _ = run_pipeline(corpus, tmp_path / "tuned", tuned, CPU)
     # It starts where the base model ended, far below a fresh model's first loss.
     assert report.first_loss < first.first_loss - 0.5
+
+
+@needs_ml
+def test_the_unigram_baseline_lies_between_an_untrained_and_a_trained_model(
+    tmp_path: Path,
+) -> None:
+    import math
+    from collections import Counter
+
+    from homelab_dagster.ml.data import load_dataset, prepare_dataset
+    from homelab_dagster.ml.train import evaluate_model, train_model
+
+    # The runbook alone (some 1,600 tokens, repetitive): a model beats its frequencies in seconds.
+    corpus = resolve_corpus(write_corpus(tmp_path / "src"), ["docs/runbook.md"])
+    data = tmp_path / "dataset"
+    info = prepare_dataset(corpus.stage(tmp_path / "corpus"), data, tiny_spec())
+    reports = []
+    for name, steps, rate in (("untrained", 1, 1e-6), ("trained", 30, 6e-3)):
+        train_model(data, tmp_path / name, tiny_spec(steps=steps, learning_rate=rate), CPU)
+        reports.append(evaluate_model(tmp_path / name, data, CPU))
+    untrained, trained = reports
+    # By hand: the training split's frequencies, add-one smoothed, over the tokens the eval
+    # loss predicts (every held-out block but its first position).
+    train, held_out, _ = load_dataset(data)
+    counts = Counter(train.flatten().tolist())
+    total = train.numel() + info.vocab_size
+    targets = held_out[:, 1:].flatten().tolist()
+    expected = -sum(math.log((counts[t] + 1) / total) for t in targets) / len(targets)
+    assert math.isfinite(expected) and trained.eval_tokens == len(targets)
+    assert trained.unigram_loss == pytest.approx(expected, rel=1e-9)
+    assert untrained.unigram_loss == trained.unigram_loss  # the data's, not the model's
+    # A model at its random start knows less than the frequencies; a trained one more.
+    assert trained.eval_loss < expected < untrained.eval_loss
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z]{3,}", text.lower())
+
+
+@needs_ml
+@pytest.mark.slow
+def test_the_shipped_twin_run_continues_a_corpus_phrase_with_corpus_words(
+    tmp_path: Path, project_root: Path, shipped_inventory: Inventory
+) -> None:
+    """The twin's model says something a person can read (about a minute: the whole run).
+
+    One rank on the whole batch, which is the twin's two ranks on halves of it.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from homelab_dagster.ml.spec import Architecture, Hyperparameters, TrainSpec
+    from homelab_dagster.ml.train import run_pipeline
+
+    run = shipped_inventory.training_runs["sre-runbook"]
+    arch = shipped_inventory.models[run.model].architecture
+    assert run.twin_hyperparameters is not None and arch is not None
+    spec = TrainSpec(
+        model=run.model,
+        hyperparameters=Hyperparameters(**run.twin_hyperparameters.model_dump()),
+        architecture=Architecture(**arch.model_dump(exclude={"family"})),
+    )
+    corpus = resolve_corpus(project_root, run.corpus)
+    text = " ".join(
+        " ".join((project_root / name).read_text(encoding="utf-8").split()) for name in corpus.files
+    )
+    vocabulary = set(_words(text))
+    weights, _, _, evaluation = run_pipeline(
+        corpus.stage(tmp_path / "corpus"), tmp_path / "work", spec, CPU
+    )
+    assert evaluation.unigram_loss is not None
+    assert evaluation.eval_loss < evaluation.unigram_loss - 1.0
+    model = AutoModelForCausalLM.from_pretrained(weights).eval()
+    tokenizer = AutoTokenizer.from_pretrained(weights)
+    phrases = ("Everything runs against", "The twin is", "Try a change on the")
+    worded = []
+    for phrase in phrases:
+        assert phrase in text, f"{phrase!r} is no longer in the corpus: pick another"
+        prompt = tokenizer(phrase, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(
+                **prompt, max_new_tokens=20, do_sample=False, pad_token_id=tokenizer.eos_token_id
+            )
+        completion = tokenizer.decode(out[0, prompt["input_ids"].shape[1] :])
+        assert len(set("".join(completion.split()))) > 1, f"{phrase!r} -> {completion!r}"
+        known = {word for word in _words(completion) if word in vocabulary}
+        worded.append((phrase, completion, sorted(known)))
+    # Most phrases (greedy decoding of a 2-layer model can loop on one) go on in corpus words.
+    assert sum(len(known) >= 2 for _, _, known in worded) >= 2, worded
 
 
 @needs_ml

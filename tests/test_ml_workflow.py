@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import dagster as dg
 import pytest
 from _ml_support import needs_ml
 
@@ -132,7 +133,8 @@ def test_the_remote_launcher_maps_an_unreachable_flyte_to_a_training_error(
     from assets.training import gpu_request
     from homelab_dagster.ml.corpus import resolve_corpus
     from homelab_dagster.ml.spec import fingerprint
-    from resources.flyte import RemoteFlyteLauncher, TrainingLaunch
+    from resources.flyte import RemoteFlyteLauncher
+    from resources.training import TrainingLaunch
 
     monkeypatch.setenv("FLYTE_PLATFORM_URL", "127.0.0.1:1")
     monkeypatch.setenv("FLYTE_PLATFORM_INSECURE", "true")
@@ -155,10 +157,5 @@ def test_the_remote_launcher_maps_an_unreachable_flyte_to_a_training_error(
         fingerprint(spec, corpus.digest),
     )
 
-    class Log:
-        def info(self, message: str) -> None: ...
-
-        warning = error = info
-
     with pytest.raises(TrainingError, match=r"cannot launch homelab\.training\.sre-runbook"):
-        launcher.launch(Log(), launch)
+        launcher.launch(dg.build_asset_context(), launch)

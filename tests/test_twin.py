@@ -53,14 +53,14 @@ def test_kubectl_works_against_the_twin_by_hand(twin):
 
 
 def _gpu_pod(name: str, gpus: int) -> dict:
-    # The training nodes: KWOK nodes (forge-inference is a real node, tests/test_twin_real.py),
-    # so the pod is Running once bound, whatever its image.
+    # A KWOK training node (forge-training-primary and forge-inference are real nodes,
+    # tests/test_twin_real.py), so the pod is Running once bound, whatever its image.
     return {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": name},
         "spec": {
-            "nodeSelector": {"role": "training"},
+            "nodeSelector": {"role": "training", "type": "kwok"},
             "containers": [
                 {
                     "name": "vllm",
@@ -86,7 +86,7 @@ def test_the_scheduler_places_two_gpus_and_refuses_three(twin):
             )
         )
         assert fits, "the 2-GPU pod never reached Running"
-        assert fits.spec.node_name in {"forge-training-primary", "forge-training-secondary"}
+        assert fits.spec.node_name == "forge-training-secondary"
 
         assert_refused_for_gpus(core, "too-big")
     finally:

@@ -46,7 +46,13 @@ def test_the_dockerfile_installs_the_same_debian_packages_and_runs_the_same_uv_s
     assert homelab_only.split() == ["git"]  # the Git sensor's, in the homelab's daemon
     assert "FROM debian:bookworm-slim" in text
     (sync,) = re.findall(r"uv sync ([^\n]+)", text)
-    assert tuple(sync.split()) == UV_SYNC_FLAGS
+    assert tuple(sync.split()) == (*UV_SYNC_FLAGS, "${UV_EXTRAS}")
+    # Each image of this project is that build with its extras as UV_EXTRAS.
+    for spec in IMAGES.values():
+        if spec.project == ".":
+            extras = " ".join(spec.sync_flags[len(UV_SYNC_FLAGS) :])
+            arg = f"--build-arg UV_EXTRAS={extras} " if extras else ""
+            assert f"docker build {arg}-t {spec.reference} ." in text, spec.name
     assert f"UV_PROJECT_ENVIRONMENT={APP_DIR}/.venv" in text
     assert f"WORKDIR {APP_DIR}" in text
     copied = set()
@@ -80,7 +86,7 @@ def test_each_image_is_tagged_with_its_projects_version():
 def test_image_references_are_the_homelabs_names_and_map_into_the_twins_registry():
     assert image_reference("homelab-dagster") == "ghcr.io/homelab/homelab-dagster:0.1.0"
     assert image_reference("vllm-cpu") == "ghcr.io/homelab/vllm-cpu:0.32.0"
-    with pytest.raises(KeyError, match="known: homelab-dagster, vllm-cpu"):
+    with pytest.raises(KeyError, match="known: homelab-dagster, homelab-training, vllm-cpu"):
         image_reference("nope")
     assert registry_path("ghcr.io/homelab/x:1") == "ghcr.io/homelab/x:1"
     assert registry_path("busybox:1.36") == "docker.io/library/busybox:1.36"
@@ -106,16 +112,20 @@ def test_twin_up_puts_in_the_registry_the_images_the_pods_on_its_clusters_pull(
     image (the twin's registry, beside the clusters' ports) or does not (the homelab)."""
     from homelab_dagster.settings import Settings, Target
     from resources.deployment import build_deployment
+    from resources.training_pods import PodTrainingLauncher
 
     def deployment(target: Target):
         settings = Settings(project_root / "homelab.yaml", target, tmp_path, twin_port_base=20443)
         return build_deployment(settings, shipped_inventory)
 
     twin = deployment(Target.TWIN)
-    # Forge's endpoints: vLLM's server, and the copy step (the project's image).
+    # Forge's endpoints: vLLM's server, and the copy step (the project's image); its training
+    # pods, where they run (real nodes: root on Linux; else a local process, no image).
+    pods = isinstance(twin.resources["training"], PodTrainingLauncher)
     assert twin.pulled_images(shipped_inventory, ["forge"]) == [
         image_reference("vllm-cpu"),
         image_reference("homelab-dagster"),
+        *([image_reference("homelab-training")] if pods else []),
     ]
     assert twin.pulled_images(shipped_inventory, ["studio"]) == [image_reference("homelab-dagster")]
     assert twin.pulled_images(shipped_inventory, ["pi", "air"]) == []
@@ -125,6 +135,7 @@ def test_twin_up_puts_in_the_registry_the_images_the_pods_on_its_clusters_pull(
     assert set(homelab.pulled_images(shipped_inventory, shipped_inventory.clusters)) == {
         *(e.image for e in shipped_inventory.endpoints.values()),
         image_reference("homelab-dagster"),
+        image_reference("homelab-training"),
     }
     assert homelab.resources["image_registry"].address == ""
     assert homelab.resources["image_registry"].require("ghcr.io/homelab/absent:1") is None
@@ -204,7 +215,7 @@ def test_a_pod_pulls_the_project_image_by_its_homelab_name_and_runs_it(real_forg
     builder.push(image, real_forge.registry)
     repository, _, tag = registry_path(PROJECT.reference).rpartition(":")
     assert real_forge.registry.manifest_digest(repository, tag) == image.digest
-    (spec,) = real_forge.real_nodes("forge")
+    (spec,) = [s for s in real_forge.real_nodes("forge") if s.name == NODE]
     for host in MIRRORED_REGISTRIES:
         assert real_forge.registry.address in spec.path("certs.d", host, "hosts.toml").read_text()
 

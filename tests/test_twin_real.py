@@ -1,6 +1,7 @@
 """The twin's real nodes: a real kubelet and containerd run forge-inference's pods.
 
-The inventory marks forge-inference ``twin: real``. These tests need Linux, root, Debian's
+The inventory marks forge-inference ``twin: real`` (and forge-training-primary, where the
+training pods run: tests/test_training_pods_twin.py). These tests need Linux, root, Debian's
 containerd, runc, CNI plugins and iptables (`make system-deps`) and the toolchain's kubelet
 and pause binary (`make tools`); elsewhere they skip with the twin's reason.
 """
@@ -53,6 +54,17 @@ def _import_busybox(twin: Twin) -> None:
     for spec in twin.real_nodes("forge"):
         if IMAGE not in twin.real.images(spec):
             twin.real.import_image(spec, _busybox_archive())
+
+
+def _inference(twin: Twin):
+    """forge-inference's real-node spec (forge has two real nodes)."""
+    (spec,) = [s for s in twin.real_nodes("forge") if s.name == NODE]
+    return spec
+
+
+def _inference_status(forge):
+    (real,) = [r for r in forge.real if r.name == NODE]
+    return real
 
 
 def _pod(name: str, gpus: int, image: str = IMAGE, shell: str = _SHELL) -> dict:
@@ -251,12 +263,12 @@ def test_down_purge_leaves_the_host_as_before(
         pytest.skip(reason)
     state = tmp_path_factory.mktemp("real")
     fresh = Twin(shipped_inventory, state, toolchain, api_port_base=twin_port_base + 600)
-    port = fresh.api_port("forge") + 6  # forge-inference's spare port (twin_real)
+    (port,) = [s.port for s in fresh.real.specs("forge") if s.name == NODE]  # before `up`
     before = _host_state(port, state)
     try:
         fresh.up(["forge"])
         assert fresh.real_fallback is None, fresh.real_fallback
-        (spec,) = fresh.real_nodes("forge")
+        spec = _inference(fresh)
         _import_busybox(fresh)
         core = _core(fresh)
         core.create_namespaced_pod("default", _pod("web", 2))
@@ -284,15 +296,17 @@ def test_the_inference_node_is_real_ready_with_two_gpus(real_forge):
     assert node.status.allocatable[GPU_RESOURCE] == "2"
     assert node.metadata.labels["role"] == "inference"
     assert node.metadata.labels["nvidia.com/gpu.product"] == "NVIDIA-A100-SXM4-40GB"
-    (spec,) = real_forge.real_nodes("forge")
+    spec = _inference(real_forge)
     addresses = {a.type: a.address for a in node.status.addresses}
     assert addresses["InternalIP"] == spec.address
-    others = [n for n in core.list_node().items if n.metadata.name != NODE]
-    assert len(others) == 7
+    others = [
+        n for n in core.list_node().items if n.metadata.name not in (NODE, "forge-training-primary")
+    ]
+    assert len(others) == 6
     assert all((n.metadata.annotations or {}).get(FAKE_ANNOTATION) == "fake" for n in others)
     (forge,) = [s for s in real_forge.status() if s.name == "forge"]
     assert forge.ready_nodes == 8 and forge.gpus == 6
-    (real,) = forge.real
+    real = _inference_status(forge)
     assert real.name == NODE and real.running and real.ready and real.gpus == 2
     assert real.kubelet_version == "v1.36.3" and not forge.message
 
@@ -354,19 +368,19 @@ def test_a_killed_kubelet_or_containerd_is_seen_and_repaired_by_up(real_forge):
     try:
         assert wait(lambda: _running(core, "survivor")), "the pod never ran"
         uid = core.read_namespaced_pod("survivor", "default").metadata.uid
-        (spec,) = real_forge.real_nodes("forge")
+        spec = _inference(real_forge)
         for what in ("kubelet", "containerd"):
             pid = int(spec.path("pids", f"{what}.pid").read_text())
             os.kill(pid, signal.SIGKILL)
             (forge,) = [s for s in real_forge.status() if s.name == "forge"]
-            (real,) = forge.real
+            real = _inference_status(forge)
             assert not real.running and f"{what} not running" in real.message
             assert f"real node {NODE}: {what} not running" in forge.message
             messages: list[str] = []
             real_forge.up(["forge"], progress=lambda _c, m, said=messages: said.append(m))
             assert any(f"{what} started" in m for m in messages), messages
             (forge,) = [s for s in real_forge.status() if s.name == "forge"]
-            (real,) = forge.real
+            real = _inference_status(forge)
             assert real.running and real.ready and real.gpus == 2, real
             assert core.read_node(NODE).status.allocatable[GPU_RESOURCE] == "2"
             pod = wait(lambda: _running(core, "survivor"))
@@ -396,7 +410,7 @@ def test_without_real_node_tools_every_node_is_fake_and_the_twin_says_so_once(
     plan = twin._real_plan(["air", "forge"], lambda c, m: said.append((c, m)))
     assert plan == {"air": set(), "forge": set()}
     assert isinstance(twin.real_fallback, RealNodesUnavailable)
-    assert twin.real_fallback.nodes == [NODE]
+    assert sorted(twin.real_fallback.nodes) == [NODE, "forge-training-primary"]
     assert "make tools" in twin.real_fallback.reason or "Linux" in twin.real_fallback.reason
     assert said == [("forge", f"real nodes run as KWOK nodes: {twin.real_fallback.reason}")]
     twin._real_plan(["forge"], lambda c, m: said.append((c, m)))
@@ -417,7 +431,8 @@ def test_a_pool_of_several_nodes_has_only_its_first_real(inventory_text):
     def edit(data):
         pool = data["clusters"]["pi"]["nodes"][1]  # pi-edge, count 2
         pool["twin"] = "real"
-        data["clusters"]["forge"]["nodes"][4]["twin"] = "fake"
+        data["clusters"]["forge"]["nodes"][2]["twin"] = "fake"  # forge-training-primary
+        data["clusters"]["forge"]["nodes"][4]["twin"] = "fake"  # forge-inference
 
     inventory = parse_inventory(inventory_text(edit), "homelab.yaml")
     real = [n.name for n in inventory.clusters["pi"].expanded_nodes() if n.twin == "real"]

@@ -115,12 +115,18 @@ def ensure_dagster_home(settings: Settings) -> str:
     ``dagster.yaml`` this function wrote is rewritten when the settings change it; one
     written by someone else is left alone.
     """
+    import yaml
+
+    from resources.orchestrator import INSTANCE_CONCURRENCY
+
     home = os.environ.setdefault("DAGSTER_HOME", str(settings.state_dir / "dagster"))
     os.makedirs(home, exist_ok=True)
     config = os.path.join(home, "dagster.yaml")
     text = _WRITTEN_BY + "telemetry:\n  enabled: false\nnux:\n  enabled: false\n"
     if settings.dagster_postgres:
         text += f"storage:\n  postgres:\n    postgres_url:\n      env: {DAGSTER_POSTGRES_URL_VAR}\n"
+    # GPU steps share a pool per cluster (assets/training.py): one at a time, by default.
+    text += yaml.safe_dump({"concurrency": INSTANCE_CONCURRENCY})
     # Steps as pods (HOMELAB_RUNS=kubernetes): dagster-k8s's run launcher, whose settings the
     # step executor reads too, and the storage the pods share (resources/orchestrator.py).
     pods_instance = build_deployment(settings, inventory_or_none(settings.inventory_path))

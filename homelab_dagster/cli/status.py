@@ -5,12 +5,17 @@ as last evaluated, whether it drifted (its ``no_drift`` check), and whether it i
 (its failure record, ``sensors/failures.py``). Per cluster: a readiness figure, the share of
 its checks and of its outgoing links' checks that pass now
 (:func:`homelab_dagster.reconcile.readiness`): measured, where the owner's README kept
-hand-written percentages.
+hand-written percentages. GPU-hours per model, endpoint and cluster, this calendar month (UTC)
+and all time: the training runs' ``gpu_seconds``, the endpoints' ``gpu_seconds_served`` and what
+each endpoint's current deployment has held since it was materialised (:func:`gpu_hours`).
 """
 
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -25,14 +30,19 @@ from homelab_dagster.settings import Settings
 if TYPE_CHECKING:
     import dagster as dg
 
-__all__ = ["collect", "status"]
+__all__ = ["GPU_GROUPS", "GpuUse", "collect", "gpu_hours", "status"]
+
+# The GPU-hours report's groups, and what the table calls one of their rows.
+GPU_GROUPS = {"models": "model", "endpoints": "endpoint", "clusters": "cluster"}
+_TRAINING_GPU_SECONDS = "gpu_seconds"  # what training_run/* records (assets/training.py)
+_PAGE = 500  # materialisations read from the instance at a time
 
 
 def status(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON document, for tools.")] = False,
 ) -> None:
     """Each asset's last materialisation, checks, drift, stalled state and commit; each
-    cluster's readiness from its live checks."""
+    cluster's readiness from its live checks; GPU-hours per model, endpoint and cluster."""
 
     from homelab_dagster.cli.launch import ensure_dagster_home, open_instance
 
@@ -51,8 +61,11 @@ def status(
     _print(report)
 
 
-def collect(instance: dg.DagsterInstance, defs: dg.Definitions) -> dict[str, Any]:
-    """The status of every asset of ``defs`` and the readiness of every cluster, as plain data."""
+def collect(
+    instance: dg.DagsterInstance, defs: dg.Definitions, now: float | None = None
+) -> dict[str, Any]:
+    """The status of every asset of ``defs``, the readiness of every cluster and the GPU-hours
+    until ``now`` (seconds since the epoch; default: now), as plain data."""
     from assets._stack import DRIFT_CHECK
     from sensors.failures import repair_record
 
@@ -79,7 +92,13 @@ def collect(instance: dg.DagsterInstance, defs: dg.Definitions) -> dict[str, Any
             "failures": record.failures if record else 0,
             "last_failure": record.reason if record else None,
         }
-    return {"assets": assets, "readiness": _readiness(assets)}
+    now = time.time() if now is None else now
+    uses, rows = _gpu_uses(instance, graph, now)
+    return {
+        "assets": assets,
+        "readiness": _readiness(assets),
+        "gpu_hours": gpu_hours(uses, now, rows),
+    }
 
 
 def _check(instance: dg.DagsterInstance, key: dg.AssetCheckKey) -> dict[str, Any]:
@@ -116,6 +135,118 @@ def _readiness(assets: dict[str, dict[str, Any]]) -> dict[str, float]:
     return figures
 
 
+@dataclass(frozen=True)
+class GpuUse:
+    """GPU-seconds spent from ``start`` to ``end`` (seconds since the epoch), counted in each
+    of ``rows``: ``(group, name)`` pairs of :data:`GPU_GROUPS`, e.g. ``("models", "sre-agent")``.
+    A training run's are counted when it ended (``start == end``)."""
+
+    rows: tuple[tuple[str, str], ...]
+    start: float
+    end: float
+    seconds: float
+
+
+def gpu_hours(
+    uses: Iterable[GpuUse], now: float, rows: Iterable[tuple[str, str]] = ()
+) -> dict[str, Any]:
+    """GPU-hours per group and name, ``this_month`` (the calendar month of ``now``, UTC) and
+    ``all_time``, rounded to 3 decimals; ``rows`` are listed even where nothing was used.
+
+    A use that began before the month counts in it in proportion to its time in it (an
+    endpoint that served across the 1st)."""
+    month = datetime.fromtimestamp(now, UTC).replace(
+        day=1, hour=0, minute=0, second=0, microsecond=0
+    )
+    since = month.timestamp()
+    totals: dict[str, dict[str, list[float]]] = {group: {} for group in GPU_GROUPS}
+    for group, name in rows:
+        totals[group].setdefault(name, [0.0, 0.0])
+    for use in uses:
+        if use.start >= since:
+            share = 1.0
+        elif use.end <= since:
+            share = 0.0
+        else:
+            share = (use.end - since) / (use.end - use.start)
+        for group, name in use.rows:
+            figures = totals[group].setdefault(name, [0.0, 0.0])
+            figures[0] += use.seconds * share
+            figures[1] += use.seconds
+    return {
+        "month": month.strftime("%Y-%m"),
+        **{
+            group: {
+                name: {"this_month": round(month_s / 3600, 3), "all_time": round(all_s / 3600, 3)}
+                for name, (month_s, all_s) in sorted(named.items())
+            }
+            for group, named in totals.items()
+        },
+    }
+
+
+def _gpu_uses(
+    instance: dg.DagsterInstance, graph: dg.AssetGraph, now: float
+) -> tuple[list[GpuUse], list[tuple[str, str]]]:
+    """Every GPU use the instance recorded: each training materialisation's ``gpu_seconds``;
+    each endpoint materialisation's ``gpu_seconds_served`` (since the one before) and its
+    current deployment's share until ``now``. With the rows of every GPU asset."""
+    from assets._keys import endpoint_key, training_run_key
+    from assets.endpoints import GPU_SECONDS_SERVED, gpu_seconds_served
+
+    uses: list[GpuUse] = []
+    rows: list[tuple[str, str]] = []
+    for key in sorted(graph.get_all_asset_keys()):
+        name = key.path[-1]
+        training = key == training_run_key(name)
+        if not training and key != endpoint_key(name):
+            continue
+        spec = graph.get(key).metadata
+        labels = (
+            ("models", str(spec["model"])),
+            *(() if training else (("endpoints", name),)),
+            ("clusters", str(spec["cluster"])),
+        )
+        rows.extend(labels)
+        previous: dg.EventLogRecord | None = None
+        for record in _materializations(instance, key):
+            metadata = record.asset_materialization.metadata if record.asset_materialization else {}
+            if training:
+                seconds = _seconds(metadata.get(_TRAINING_GPU_SECONDS))
+                uses.append(GpuUse(labels, record.timestamp, record.timestamp, seconds))
+            else:
+                start = previous.timestamp if previous else record.timestamp
+                seconds = _seconds(metadata.get(GPU_SECONDS_SERVED))
+                uses.append(GpuUse(labels, start, record.timestamp, seconds))
+            previous = record
+        if not training and previous is not None:
+            running = gpu_seconds_served(previous.event_log_entry, now)
+            uses.append(GpuUse(labels, previous.timestamp, now, running))
+    return uses, rows
+
+
+def _materializations(
+    instance: dg.DagsterInstance, key: dg.AssetKey
+) -> Iterator[dg.EventLogRecord]:
+    """Every materialisation of ``key``, oldest first, a page at a time."""
+    cursor = None
+    while True:
+        page = instance.fetch_materializations(key, limit=_PAGE, cursor=cursor, ascending=True)
+        yield from page.records
+        if not page.has_more:
+            return
+        cursor = page.cursor
+
+
+def _seconds(value: object) -> float:
+    """A recorded number of seconds (0.0 where the key is missing)."""
+    import dagster as dg
+
+    if isinstance(value, dg.FloatMetadataValue | dg.IntMetadataValue) and value.value is not None:
+        return float(value.value)
+    return 0.0
+
+
 def _when(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")
 
@@ -149,3 +280,14 @@ def _print(report: dict[str, Any]) -> None:
     for cluster, figure in report["readiness"].items():
         ready.add_row(cluster, f"{figure:.0%}")
     console.print(ready)
+    hours = report["gpu_hours"]
+    gpu = Table(title=f"GPU-hours ({hours['month']} UTC, all time)", title_justify="left")
+    gpu.add_column("of")
+    gpu.add_column("this month", justify="right")
+    gpu.add_column("all time", justify="right")
+    for group, row in GPU_GROUPS.items():
+        for name, figures in hours[group].items():
+            gpu.add_row(
+                f"{row} {name}", f"{figures['this_month']:.3f}", f"{figures['all_time']:.3f}"
+            )
+    console.print(gpu)

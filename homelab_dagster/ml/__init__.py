@@ -7,7 +7,8 @@ a name that needs them is first used (the Dagster code location imports
 
 Modules: ``spec`` (dataclasses, fingerprint), ``digest`` (the weights digest), ``corpus``
 (globs to files), ``tokenizer``, ``data`` (dataset directories), ``model``, ``train``
-(the training function and the evaluate and export steps).
+(the training function and the evaluate and export steps), ``distributed`` (the ranks of a
+data-parallel run under torchrun).
 """
 
 from __future__ import annotations
@@ -23,16 +24,21 @@ __all__ = [
     "TrainOptions",
     "TrainReport",
     "TrainSpec",
+    "World",
+    "barrier",
     "code_version",
     "directory_digest",
     "evaluate_model",
     "export_model",
     "fingerprint",
+    "joined",
+    "mean_across",
     "prepare_dataset",
     "resolve_corpus",
     "run_pipeline",
     "synthetic_dataset",
     "train_model",
+    "world_from_env",
 ]
 
 _HOMES = {
@@ -53,6 +59,11 @@ _HOMES = {
     "export_model": "train",
     "run_pipeline": "train",
     "train_model": "train",
+    "World": "distributed",
+    "barrier": "distributed",
+    "joined": "distributed",
+    "mean_across": "distributed",
+    "world_from_env": "distributed",
 }
 
 

@@ -93,7 +93,11 @@ class TrainOptions:
 
 @dataclass
 class TrainReport:
-    """What the training loop measured."""
+    """What the training loop measured.
+
+    With several ranks (``world_size``) the losses are their mean and the tokens count
+    every rank's: the figures of the one global batch.
+    """
 
     steps: int
     losses: list[float]
@@ -105,15 +109,22 @@ class TrainReport:
     tokens_per_second: float
     device: str
     precision: str
+    world_size: int = 1
 
 
 @dataclass
 class EvalReport:
-    """Held-out evaluation: mean next-token loss (nats) and its perplexity."""
+    """Held-out evaluation: mean next-token loss (nats) and its perplexity.
+
+    ``unigram_loss`` is the baseline over the same tokens: the cross-entropy of the training
+    split's token frequencies (add-one smoothed over the vocabulary). A model whose
+    ``eval_loss`` is below it has learned more than which tokens are common.
+    """
 
     eval_loss: float
     perplexity: float
     eval_tokens: int
+    unigram_loss: float | None = None
 
 
 def from_dict(cls: type[Any], data: dict[str, Any]) -> Any:

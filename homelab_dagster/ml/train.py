@@ -9,6 +9,13 @@ steps a workflow runs are :func:`~homelab_dagster.ml.data.prepare_dataset`,
 The loop: AdamW (betas 0.9/0.95, weight decay 0.1 on matrices), linear warm-up over a tenth
 of the steps (at most 100) then cosine decay to a tenth of the rate, gradient clipping at
 1.0, random training blocks drawn by a seeded generator, bf16 autocast on CUDA.
+
+Data parallel (a :class:`~homelab_dagster.ml.distributed.World` of several ranks, under
+torchrun): ``batch_size`` is the global batch. Every rank draws the same global batch from
+the same seeded generator and trains on its contiguous slice; DistributedDataParallel
+averages the gradients, so with equal slices the step is the one-rank step on the whole
+batch (the mean of the slices' mean losses is the whole batch's mean loss). Rank 0 logs
+and writes the checkpoint; every rank returns the report, whose losses are the ranks' mean.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import torch
 from homelab_dagster.errors import TrainingError
 from homelab_dagster.ml.data import load_dataset, prepare_dataset, tokenizer_dir
 from homelab_dagster.ml.digest import directory_digest
+from homelab_dagster.ml.distributed import World, barrier, joined, mean_across
 from homelab_dagster.ml.model import (
     build_model,
     parameter_count,
@@ -61,12 +69,34 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _quiet(message: str) -> None:
+    """The log of ranks other than 0."""
+
+
+def _rank_device(options: TrainOptions, world: World) -> torch.device:
+    """The device of this rank: ``cuda:<local_rank>`` (made current) or the CPU."""
+    device = resolve_device(options)
+    if not world.distributed:
+        return device
+    if device.type == "cuda":
+        if world.local_rank >= torch.cuda.device_count():
+            raise TrainingError(
+                f"local rank {world.local_rank} has no GPU: torch sees {torch.cuda.device_count()}"
+            )
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    elif world.backend == "nccl":
+        raise TrainingError("the nccl backend needs CUDA devices; CPU ranks use gloo")
+    return device
+
+
 def train_model(
     dataset_dir: str | Path,
     out_dir: str | Path | None,
     spec: TrainSpec,
     options: TrainOptions | None = None,
     log: LogFn | None = None,
+    world: World | None = None,
 ) -> TrainReport:
     """Train ``spec``'s model on a prepared dataset; save a checkpoint to ``out_dir``.
 
@@ -76,16 +106,42 @@ def train_model(
     ``options.log_every`` steps. Tokens per second are measured after the first fifth of
     the steps (at most five), so start-up and compilation do not count.
 
+    ``world`` (default: one rank) of several ranks trains data-parallel: each rank calls
+    this with its own world (:func:`~homelab_dagster.ml.distributed.world_from_env`), joins
+    the process group unless the caller already has, and takes its slice of the global
+    ``batch_size``. Only rank 0 logs and writes ``out_dir``; every rank returns once the
+    checkpoint is written.
+
     Raises:
-        TrainingError: the dataset or spec is unusable, or the loss becomes NaN.
+        TrainingError: the dataset or spec is unusable, the batch does not split evenly
+            over the ranks, the ranks cannot join, or the loss becomes NaN.
     """
     options = options or TrainOptions()
-    log = log or _log.info
+    world = world or World()
+    log = (log or _log.info) if world.is_main else _quiet
+    hp = spec.hyperparameters
+    if hp.batch_size % world.world_size:
+        raise TrainingError(
+            f"batch_size {hp.batch_size} does not split evenly over world_size "
+            f"{world.world_size} ranks"
+        )
+    with joined(world):
+        return _train(dataset_dir, out_dir, spec, options, log, world)
+
+
+def _train(
+    dataset_dir: str | Path,
+    out_dir: str | Path | None,
+    spec: TrainSpec,
+    options: TrainOptions,
+    log: LogFn,
+    world: World,
+) -> TrainReport:
     hp = spec.hyperparameters
     train_blocks, _, info = load_dataset(dataset_dir)
     if info.seq_len != hp.seq_len:
         raise TrainingError(f"dataset has seq_len {info.seq_len}, the spec {hp.seq_len}")
-    device = resolve_device(options)
+    device = _rank_device(options, world)
     precision = resolve_precision(options, device)
     if options.threads:
         torch.set_num_threads(options.threads)
@@ -108,23 +164,32 @@ def train_model(
         groups, lr=hp.learning_rate, betas=(0.9, 0.95), fused=device.type == "cuda"
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(hp.steps))
-    forward = torch.compile(model) if options.compile else model
+    wrapped = model
+    if world.distributed:  # averages the gradients over the ranks in backward()
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    forward = torch.compile(wrapped) if options.compile else wrapped
     blocks = train_blocks.to(device)
     generator = torch.Generator().manual_seed(hp.seed)
     losses = torch.zeros(hp.steps, device=device)
-    tokens_per_step = hp.batch_size * hp.seq_len
+    tokens_per_step = hp.batch_size * hp.seq_len  # global: all ranks together
+    share = hp.batch_size // world.world_size
+    mine = slice(world.rank * share, (world.rank + 1) * share)
     skip = min(5, hp.steps // 5)
+    ranks = f" x {world.world_size} ranks ({world.backend})" if world.distributed else ""
     log(
         f"training {spec.model}: {params:,} parameters, {hp.steps} steps of "
-        f"{hp.batch_size}x{hp.seq_len} tokens on {device.type} ({precision})"
+        f"{hp.batch_size}x{hp.seq_len} tokens on {device.type}{ranks} ({precision})"
     )
     started = steady = time.perf_counter()
     for step in range(hp.steps):
         if step == skip:
             _sync(device)
             steady = time.perf_counter()
-        index = torch.randint(len(blocks), (hp.batch_size,), generator=generator).to(device)
-        batch = blocks[index].long()
+        # Every rank draws the whole global batch (same generator, same seed), then slices.
+        index = torch.randint(len(blocks), (hp.batch_size,), generator=generator)[mine]
+        batch = blocks[index.to(device)].long()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = forward(input_ids=batch, labels=batch).loss
         optimizer.zero_grad(set_to_none=True)
@@ -134,13 +199,13 @@ def train_model(
         schedule.step()
         losses[step] = loss.detach()
         if options.log_every and ((step + 1) % options.log_every == 0 or step + 1 == hp.steps):
-            value = loss.item()
+            value = mean_across(loss.detach(), world).item()  # every rank: all see one value
             if not math.isfinite(value):
                 raise TrainingError(f"the training loss is {value} at step {step + 1}")
             log(f"step {step + 1}/{hp.steps} loss {value:.4f} lr {schedule.get_last_lr()[0]:.2e}")
     _sync(device)
     ended = time.perf_counter()
-    values = [float(v) for v in losses.cpu()]
+    values = [float(v) for v in mean_across(losses, world).cpu()]
     if not all(math.isfinite(v) for v in values):
         raise TrainingError("the training loss became NaN or infinite")
     steady_tokens = (hp.steps - skip) * tokens_per_step
@@ -155,6 +220,7 @@ def train_model(
         tokens_per_second=steady_tokens / max(ended - steady, 1e-9),
         device=device.type,
         precision=precision,
+        world_size=world.world_size,
     )
     log(
         f"trained: loss {report.first_loss:.4f} -> {report.final_loss:.4f}, "
@@ -162,7 +228,14 @@ def train_model(
     )
     if out_dir is None:
         return report
-    out = Path(out_dir)
+    if world.is_main:
+        _save(model, tokenizer, report, Path(out_dir))
+    barrier(world)  # no rank returns before the checkpoint is complete
+    return report
+
+
+def _save(model: Any, tokenizer: Any, report: TrainReport, out: Path) -> None:
+    """Write the checkpoint: ``model`` is the bare model, never its DDP wrapper."""
     out.mkdir(parents=True, exist_ok=True)
     if hasattr(model, "merge_and_unload"):  # LoRA: the checkpoint holds merged weights
         model = model.merge_and_unload()
@@ -170,7 +243,6 @@ def train_model(
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     (out / REPORT_FILE).write_text(json.dumps(asdict(report)))
-    return report
 
 
 def _load(checkpoint_dir: str | Path, device: torch.device | None = None) -> Any:
@@ -192,11 +264,16 @@ def evaluate_model(
     options: TrainOptions | None = None,
     batch_size: int = 8,
 ) -> EvalReport:
-    """Mean next-token loss (nats) of a checkpoint over the dataset's held-out blocks."""
+    """Mean next-token loss (nats) of a checkpoint over the dataset's held-out blocks.
+
+    Beside it, the unigram baseline over the same predicted tokens (every block's positions
+    1 to ``seq_len - 1``): the loss of always predicting the training split's token
+    frequencies, add-one smoothed over the vocabulary.
+    """
     options = options or TrainOptions()
     device = resolve_device(options)
     precision = resolve_precision(options, device)
-    _, held_out, _ = load_dataset(dataset_dir)
+    train_blocks, held_out, info = load_dataset(dataset_dir)
     model = _load(checkpoint_dir, device).eval()
     total, count = 0.0, 0
     for start in range(0, len(held_out), batch_size):
@@ -207,7 +284,23 @@ def evaluate_model(
         total += float(loss) * predicted
         count += predicted
     mean = total / count
-    return EvalReport(eval_loss=mean, perplexity=math.exp(min(mean, 700.0)), eval_tokens=count)
+    return EvalReport(
+        eval_loss=mean,
+        perplexity=math.exp(min(mean, 700.0)),
+        eval_tokens=count,
+        unigram_loss=_unigram_loss(train_blocks, held_out, info.vocab_size),
+    )
+
+
+def _unigram_loss(train_blocks: torch.Tensor, held_out: torch.Tensor, vocab_size: int) -> float:
+    """Cross-entropy (nats per token) of ``held_out``'s predicted tokens under the unigram
+    distribution of ``train_blocks`` (add-one smoothed over ``vocab_size``)."""
+    train = train_blocks.flatten().long()
+    targets = held_out[:, 1:].flatten().long()
+    size = max(vocab_size, int(train.max()) + 1, int(targets.max()) + 1)
+    counts = torch.bincount(train, minlength=size).double() + 1.0
+    log_probs = counts.log() - counts.sum().log()
+    return float(-log_probs[targets].mean())
 
 
 def export_model(checkpoint_dir: str | Path, out_dir: str | Path) -> tuple[str, int]:
