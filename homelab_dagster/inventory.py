@@ -366,7 +366,7 @@ class TrainingHyperparameters(_Strict):
 
 
 class TrainingRun(_Strict):
-    """A Flyte training run on a GPU cluster, producing a new version of a model's weights."""
+    """A training run on a GPU cluster, producing a new version of a model's weights."""
 
     model: str = Field(description="A trained model of models.")
     cluster: str = Field(description="The GPU cluster it runs on.")
@@ -451,7 +451,7 @@ class Endpoint(_Strict):
 
 
 class Ml(_Strict):
-    """Where ML work runs and where weights live on the homelab target."""
+    """How training runs, and where weights live."""
 
     launcher: Literal["pods", "flyte"] = Field(
         default="pods",
@@ -494,7 +494,7 @@ class Inventory(_Strict):
         default_factory=dict, description="Third-party Helm releases, by name."
     )
     mesh: Mesh = Field(default_factory=Mesh, description="The multicluster mesh.")
-    ml: Ml = Field(default_factory=Ml, description="Flyte and weights settings.")
+    ml: Ml = Field(default_factory=Ml, description="Training and weights settings.")
     orchestrator: Orchestrator = Field(
         default_factory=Orchestrator, description="Where Dagster's runs and steps run."
     )

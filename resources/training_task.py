@@ -61,10 +61,13 @@ def _train(request: dict[str, Any], work: Path, log: Any) -> dict[str, Any] | No
     with joined(world):
         if world.is_main:
             info = prepare_dataset(work / "corpus", work / "dataset", spec)
+            hub = (
+                "a Hugging Face token from its Secret" if os.environ.get("HF_TOKEN") else "offline"
+            )
             log(
                 f"dataset: {info.train_blocks} training and {info.eval_blocks} held-out blocks "
                 f"of {info.seq_len} tokens from corpus {info.corpus_digest[:12]}; "
-                f"{world.world_size} rank(s) ({world.backend})"
+                f"{world.world_size} rank(s) ({world.backend}); the hub: {hub}"
             )
         barrier(world)
         report = train_model(

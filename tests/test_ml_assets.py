@@ -101,7 +101,10 @@ def store_on(server, bucket: str) -> WeightsStore:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory, shipped, object_store) -> Lab:
-    return Lab(tmp_path_factory.mktemp("ml"), shipped, store_on(object_store, "test-ml-assets"))
+    # A run of seconds: these tests are about the flow (reuse, versions, the gate), not the
+    # model (the shipped twin run, about a minute: tests/test_training_pods_twin.py).
+    small = with_run(shipped, twin_hyperparameters={"steps": 60, "batch_size": 8, "seq_len": 64})
+    return Lab(tmp_path_factory.mktemp("ml"), small, store_on(object_store, "test-ml-assets"))
 
 
 @pytest.fixture(scope="module")

@@ -258,3 +258,32 @@ def test_a_pod_out_of_memory_fails_the_step_with_that_reason(pods, real_forge, s
     message = _failure(result)
     assert "out of memory" in message or "OOMKilled" in message, message
     assert wait(lambda: not _training_pods(real_forge), timeout=30) is True
+
+
+def test_the_hugging_face_token_reaches_the_pod_and_nothing_else(
+    pods, real_forge, shipped_inventory
+):
+    """The token a gated base model needs: a Secret the pod reads (``ml.hf_token_secret``);
+    its value is in no log line, metadata, run configuration or pod spec Dagster saw."""
+    import secrets as pysecrets
+
+    core = _core(real_forge)
+    canary = f"hf_canary{pysecrets.token_hex(8)}"
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "hf-token"},
+        "stringData": {"token": canary},
+    }
+    core.create_namespaced_secret(NAMESPACE, secret)
+    try:
+        run = _run(shipped_inventory, seed=17)
+        result, lines = _train(pods, shipped_inventory, run, hf_token_secret="hf-token")
+    finally:
+        core.delete_namespaced_secret("hf-token", NAMESPACE)
+    assert result.success, _failure(result) + "\n" + "\n".join(lines[-30:])
+    assert any("the hub: a Hugging Face token from its Secret" in line for line in lines), lines
+    (event,) = result.get_asset_materialization_events()
+    recorded = [*lines, repr(event.materialization.metadata), repr(result.dagster_run.run_config)]
+    recorded += [str(e) for e in result.all_events]
+    assert not [r for r in recorded if canary in r]
