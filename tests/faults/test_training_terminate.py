@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 
-import dagster as dg
 import pytest
 
 from .test_terminate import wait_until
@@ -30,7 +29,6 @@ def test_terminating_a_training_run_from_the_ui_deletes_its_pod_within_seconds(
     CANCELED, and nothing of it is listed in the weights store."""
     from kubernetes import client
 
-    from assets.clusters import build_cluster_defs
     from homelab_dagster.settings import Settings, Target
     from infra.images import ImageBuilder, missing_tools
     from resources.deployment import build_deployment
@@ -46,19 +44,25 @@ def test_terminating_a_training_run_from_the_ui_deletes_its_pod_within_seconds(
         real_forge.root.parent,
         twin_port_base=real_forge.api_port_base,
     )
-    resources = build_deployment(settings, shipped_inventory).resources
-    forge = shipped_inventory.clusters["forge"]
-    with dg.DagsterInstance.ephemeral() as instance:
-        cluster = dg.materialize(
-            list(build_cluster_defs("forge", forge, shipped_inventory.components).assets or []),
-            resources=resources,
-            instance=instance,
-            raise_on_error=False,
-        )
-    assert cluster.success
-    listed = resources["weights_store"].versions("sre-agent")
+    store = build_deployment(settings, shipped_inventory).resources["weights_store"]
+    listed = store.versions("sre-agent")
     core = client.CoreV1Api(real_forge.client("forge"))
+    # Only the run's namespace, not cluster/forge: the session's cluster tests provision Forge
+    # from nothing in this state directory's stacks (tests/test_clusters_twin.py).
+    core.create_namespace({"metadata": {"name": NAMESPACE}})
+    try:
+        _terminate_while_training(dev_ui, core)
+    finally:
+        core.delete_namespace(NAMESPACE)
+        wait_until(
+            lambda: NAMESPACE not in {n.metadata.name for n in core.list_namespace().items},
+            f"namespace {NAMESPACE} was not deleted",
+            timeout=180,
+        )
+    assert store.versions("sre-agent") == listed
 
+
+def _terminate_while_training(dev_ui, core) -> None:
     launched = dev_ui.launch(["training_run", RUN])
     assert launched["__typename"] == "LaunchRunSuccess", launched
     run_id = launched["run"]["runId"]
@@ -76,4 +80,3 @@ def test_terminating_a_training_run_from_the_ui_deletes_its_pod_within_seconds(
     gone_after = time.monotonic() - terminated
     assert gone_after < 15, f"the pod went {gone_after:.1f} s after the terminate"
     dev_ui.wait_for_status(run_id, {"CANCELED"})
-    assert resources["weights_store"].versions("sre-agent") == listed
