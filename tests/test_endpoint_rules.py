@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+from _cli_support import validate
 
 from homelab_dagster import serving
 from homelab_dagster.errors import InventoryError
@@ -101,14 +102,8 @@ def test_tensor_parallelism_above_the_nodes_gpus_is_refused_by_validate(inventor
 
     path = tmp_path / "homelab.yaml"
     path.write_text(inventory_text(edit))
-    done = subprocess.run(
-        [sys.executable, "-m", "homelab_dagster", "validate", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 1, done.stdout + done.stderr
-    out = " ".join((done.stdout + done.stderr).split())
+    status, out = validate(path)
+    assert status == 1, out
     assert "endpoints.vllm.tensor_parallel_size" in out
     assert "tensor-parallel size 4 exceeds the GPUs" in out and "forge-inference, has 2" in out
 

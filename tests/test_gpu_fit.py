@@ -7,11 +7,10 @@ homelab_dagster.gpus is checked against counts known from real models.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import typing
 
 import pytest
+from _cli_support import validate
 
 from homelab_dagster.errors import InventoryError
 from homelab_dagster.gpus import (
@@ -94,14 +93,8 @@ def test_the_shipped_inventory_fits_and_serves_the_70b_in_4_bits(project_root):
 def test_the_owners_70b_in_bf16_on_two_a100_40gb_is_refused_by_validate(inventory_text, tmp_path):
     path = tmp_path / "homelab.yaml"
     path.write_text(inventory_text(_owners_70b))
-    done = subprocess.run(
-        [sys.executable, "-m", "homelab_dagster", "validate", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 1, done.stdout + done.stderr
-    out = " ".join((done.stdout + done.stderr).split())
+    status, out = validate(path)
+    assert status == 1, out
     assert "endpoints.vllm.model: llama-3.1-70b-instruct (70.6B parameters) at bf16 needs" in out
     assert (
         "131.5 GiB of weights + 4.0 GiB KV cache floor + 2.0 GiB runtime overhead "
