@@ -34,12 +34,17 @@ ENV UV_PYTHON=/usr/bin/python3.11 \
     UV_PROJECT_ENVIRONMENT=/app/.venv \
     PATH=/app/.venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 WORKDIR /app
-COPY pyproject.toml uv.lock README.md ./
+ARG UV_EXTRAS=""
+# The dependencies first, from the lock alone: a change to the sources rebuilds (and a node
+# pulls) only the project's layer below, not the gigabytes of torch above it.
+COPY pyproject.toml uv.lock ./
+RUN --mount=type=cache,target=/root/.cache/uv \
+    uv sync --locked --no-dev --no-editable ${UV_EXTRAS} --no-install-project
+COPY README.md ./
 COPY homelab_dagster ./homelab_dagster
 COPY assets ./assets
 COPY resources ./resources
 COPY sensors ./sensors
 COPY infra ./infra
-ARG UV_EXTRAS=""
 RUN --mount=type=cache,target=/root/.cache/uv uv sync --locked --no-dev --no-editable ${UV_EXTRAS}
 CMD ["python3"]

@@ -44,7 +44,9 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # The registries whose names the homelab's manifests use; the twin's containerd resolves them
 # through the twin's registry only (a name it lacks fails to pull at once: nothing is asked of
 # the internet).
-MIRRORED_REGISTRIES = ("ghcr.io", "docker.io")
+# registry.k8s.io holds the pause image, which the twin imports into each real node instead:
+# one lost (containerd's image GC) fails at once, not after DNS's timeouts.
+MIRRORED_REGISTRIES = ("ghcr.io", "docker.io", "registry.k8s.io")
 # The base of every image (and of the Dockerfile): Debian's Python, no compiler, no apt lists.
 DEBIAN_SUITE = "bookworm"
 BASE_PACKAGES = ("python3.11", "ca-certificates", "libgomp1", "libnuma1")

@@ -253,8 +253,11 @@ class RealNodes:
         kubelet_up = alive(self._pid(spec, "kubelet"), spec.dir)
         if containerd_up and kubelet_up:
             self._write_network(spec, running=True)
+            # containerd may have dropped it since (its image GC under disk pressure): without
+            # it no pod's sandbox starts on the node (FailedCreatePodSandBox, for ever).
+            repaired = self._import_pause(spec)
             self._apply_inventory(spec, api)
-            return "running"
+            return "running, its pause image imported again" if repaired else "running"
         socket = spec.path("kubelet", "root", "pod-resources", "0123456789")
         if len(str(socket).encode()) > _MAX_SOCKET_PATH:
             raise RealNodeError(
@@ -377,6 +380,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
   enable_selinux = false
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
+    # A layer's compressed blob goes once unpacked: the registry keeps it, and an image in
+    # both forms would hold 3 GiB twice on each node that runs training or vLLM.
+    discard_unpacked_layers = true
     default_runtime_name = "runc"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
       runtime_type = "io.containerd.runc.v2"
@@ -484,16 +490,19 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         log = spec.path("logs", "containerd.log")
         raise RealNodeError(f"real node {spec.name}: containerd did not start:\n{tail(log)}")
 
-    def _import_pause(self, spec: RealNodeSpec) -> None:
+    def _import_pause(self, spec: RealNodeSpec) -> bool:
+        """Import the pause image (every pod's sandbox) unless the node has it; True if it
+        was imported."""
         version = self.toolchain.versions["tools"]["pause"]["version"]
         name = f"{PAUSE_IMAGE_REPOSITORY}:{version}"
         if name in self.images(spec):
-            return
+            return False
         pause = self.toolchain.pause
         if pause is None:  # unavailable() said so before any node started
             raise RealNodeError(f"real node {spec.name}: the toolchain has no pause binary")
         archive = oci_archive(name, {"pause": pause}, entrypoint=["/pause"])
         self.import_image(spec, archive)
+        return True
 
     def images(self, spec: RealNodeSpec) -> set[str]:
         """The image names in the node's containerd (the namespace the kubelet uses)."""

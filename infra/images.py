@@ -1,24 +1,32 @@
 """The twin's images, built here from lock files and pushed to the twin's registry.
 
-Each image of :data:`homelab_dagster.images.IMAGES` is two OCI layers:
+Each image of :data:`homelab_dagster.images.IMAGES` is three OCI layers:
 
 1. **base**: Debian (``mmdebstrap --variant=minbase``) with the Debian packages of
    :data:`~homelab_dagster.images.BASE_PACKAGES` (Debian's own Python 3.11), shared by every
    image;
-2. **environment**: the image's uv project in ``/app`` and its environment ``/app/.venv``,
-   made by ``uv sync --locked --no-dev --no-editable`` run *inside* the base's root file system
-   (``chroot``, in a private mount namespace that bind-mounts this machine's uv cache), so the
-   environment is made for the image's own interpreter at its own paths, by the same command
-   the ``Dockerfile`` runs. (``uv venv --relocatable`` with ``--python`` pointing into the root
-   file system was the other way; its scripts and ``pyvenv.cfg`` would name this machine's
-   paths.)
+2. **dependencies**: the environment ``/app/.venv`` with every locked dependency and not the
+   project, ``uv sync --locked --no-dev --no-editable --no-install-project`` from
+   ``pyproject.toml`` and ``uv.lock`` alone (gigabytes for the training image: torch);
+3. **project**: the project's sources in ``/app`` and the project itself installed into that
+   environment (the same ``uv sync`` without ``--no-install-project``): kilobytes.
 
-``umoci`` packs them (``raw add-layer`` for the base, ``unpack`` + ``repack`` for the
-environment) into one OCI layout, ``${XDG_CACHE_HOME:-~/.cache}/homelab-dagster/images/oci``,
-tagged by content: the base by its suite, packages and builder version; an image by the base,
-its ``pyproject.toml``, ``uv.lock``, copied sources, uv flags and builder version. ``skopeo``
-pushes a tag to the twin's registry under the homelab's name (``--preserve-digests``), unless
-the registry already has that manifest. An unchanged lock file costs a hash and one HEAD.
+This is uv's documented two-step build for Docker's layer cache, and the ``Dockerfile`` runs
+the same two commands. A change to the sources rebuilds only the project layer, and a node
+that holds the image pulls only that layer again. Each ``uv sync`` runs *inside* the image's
+root file system (``chroot``, in a private mount namespace that bind-mounts this machine's uv
+cache), so the environment is made for the image's own interpreter at its own paths.
+(``uv venv --relocatable`` with ``--python`` pointing into the root file system was the other
+way; its scripts and ``pyvenv.cfg`` would name this machine's paths.)
+
+``umoci`` packs them (``raw add-layer`` for the base, ``unpack`` + ``repack`` for the others)
+into one OCI layout, ``${XDG_CACHE_HOME:-~/.cache}/homelab-dagster/images/oci``, tagged by
+content: the base by its suite, packages and builder version; the dependencies by the base,
+``uv.lock``, the parts of ``pyproject.toml`` uv reads, the uv flags and the builder version; an
+image by its dependencies and its copied sources. ``skopeo`` pushes a tag to the twin's
+registry under the homelab's name (``--preserve-digests``), unless the registry already has
+that manifest (layers it has are not sent again). An unchanged lock file and sources cost a
+hash and one HEAD.
 
     python -m infra.images                    # build every image (no push)
 """
@@ -35,6 +43,7 @@ import shutil
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +70,9 @@ __all__ = [
 ]
 
 # Bumped when what the builder does changes, so every cached image is rebuilt once.
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"
+# What `uv sync` reads of pyproject.toml (its tools' settings, pytest's say, change no layer).
+_UV_READS = ("project", "build-system", "dependency-groups")
 # What `make system-deps` installs for the builder (Debian package names).
 APT_PACKAGES = ("mmdebstrap", "umoci", "skopeo")
 _TOOLS = ("mmdebstrap", "umoci", "skopeo", "unshare", "chroot")
@@ -152,10 +163,16 @@ class ImageBuilder:
         """The base's tag: its suite, packages and the builder's version."""
         return _digest(["base", BUILDER_VERSION, DEBIAN_SUITE, *BASE_PACKAGES, *_EXCLUDES])[:16]
 
-    def image_key(self, spec: ImageSpec) -> str:
-        """The image's tag: the base, its lock file, pyproject, sources, uv and flags."""
+    def dependencies_key(self, spec: ImageSpec) -> str:
+        """The dependencies layer's tag: the base, the lock file, what uv reads of
+        ``pyproject.toml``, uv and its flags."""
         parts: list[str | bytes] = [spec.name, BUILDER_VERSION, self.base_key(), *spec.sync_flags]
-        parts.append(_uv_version())
+        parts += [_uv_version(), _uv_reads(spec), _required(spec, "uv.lock").read_bytes()]
+        return _digest(parts)[:16]
+
+    def image_key(self, spec: ImageSpec) -> str:
+        """The image's tag: its dependencies and every file copied into it."""
+        parts: list[str | bytes] = [spec.name, self.dependencies_key(spec)]
         for path in _project_files(spec):
             parts += [str(path.relative_to(spec.project_dir)), path.read_bytes()]
         return _digest(parts)[:16]
@@ -184,7 +201,8 @@ class ImageBuilder:
             if built:
                 try:
                     base = self._ensure_base(spec.name)
-                    self._build_environment(spec, base, tag)
+                    dependencies = self._ensure_dependencies(spec, base)
+                    self._build_project(spec, dependencies, tag)
                 finally:
                     shutil.rmtree(self.cache / "work", ignore_errors=True)
                 self._prune(spec.name, keep=tag)
@@ -268,26 +286,54 @@ class ImageBuilder:
         shutil.rmtree(work, ignore_errors=True)
         return tag
 
-    def _build_environment(self, spec: ImageSpec, base: str, tag: str) -> None:
-        work = self._work(tag)
-        bundle = work / "bundle"
-        self.report(spec.name, "unpacking the base")
-        self._umoci(spec.name, "unpack", "--image", f"{self.layout}:{base}", str(bundle))
-        root = bundle / "rootfs"
+    def _ensure_dependencies(self, spec: ImageSpec, base: str) -> str:
+        """The dependencies layer on ``base``: ``uv sync --no-install-project`` from the lock."""
+        tag = f"deps-{spec.name}-{self.dependencies_key(spec)}"
+        if tag in self._tags():
+            return tag
+        root = self._unpack(spec.name, base, tag)
+        app = root / APP_DIR.lstrip("/")
+        app.mkdir(parents=True, exist_ok=True)
+        for name in ("pyproject.toml", "uv.lock"):
+            shutil.copy2(_required(spec, name), app / name)
+        uv = _uv()
+        assert uv is not None  # missing_tools() said so otherwise
+        shutil.copy2(uv, root / "usr" / "local" / "bin" / "uv")
+        flags = [*spec.sync_flags, "--no-install-project"]
+        self.report(spec.name, f"dependencies: uv sync {' '.join(flags)} (in the image's root)")
+        self._in_root(spec.name, root, ["uv", "sync", *flags, "--directory", APP_DIR])
+        self.report(spec.name, "dependencies: packing their layer")
+        self._pack(spec, root, tag)
+        return tag
+
+    def _build_project(self, spec: ImageSpec, dependencies: str, tag: str) -> None:
+        """The project layer on ``dependencies``: its sources, and ``uv sync`` installing it.
+        A project of no sources (a plain environment: ``vllm-cpu``) has none: the image is its
+        dependencies, tagged."""
+        if not spec.sources:
+            self._umoci(spec.name, "tag", "--image", f"{self.layout}:{dependencies}", tag)
+            records = self.cache / "records"
+            shutil.copy2(records / f"{dependencies}.json", records / f"{tag}.json")
+            return
+        root = self._unpack(spec.name, dependencies, tag)
         app = root / APP_DIR.lstrip("/")
         for path in _project_files(spec):
             target = app / path.relative_to(spec.project_dir)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, target)
-        uv = _uv()
-        assert uv is not None  # missing_tools() said so otherwise
-        shutil.copy2(uv, root / "usr" / "local" / "bin" / "uv")
-        self.report(spec.name, f"uv sync {' '.join(spec.sync_flags)} (in the image's root)")
+        self.report(
+            spec.name, f"project: uv sync {' '.join(spec.sync_flags)} (in the image's root)"
+        )
         self._in_root(spec.name, root, ["uv", "sync", *spec.sync_flags, "--directory", APP_DIR])
+        self.report(spec.name, "project: packing its layer")
+        self._pack(spec, root, tag)
+
+    def _pack(self, spec: ImageSpec, root: Path, tag: str) -> None:
+        """``root``'s changes as a new layer of ``tag``, with the image's configuration and a
+        record of what it installs (read inside it by its own interpreter: a smoke test)."""
         listed = self._in_root(spec.name, root, ["python3", "-c", _LIST_DISTRIBUTIONS])
         distributions = dict(json.loads(listed.strip().splitlines()[-1]))
-        self.report(spec.name, f"packing its layer ({len(distributions)} distributions)")
-        self._umoci(spec.name, "repack", "--image", f"{self.layout}:{tag}", str(bundle))
+        self._umoci(spec.name, "repack", "--image", f"{self.layout}:{tag}", str(root.parent))
         self._umoci(
             spec.name,
             "config",
@@ -299,10 +345,18 @@ class ImageBuilder:
         )
         records = self.cache / "records"
         records.mkdir(parents=True, exist_ok=True)
+        record = {"reference": spec.reference, "builder": BUILDER_VERSION}
         (records / f"{tag}.json").write_text(
-            json.dumps({"reference": spec.reference, "distributions": distributions}, indent=1)
+            json.dumps(record | {"distributions": distributions}, indent=1)
         )
-        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(root.parent.parent, ignore_errors=True)
+
+    def _unpack(self, name: str, image: str, tag: str) -> Path:
+        """``image`` unpacked into a fresh work directory for ``tag``; its root file system."""
+        bundle = self._work(tag) / "bundle"
+        self.report(name, f"unpacking {image.rsplit('-', 1)[0]}")
+        self._umoci(name, "unpack", "--image", f"{self.layout}:{image}", str(bundle))
+        return bundle / "rootfs"
 
     def _in_root(self, name: str, root: Path, argv: list[str]) -> str:
         """Run ``argv`` chrooted in ``root``: /proc, /dev, resolv.conf and the uv cache bound
@@ -367,12 +421,20 @@ class ImageBuilder:
 
     def _prune(self, name: str, *, keep: str) -> None:
         """Drop all but the newest :data:`_KEEP` tags of ``name`` (other checkouts sharing the
-        cache may push one of the others) and older bases, then their unreferenced blobs."""
+        cache may push one of the others), the dependencies none of those is built on and
+        older bases, then their unreferenced blobs (a layer shared by tags kept stays)."""
         base = f"base-{self.base_key()}"
         records = self.cache / "records"
         mine = [t for t in self._tags() if t.startswith(f"{name}-") and t != keep]
         mine.sort(key=lambda t: _mtime(records / f"{t}.json"), reverse=True)
-        stale = mine[_KEEP - 1 :] + [t for t in self._tags() if t.startswith("base-") and t != base]
+        # An older builder's tags are never asked for again (its version is in every key).
+        older = [t for t in mine if _builder(records / f"{t}.json") != BUILDER_VERSION]
+        mine = [t for t in mine if t not in older]
+        stale = mine[_KEEP - 1 :] + older
+        stale += [t for t in self._tags() if t.startswith("base-") and t != base]
+        # The newest dependencies stay (the next source change builds on them), older ones go.
+        current = f"deps-{name}-{self.dependencies_key(IMAGES[name])}"
+        stale += [t for t in self._tags() if t.startswith(f"deps-{name}-") and t != current]
         for tag in stale:
             self._umoci(name, "rm", "--image", f"{self.layout}:{tag}")
             (records / f"{tag}.json").unlink(missing_ok=True)
@@ -439,13 +501,27 @@ class _Lock:
         self.file.close()
 
 
+def _required(spec: ImageSpec, name: str) -> Path:
+    path = spec.project_dir / name
+    if not path.is_file():
+        raise ImageBuildError(spec.name, f"{path} is missing")
+    return path
+
+
+def _uv_reads(spec: ImageSpec) -> str:
+    """The tables of ``spec``'s ``pyproject.toml`` that ``uv sync`` reads, as JSON."""
+    with _required(spec, "pyproject.toml").open("rb") as f:
+        data = tomllib.load(f)
+    reads = {k: data[k] for k in _UV_READS if k in data}
+    reads["tool.uv"] = data.get("tool", {}).get("uv", {})
+    return json.dumps(reads, sort_keys=True)
+
+
 def _project_files(spec: ImageSpec) -> Iterator[Path]:
     """``pyproject.toml``, ``uv.lock`` and the sources of ``spec``, sorted (no caches)."""
     root = spec.project_dir
     for name in ("pyproject.toml", "uv.lock"):
-        if not (root / name).is_file():
-            raise ImageBuildError(spec.name, f"{root / name} is missing")
-        yield root / name
+        yield _required(spec, name)
     for source in spec.sources:
         path = root / source
         if path.is_file():
@@ -471,6 +547,14 @@ def _digest(parts: list[str | bytes]) -> str:
 def _path() -> str:
     extra = ["/usr/local/sbin", "/usr/sbin", "/sbin", "/usr/bin", "/bin"]
     return os.pathsep.join([os.environ.get("PATH", ""), *extra])
+
+
+def _builder(record: Path) -> str | None:
+    """The builder version a tag's record names (None: unreadable, or older than the field)."""
+    try:
+        return json.loads(record.read_text()).get("builder")
+    except (OSError, ValueError):
+        return None
 
 
 def _mtime(path: Path) -> float:

@@ -20,10 +20,12 @@ targets (the homelab may choose Flyte instead: ``ml.launcher``). For one run it:
 What the Pipes client does not say, the launcher's watch does (:class:`_PodWatch`), in the
 cluster's own words: a pod the scheduler cannot place fails the step after
 ``unschedulable_grace_s`` with the scheduler's message; a quota that refuses it, with the
-quota's; an image that cannot be pulled or an init container that fails (the client waits for
-ever: dagster-io/dagster#32428); a pod deleted under it (the client waits for ever:
-dagster-io/dagster#22453); a container killed (out of memory, a signal). The pod is deleted when
-the step ends, however it ends (a terminated Dagster run included), within seconds.
+quota's; an image that cannot be pulled, a Secret it names that is missing, an init container
+that fails (the client waits for ever: dagster-io/dagster#32428); a kubelet that cannot set the
+placed pod up (its sandbox, a volume: the pod stays Pending) past the same grace; a pod deleted
+under it (the client waits for ever: dagster-io/dagster#22453); a container killed (out of
+memory, a signal). The pod is deleted when the step ends, however it ends (a terminated Dagster
+run included), within seconds.
 """
 
 from __future__ import annotations
@@ -54,7 +56,19 @@ STORE_SECRET = "training-weights-store"
 CONTAINER = "train"
 _WORK = "/work"
 # Waiting reasons after which a container will not start without someone's help.
-_STUCK = {"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "CreateContainerError"}
+_STUCK = {
+    "ImagePullBackOff",
+    "ErrImagePull",
+    "InvalidImageName",
+    "CreateContainerError",
+    "CreateContainerConfigError",  # a Secret or key it names is missing
+}
+# The kubelet's warnings while it cannot set a placed pod up (no container's waiting reason
+# says so: the pod just stays Pending): its sandbox (a pause image gone, the network), a volume.
+_SETUP_FAILURES = {"FailedCreatePodSandBox", "FailedMount", "FailedAttachVolume"}
+# The kubelet's events that say it got further (its other warnings, MissingClusterDNS say,
+# come with every try and say nothing of progress).
+_SETUP_PROGRESS = {"Pulling", "Pulled", "Created", "Started"}
 
 
 def training_pod(
@@ -324,6 +338,17 @@ def _reason(exc: Any) -> str:
         return str(getattr(exc, "reason", exc))
 
 
+def _raise_if_stuck(pod_name: str, status: Any) -> None:
+    """Fail when ``status`` (a container's or an init container's) waits for what will not come
+    by itself (:data:`_STUCK`): the client would wait for ever."""
+    waiting = status.state.waiting
+    if waiting is not None and waiting.reason in _STUCK:
+        raise TrainingError(
+            f"pod {pod_name}: {status.name} cannot start: {waiting.reason}: "
+            f"{waiting.message or ''}".rstrip(": ")
+        )
+
+
 class _PodWatch:
     """Reads the training pod's state the Pipes client does not act on, and deletes it."""
 
@@ -379,15 +404,11 @@ class _PodWatch:
                         f"pod {pod_name}: init container {status.name} failed "
                         f"({ended.reason}, exit {ended.exit_code}): {(ended.message or '').strip()}"
                     )
+                _raise_if_stuck(pod_name, status)
             for status in pod.status.container_statuses or []:
                 if status.state.running is not None or status.state.terminated is not None:
                     return
-                waiting = status.state.waiting
-                if waiting is not None and waiting.reason in _STUCK:
-                    raise TrainingError(
-                        f"pod {pod_name}: {status.name} cannot start: {waiting.reason}: "
-                        f"{waiting.message or ''}".rstrip(": ")
-                    )
+                _raise_if_stuck(pod_name, status)
             scheduled = next(
                 (c for c in pod.status.conditions or [] if c.type == "PodScheduled"), None
             )
@@ -401,7 +422,35 @@ class _PodWatch:
                         f"pod {pod_name} could not be placed on any node in {self.grace_s:.0f} s: "
                         f"{scheduled.message}"
                     )
+            elif self.node and time.monotonic() - created > self.grace_s:
+                failing = self._setup_failure()
+                if failing is not None:
+                    raise TrainingError(
+                        f"pod {pod_name} is on {self.node}, whose kubelet cannot set it up "
+                        f"({failing.count or 1} tries): {failing.reason}: {failing.message}"
+                    )
             time.sleep(poll_s)
+
+    def _setup_failure(self) -> Any:
+        """The kubelet's warning that it cannot set the pod up (:data:`_SETUP_FAILURES`) where
+        it has not got further since (:data:`_SETUP_PROGRESS`: an image pulling, a container
+        made); None where it has said nothing of the kind."""
+        events = self.core.list_namespaced_event(
+            self.namespace, field_selector=f"involvedObject.name={self.pod}", _request_timeout=10
+        ).items
+
+        def seen(event: Any) -> float:
+            when = event.last_timestamp or event.event_time or event.metadata.creation_timestamp
+            return when.timestamp() if when is not None else 0.0
+
+        kubelet = [
+            e
+            for e in events
+            if (e.source and e.source.component) == "kubelet"
+            and e.reason in _SETUP_FAILURES | _SETUP_PROGRESS
+        ]
+        latest = max(kubelet, key=seen, default=None)
+        return latest if latest is not None and latest.reason in _SETUP_FAILURES else None
 
     def after_logs(self) -> None:
         """Once the log stream ended: fail, saying why, when the container did not succeed

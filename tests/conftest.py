@@ -94,8 +94,41 @@ def twin_port_base():
 
 
 @pytest.fixture(scope="session")
-def twin(tmp_path_factory, toolchain, shipped_inventory, twin_port_base):
-    """A twin of the shipped inventory in a temporary state dir, purged at the end.
+def twin_scratch(twin_port_base, toolchain, shipped_inventory):
+    """Where this session's twins keep their state: ``$TMPDIR/hl-<port base>``, short (a real
+    node's Unix sockets live below it) and this session's alone (it holds the port block's
+    lock). What a killed session left there (real nodes' processes, mounts and images: many
+    GiB, enough to fill the disk of the next run) is stopped and removed first; every twin
+    under it is purged at the end."""
+    import tempfile
+
+    root = Path(tempfile.gettempdir()) / f"hl-{twin_port_base}"
+    _purge_twins(root, shipped_inventory, toolchain)
+    root.mkdir()
+    yield root
+    _purge_twins(root, shipped_inventory, toolchain)
+
+
+def _purge_twins(root: Path, inventory, toolchain) -> None:
+    """Purge each twin whose state is a directory of ``root``, then ``root`` itself."""
+    import shutil
+
+    from homelab_dagster.twin import Twin
+    from homelab_dagster.twin_host import unmount_under
+
+    if not root.exists():
+        return
+    for record in root.glob("*/twin/port-base"):
+        state = record.parent.parent
+        base = int(record.read_text())
+        Twin(inventory, state, toolchain, api_port_base=base).down(purge=True)
+    unmount_under(root)
+    shutil.rmtree(root)
+
+
+@pytest.fixture(scope="session")
+def twin(twin_scratch, toolchain, shipped_inventory, twin_port_base):
+    """A twin of the shipped inventory in this session's scratch directory, purged at the end.
 
     Clusters start on demand: ``twin.up(["forge"])`` in a test (idempotent, so tests that
     share a cluster pay for it once). Ports start at :func:`twin_port_base`, away from a
@@ -103,7 +136,7 @@ def twin(tmp_path_factory, toolchain, shipped_inventory, twin_port_base):
     """
     from homelab_dagster.twin import Twin
 
-    state = tmp_path_factory.mktemp("twin-state")
+    state = twin_scratch / "session"
     instance = Twin(shipped_inventory, state, toolchain, api_port_base=twin_port_base)
     yield instance
     instance.down(purge=True)

@@ -6,6 +6,7 @@ import json
 from datetime import UTC, datetime, timedelta
 
 import dagster as dg
+import pytest
 from typer.testing import CliRunner
 
 from assets.endpoints import gpu_seconds_served
@@ -35,13 +36,20 @@ def _record(home) -> None:
         )
 
 
-def test_status_shows_the_commit_checks_drift_stall_and_readiness(tmp_path, monkeypatch):
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """An empty Dagster home (and state dir) that ``homelab status`` reads; a first ``status``
+    has written its dagster.yaml."""
     home = tmp_path / "dagster"
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     monkeypatch.setenv("HOMELAB_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.setenv("COLUMNS", "200")
+    assert CliRunner().invoke(app, ["status"]).exit_code == 0
+    return home
+
+
+def test_status_shows_the_commit_checks_drift_stall_and_readiness(home):
     runner = CliRunner()
-    assert runner.invoke(app, ["status"]).exit_code == 0  # writes dagster.yaml; empty
     _record(home)
 
     result = runner.invoke(app, ["status", "--json"])
@@ -115,16 +123,11 @@ def _materialise(instance: dg.DagsterInstance, key: dg.AssetKey, **metadata: obj
     return event.timestamp
 
 
-def test_status_counts_gpu_hours_per_model_endpoint_and_cluster(tmp_path, monkeypatch):
+def test_status_counts_gpu_hours_per_model_endpoint_and_cluster(home, monkeypatch):
     from homelab_dagster.cli import status as status_module
     from homelab_dagster.definitions import defs
 
-    home = tmp_path / "dagster"
-    monkeypatch.setenv("DAGSTER_HOME", str(home))
-    monkeypatch.setenv("HOMELAB_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setenv("COLUMNS", "200")
     runner = CliRunner()
-    assert runner.invoke(app, ["status"]).exit_code == 0  # writes dagster.yaml; empty
     monkeypatch.setattr(status_module, "_PAGE", 2)  # several pages of materialisations
 
     with dg.DagsterInstance.from_config(str(home)) as instance:

@@ -22,14 +22,11 @@ import time
 import dagster as dg
 import pytest
 from _ml_support import needs_ml, write_corpus
-from _twin_support import wait
+from _twin_support import provisioned_forge, wait
 
 from assets._keys import training_run_key
-from assets.clusters import build_cluster_defs
 from assets.training import build_training_run_defs
 from homelab_dagster.inventory import Inventory, TrainingRun
-from homelab_dagster.settings import Settings, Target
-from resources.deployment import build_deployment
 from resources.training_pods import PodTrainingLauncher
 
 pytestmark = [pytest.mark.twin, pytest.mark.slow, needs_ml, pytest.mark.timeout(1800)]
@@ -43,31 +40,11 @@ TRAINING_NODE = "forge-training-primary"
 def pods(real_forge, shipped_inventory, tmp_path_factory):
     """Forge provisioned (its namespaces and GPU quota), the training image in the twin's
     registry, and the twin's deployment resources with a project of its own (the corpus)."""
-    from infra.images import ImageBuilder, missing_tools
-
-    why = missing_tools()
-    if why:
-        pytest.skip(f"the twin's images cannot be built here: {why}")
-    real_forge.registry.up()
-    ImageBuilder().build_and_push(["homelab-training"], real_forge.registry)
     project = write_corpus(tmp_path_factory.mktemp("project"))
-    settings = Settings(
-        project / "homelab.yaml",
-        Target.TWIN,
-        real_forge.root.parent,
-        twin_port_base=real_forge.api_port_base,
+    resources = provisioned_forge(
+        real_forge, shipped_inventory, ["homelab-training"], project / "homelab.yaml"
     )
-    resources = build_deployment(settings, shipped_inventory).resources
     assert isinstance(resources["training"], PodTrainingLauncher)
-    forge = shipped_inventory.clusters["forge"]
-    with dg.DagsterInstance.ephemeral() as instance:
-        cluster = dg.materialize(
-            list(build_cluster_defs("forge", forge, shipped_inventory.components).assets or []),
-            resources=resources,
-            instance=instance,
-            raise_on_error=False,
-        )
-    assert cluster.success
     return resources
 
 
@@ -287,3 +264,49 @@ def test_the_hugging_face_token_reaches_the_pod_and_nothing_else(
     recorded = [*lines, repr(event.materialization.metadata), repr(result.dagster_run.run_config)]
     recorded += [str(e) for e in result.all_events]
     assert not [r for r in recorded if canary in r]
+
+
+def test_a_missing_token_secret_fails_the_step_naming_it(pods, real_forge, shipped_inventory):
+    """The kubelet cannot make the container (CreateContainerConfigError) and would retry for
+    ever; the step fails at once with its words, the Secret's name in them."""
+    run = _run(shipped_inventory, seed=18)
+    started = time.monotonic()
+    result, _ = _train(pods, shipped_inventory, run, hf_token_secret="no-such-secret")
+    assert not result.success
+    message = _failure(result)
+    assert "CreateContainerConfigError" in message and "no-such-secret" in message, message
+    assert time.monotonic() - started < 300
+    assert wait(lambda: not _training_pods(real_forge), timeout=30) is True
+
+
+def test_a_node_that_cannot_start_sandboxes_fails_the_step_and_twin_up_repairs_it(
+    pods, real_forge, shipped_inventory
+):
+    """The training node's pause image gone (containerd's image GC under disk pressure did it
+    once): the pod is placed and stays Pending while the kubelet fails to make its sandbox.
+    The step fails after the grace with the kubelet's words; ``twin up`` imports the pause
+    image again and the node starts pods."""
+    import subprocess
+
+    from homelab_dagster.twin_host import which
+    from homelab_dagster.twin_real import PAUSE_IMAGE_REPOSITORY
+
+    (spec,) = [s for s in real_forge.real.specs("forge") if s.name == TRAINING_NODE]
+    (pause,) = [i for i in real_forge.real.images(spec) if i.startswith(PAUSE_IMAGE_REPOSITORY)]
+    ctr = [which("ctr"), "--address", str(spec.socket), "-n", "k8s.io"]
+    subprocess.run([*ctr, "images", "rm", pause], check=True, capture_output=True)
+    try:
+        started = time.monotonic()
+        run = _run(shipped_inventory, seed=19)
+        result, _ = _train(pods, shipped_inventory, run, unschedulable_grace_s=20.0)
+        assert not result.success
+        message = _failure(result)
+        assert f"is on {TRAINING_NODE}, whose kubelet cannot set it up" in message, message
+        assert "FailedCreatePodSandBox" in message and "pause" in message, message
+        assert time.monotonic() - started < 300
+    finally:
+        said: list[str] = []
+        real_forge.up(["forge"], progress=lambda _cluster, message: said.append(message))
+    assert pause in real_forge.real.images(spec)
+    assert f"real node {TRAINING_NODE}: running, its pause image imported again" in said, said
+    assert wait(lambda: not _training_pods(real_forge), timeout=30) is True

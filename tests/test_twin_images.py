@@ -45,8 +45,12 @@ def test_the_dockerfile_installs_the_same_debian_packages_and_runs_the_same_uv_s
     assert tuple(apt.split()) == BASE_PACKAGES
     assert homelab_only.split() == ["git"]  # the Git sensor's, in the homelab's daemon
     assert "FROM debian:bookworm-slim" in text
-    (sync,) = re.findall(r"uv sync ([^\n]+)", text)
-    assert tuple(sync.split()) == (*UV_SYNC_FLAGS, "${UV_EXTRAS}")
+    # uv's two steps, as infra/images.py runs them: the dependencies, then the project.
+    dependencies, project = re.findall(r"uv sync ([^\n]+)", text)
+    assert tuple(dependencies.split()) == (*UV_SYNC_FLAGS, "${UV_EXTRAS}", "--no-install-project")
+    assert tuple(project.split()) == (*UV_SYNC_FLAGS, "${UV_EXTRAS}")
+    assert text.index("COPY pyproject.toml uv.lock ./") < text.index("--no-install-project")
+    assert text.index("--no-install-project") < text.index("COPY homelab_dagster")
     # Each image of this project is that build with its extras as UV_EXTRAS.
     for spec in IMAGES.values():
         if spec.project == ".":

@@ -24,15 +24,13 @@ import shutil
 import dagster as dg
 import pytest
 from _ml_support import CPU, needs_ml, write_corpus
-from _twin_support import wait
+from _twin_support import provisioned_forge, wait
 
 from assets._keys import endpoint_key
-from assets.clusters import build_cluster_defs
 from assets.endpoints import build_endpoint_defs
 from assets.jobs import build_jobs
 from homelab_dagster.ml.spec import Architecture, Hyperparameters, TrainSpec
 from homelab_dagster.settings import Settings, Target
-from resources.deployment import build_deployment
 
 # Each test (with the module's training and image build in the first) takes minutes, and more
 # under CI's load: above the suite's 600 s default (seen: the rollback test cut at 600 s).
@@ -46,32 +44,13 @@ ARCH = Architecture(n_layer=2, n_head=2, n_embd=64, n_positions=128, vocab_size=
 @pytest.fixture(scope="module")
 def serving(real_forge, shipped_inventory, tmp_path_factory):
     """forge provisioned, the vLLM image in the twin's registry, a trained version current."""
-    from infra.images import ImageBuilder, missing_tools
-
-    why = missing_tools()
-    if why:
-        pytest.skip(f"the twin's images cannot be built here: {why}")
-    real_forge.registry.up()
     # The server's image and the copy step's (the project's own).
-    ImageBuilder().build_and_push(["vllm-cpu", "homelab-dagster"], real_forge.registry)
-    settings = Settings(
+    resources = provisioned_forge(
+        real_forge,
+        shipped_inventory,
+        ["vllm-cpu", "homelab-dagster"],
         real_forge.root.parent / "homelab.yaml",
-        Target.TWIN,
-        real_forge.root.parent,
-        twin_port_base=real_forge.api_port_base,
     )
-    resources = build_deployment(settings, shipped_inventory).resources
-    forge = shipped_inventory.clusters["forge"]
-    # A live instance in context (tests/conftest.py, _live_dagster_instance_in_context: a
-    # module fixture is set up outside that function-scoped one).
-    with dg.DagsterInstance.ephemeral() as instance:
-        cluster = dg.materialize(
-            list(build_cluster_defs("forge", forge, shipped_inventory.components).assets or []),
-            resources=resources,
-            instance=instance,
-            raise_on_error=False,
-        )
-    assert cluster.success
     from homelab_dagster.ml.train import run_pipeline
 
     work = tmp_path_factory.mktemp("train")

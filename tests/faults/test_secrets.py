@@ -15,7 +15,6 @@ import secrets
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -75,7 +74,7 @@ def secret_values(node: Any) -> Iterator[dict[str, Any]]:
 @pytest.mark.slow
 @pytest.mark.timeout(2400)  # the whole `make up` (training, a vLLM server) then a reconcile
 def test_canary_secrets_never_leak_and_files_holding_secrets_are_private(
-    tmp_path, toolchain, twin_port_base, monkeypatch
+    tmp_path, toolchain, twin_port_base, twin_scratch, monkeypatch
 ):
     """Injects: a webhook URL with a canary token (HOMELAB_WEBHOOK_URL, a real receiver on
     loopback) for every run; what `make up` runs (`homelab up`: the whole twin started with
@@ -96,8 +95,8 @@ def test_canary_secrets_never_leak_and_files_holding_secrets_are_private(
     why = missing_tools()
     if why:
         pytest.skip(f"`make up` serves from the twin's images, which cannot be built here: {why}")
-    # Short: a real node's containerd socket lives below it (a unix socket path is short).
-    state = Path(tempfile.mkdtemp(prefix="hl-secrets-")) / "state"
+    # The session's scratch: short (a real node's sockets live below it), purged if killed.
+    state = twin_scratch / "secrets"
     token = f"canary{secrets.token_hex(8)}"
     receiver = Receiver(token)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HOMELAB_", "DAGSTER_"))}
@@ -212,7 +211,7 @@ def test_canary_secrets_never_leak_and_files_holding_secrets_are_private(
     finally:
         receiver.close()
         homelab(env, "twin", "down", "--purge")
-        shutil.rmtree(state.parent, ignore_errors=True)
+        shutil.rmtree(state, ignore_errors=True)
 
 
 def _tamper_with_a_label(state: Path, toolchain: Any, port_base: int) -> None:
