@@ -42,7 +42,11 @@ def gpu_request(run: TrainingRun, cluster: Cluster) -> GpuRequest:
 
 
 def _outcome_metadata(outcome: TrainingOutcome, stored: StagedWeights) -> dict[str, Any]:
-    where = {"pod": outcome.pod, "node": outcome.node} if outcome.pod else {}
+    where = (
+        {"pod": outcome.pod, "node": outcome.node, "nodes": ", ".join(outcome.nodes)}
+        if outcome.pod
+        else {}
+    )
     return {
         "reused": False,
         "execution_id": outcome.execution_id,

@@ -168,6 +168,12 @@ def _training_runs(inv: Inventory) -> Iterator[Finding]:
                 f"asks {run.nodes} nodes, but {run.cluster!r} has {count} "
                 f"with role {run.node_role!r}",
             )
+        if run.nodes > 1 and inv.ml.launcher == "flyte":
+            yield (
+                (*path, "nodes"),
+                f"asks {run.nodes} nodes, but ml.launcher 'flyte' trains in one pod (Flyte's "
+                "elastic PyTorch plugin is not used); ml.launcher 'pods' runs a pod per node",
+            )
 
 
 def _endpoints(inv: Inventory) -> Iterator[Finding]:

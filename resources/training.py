@@ -82,6 +82,7 @@ class TrainingOutcome:
     # GPUs it held times the time its containers ran.
     pod: str | None = None
     node: str | None = None
+    nodes: tuple[str, ...] = ()  # every node the run's pods ran on (node rank 0's first)
     world_size: int = 1
     gpu_seconds: float = 0.0
 

@@ -9,7 +9,7 @@ GPUs, gloo on CPUs); rank 0 alone:
    it is written), so its log lines and its result arrive in Dagster as they happen;
 2. prepares the dataset on the pod's scratch volume from the corpus that the pod's init
    container ``fetch-corpus`` copied there from the store (every file verified), and the
-   other ranks read it;
+   other ranks of the pod read it (each pod of a run over several nodes: its local rank 0);
 3. after the data-parallel training (:func:`homelab_dagster.ml.train.train_model`), evaluates,
    exports and stores the weights under their version's prefix (:meth:`WeightsStore.stage`:
    verified, not listed; ``model_weights/<model>`` lists them), and reports the result.
@@ -59,15 +59,17 @@ def _train(request: dict[str, Any], work: Path, log: Any) -> dict[str, Any] | No
     store = request["store"]
     world = world_from_env()
     with joined(world):
-        if world.is_main:
+        if world.local_rank == 0:  # each pod's scratch volume: its own copy, the same bytes
             info = prepare_dataset(work / "corpus", work / "dataset", spec)
+        if world.is_main:
             hub = (
                 "a Hugging Face token from its Secret" if os.environ.get("HF_TOKEN") else "offline"
             )
+            nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1"))
             log(
                 f"dataset: {info.train_blocks} training and {info.eval_blocks} held-out blocks "
                 f"of {info.seq_len} tokens from corpus {info.corpus_digest[:12]}; "
-                f"{world.world_size} rank(s) ({world.backend}); the hub: {hub}"
+                f"{world.world_size} rank(s) ({world.backend}) in {nodes} pod(s); the hub: {hub}"
             )
         barrier(world)
         report = train_model(

@@ -138,6 +138,18 @@ def test_training_run_on_a_cluster_without_gpus(inventory_text):
     assert "cluster 'studio' has no GPU nodes to train on" in problem
 
 
+def test_a_run_over_several_nodes_needs_the_pods_launcher(inventory_text):
+    def edit(data: dict[str, Any]) -> None:
+        data["training_runs"]["sre-runbook"]["nodes"] = 2
+        data.setdefault("ml", {})["launcher"] = "flyte"
+
+    (problem,) = problems_of(inventory_text(edit))
+    assert "training_runs.sre-runbook.nodes" in problem
+    assert "ml.launcher 'flyte' trains in one pod" in problem
+    pods = inventory_text(_set("training_runs.sre-runbook.nodes", 2))
+    assert parse_inventory(pods, "homelab.yaml").training_runs["sre-runbook"].nodes == 2
+
+
 @pytest.mark.parametrize("family", ["training_runs.sre-runbook", "endpoints.vllm"])
 def test_unknown_model(inventory_text, family):
     (problem,) = problems_of(inventory_text(_set(f"{family}.model", "gpt-5")))

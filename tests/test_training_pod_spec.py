@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -12,7 +13,12 @@ from homelab_dagster.settings import Settings, Target
 from resources.deployment import build_deployment
 from resources.flyte import LocalFlyteLauncher, RemoteFlyteLauncher
 from resources.training import TrainingLaunch
-from resources.training_pods import STORE_SECRET, PodTrainingLauncher, training_pod
+from resources.training_pods import (
+    RENDEZVOUS_PORT,
+    STORE_SECRET,
+    PodTrainingLauncher,
+    training_pod,
+)
 
 RUN = "sre-runbook"
 
@@ -69,6 +75,40 @@ def test_the_pod_asks_the_runs_gpus_and_memory_on_its_role_and_runs_one_rank_per
     assert fetch["command"][:3] == ["python", "-m", "resources.weights_copy"]
     assert "s3://ml-models/_corpora/abc" in fetch["command"]
     assert fetch["terminationMessagePolicy"] == train["terminationMessagePolicy"]
+
+
+def test_a_run_over_several_nodes_is_a_pod_per_node_meeting_at_node_rank_zero(launch):
+    """Two nodes: rank 0 names its own address for torchrun's static rendezvous (the kubelet
+    expands ``$(POD_IP)``), the other pod names rank 0's, each its node rank; the scheduler is
+    asked to spread them; one node stays ``--standalone``."""
+    two = dataclasses.replace(launch, gpu=dataclasses.replace(launch.gpu, nodes=2))
+    meta0, spec0 = _pod(two)
+    meta1, spec1 = _pod(two, node_rank=1, rendezvous="10.4.128.7")
+    (rank0,), (rank1,) = spec0["containers"], spec1["containers"]
+    assert "--nnodes=2" in rank0["command"] and "--nnodes=2" in rank1["command"]
+    assert "--node-rank=0" in rank0["command"] and "--node-rank=1" in rank1["command"]
+    assert "--master-addr=$(POD_IP)" in rank0["command"]
+    assert "--master-addr=10.4.128.7" in rank1["command"]
+    assert f"--master-port={RENDEZVOUS_PORT}" in rank1["command"]
+    assert "--standalone" not in rank0["command"]
+    assert rank0["ports"] == [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT}]
+    assert "ports" not in rank1
+    pod_ip = next(e for e in rank0["env"] if e["name"] == "POD_IP")
+    assert pod_ip["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    assert (meta0["labels"]["homelab.dev/node-rank"], meta1["labels"]["homelab.dev/node-rank"]) == (
+        "0",
+        "1",
+    )
+    (term,) = spec1["affinity"]["podAntiAffinity"][
+        "preferredDuringSchedulingIgnoredDuringExecution"
+    ]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"] == {
+        "homelab.dev/training-run": RUN
+    }
+    _, single = _pod(launch)
+    assert "--standalone" in single["containers"][0]["command"]
+    assert "affinity" not in single
 
 
 def test_secrets_reach_the_pod_only_by_reference(launch):

@@ -121,6 +121,74 @@ def test_a_run_trains_in_a_pod_on_the_real_training_node_with_two_ranks(
     assert wait(lambda: not _training_pods(real_forge), timeout=30) is True
 
 
+def test_a_run_over_two_nodes_trains_as_two_pods_meeting_at_node_rank_zero(
+    pods, real_forge, shipped_inventory
+):
+    """``nodes: 2`` x one GPU: the Pipes client's pod is node rank 0, the launcher makes the
+    second pod once rank 0 has an address, torchrun's rendezvous joins their ranks into one
+    world of two, and the GPU-seconds count both pods. (The twin has one real training node,
+    so both land on it: the homelab's scheduler spreads them, the spec asking it to.)"""
+    run = _run(shipped_inventory, seed=17, nodes=2, gpus_per_node=1)
+    seen: set[str] = set()
+    stop = threading.Event()
+
+    def note_pods() -> None:
+        while not stop.wait(0.5):
+            seen.update(p.metadata.name for p in _training_pods(real_forge))
+
+    watcher = threading.Thread(target=note_pods, daemon=True)
+    watcher.start()
+    try:
+        result, lines = _train(pods, shipped_inventory, run)
+    finally:
+        stop.set()
+        watcher.join(timeout=10)
+    assert result.success, _failure(result) + "\n" + "\n".join(lines[-30:])
+    (event,) = result.get_asset_materialization_events()
+    metadata = {k: v.value for k, v in event.materialization.metadata.items()}
+    assert metadata["world_size"] == 2
+    assert metadata["nodes"] == TRAINING_NODE
+    assert metadata["gpu_seconds"] > 0
+    assert seen == {metadata["pod"], f"{metadata['pod']}-node-1"}, seen
+    assert any("2 rank(s) (gloo) in 2 pod(s)" in line for line in lines), lines
+    assert any(f"{metadata['pod']}-node-1" in line and "join it" in line for line in lines), lines
+    assert wait(lambda: not _training_pods(real_forge), timeout=30) is True
+
+
+def test_a_worker_pod_deleted_midway_fails_the_step_naming_it(pods, real_forge, shipped_inventory):
+    """The second pod deleted while the ranks train: rank 0 is stopped (its collectives would
+    wait for the lost rank) and the step fails naming the worker, not rank 0; nothing is
+    left running."""
+    core = _core(real_forge)
+    run = _run(shipped_inventory, seed=18, steps=2000, nodes=2, gpus_per_node=1)
+    deleted: list[str] = []
+
+    def delete_worker_when_training() -> None:
+        def worker():
+            return [
+                p
+                for p in _training_pods(real_forge)
+                if p.metadata.labels.get("homelab.dev/node-rank") == "1"
+                and any(s.state.running for s in p.status.container_statuses or [])
+            ]
+
+        found = wait(worker, timeout=600, interval=1.0)
+        if found:
+            time.sleep(15)  # into the training loop
+            name = found[0].metadata.name
+            core.delete_namespaced_pod(name, NAMESPACE, grace_period_seconds=0)
+            deleted.append(name)
+
+    killer = threading.Thread(target=delete_worker_when_training, daemon=True)
+    killer.start()
+    result, _ = _train(pods, shipped_inventory, run)
+    killer.join(timeout=10)
+    assert deleted, "the second pod never ran"
+    assert not result.success
+    assert f"pod {deleted[0]} was deleted while it ran" in _failure(result), _failure(result)
+    assert wait(lambda: not _training_pods(real_forge), timeout=30) is True
+
+
 def test_three_gpus_on_a_two_gpu_node_fail_in_the_schedulers_words(
     pods, real_forge, shipped_inventory
 ):
