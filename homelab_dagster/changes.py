@@ -20,10 +20,19 @@ What selects what (docs/operations.md, "The Git sensor"):
 | a trained model | its weights and the runs that train it |
 | an external model | nothing: its weights are observed, never materialised |
 | an endpoint | the endpoint |
+| ``orchestrator`` | ``orchestrator`` |
+| ``ml``, ``version``, ``name``, ``port_ranges`` | nothing: the resources' configuration or validation (:data:`IGNORED_SECTIONS`) |
 | ``infra/cluster.py`` | every cluster |
 | ``infra/mesh.py`` | every link |
-| ``homelab_dagster/ml/``, ``homelab_dagster/workflows/`` | every training run |
+| ``infra/endpoint.py``; the serving code (``homelab_dagster/serving.py``, ``resources/vllm.py``, ``resources/weights_copy.py``) | every endpoint |
+| ``infra/orchestrator.py`` | ``orchestrator`` |
+| ``homelab_dagster/ml/``, ``homelab_dagster/workflows/``, ``resources/training_task.py`` | every training run |
+| ``infra/images.py``, ``infra/toolchain.py``, ``infra/tools/``: not programs (:data:`NOT_PROGRAMS`) | nothing |
 | ``docs/``, ``tests/``, ``benchmarks/``, ``*.md``, comments, reordering | nothing |
+
+Every Pulumi program of ``infra/`` is in :data:`PROGRAMS`, and every other module there in
+:data:`NOT_PROGRAMS`; every section of the inventory is diffed here or named in
+:data:`IGNORED_SECTIONS`: ``tests/test_changes.py`` fails on a new one that is in neither.
 
 Only the assets a change touches directly are selected: what must follow them downstream
 is the asset graph's business (its automation conditions), not this mapping's.
@@ -42,6 +51,10 @@ from homelab_dagster.inventory import Inventory
 
 __all__ = [
     "CLUSTER_STACK_FIELDS",
+    "IGNORED_SECTIONS",
+    "NOT_PROGRAMS",
+    "PROGRAMS",
+    "SECTIONS",
     "AssetRef",
     "Impact",
     "Selection",
@@ -52,6 +65,7 @@ __all__ = [
     "inventory_impact",
     "mesh_link",
     "model_weights",
+    "orchestrator",
     "paths_impact",
     "training_run",
 ]
@@ -66,7 +80,47 @@ _RUN_CADENCE_FIELDS = frozenset({"schedule"})
 _SHOWN_PATHS = 3  # changed fields named in one reason; the rest are counted
 
 _IGNORED_DIRS = ("docs/", "tests/", "benchmarks/")
-_TRAINING_CODE = ("homelab_dagster/ml/", "homelab_dagster/workflows/")
+
+# The Pulumi programs of infra/, each with the family of assets whose stacks run it.
+PROGRAMS = {
+    "infra/cluster.py": "cluster",
+    "infra/mesh.py": "mesh_link",
+    "infra/endpoint.py": "vllm_endpoint",
+    "infra/orchestrator.py": "orchestrator",
+}
+# The other modules of infra/, and why a change to them selects nothing.
+NOT_PROGRAMS = {
+    "infra/__init__.py": "the package",
+    "infra/images.py": "builds the twin's images (an image is named by its lock file's "
+    "content; a pod runs a new one when its asset next runs)",
+    "infra/toolchain.py": "builds the twin's tools",
+    "infra/tools/": "the twin's tools' Go modules",
+}
+# Code that the assets of one family run (besides their program), and what to call it.
+_CODE = (
+    (
+        ("homelab_dagster/serving.py", "resources/vllm.py", "resources/weights_copy.py"),
+        "vllm_endpoint",
+        "the serving code",
+    ),
+    (
+        ("homelab_dagster/ml/", "homelab_dagster/workflows/", "resources/training_task.py"),
+        "training_run",
+        "the training code",
+    ),
+)
+# The inventory's sections that select assets (diffed by inventory_impact), and those that
+# select none, with why.
+SECTIONS = frozenset(
+    {"clusters", "components", "mesh", "models", "training_runs", "endpoints", "orchestrator"}
+)
+IGNORED_SECTIONS = {
+    "version": "the file's format",
+    "name": "the homelab's name (descriptions only)",
+    "port_ranges": "validation: a NodePort outside its range is refused before anything runs",
+    "ml": "how training runs and where weights live: the resources' configuration, read when "
+    "the code location reloads (what a run trains is unchanged)",
+}
 
 
 class AssetRef(NamedTuple):
@@ -79,7 +133,7 @@ class AssetRef(NamedTuple):
     args: tuple[str, ...]
 
     def __str__(self) -> str:
-        return f"{self.family}/{'__'.join(self.args)}"
+        return f"{self.family}/{'__'.join(self.args)}" if self.args else self.family
 
 
 def cluster(name: str) -> AssetRef:
@@ -105,6 +159,26 @@ def model_weights(model: str) -> AssetRef:
 def endpoint(name: str) -> AssetRef:
     """``vllm_endpoint/<name>``."""
     return AssetRef("vllm_endpoint", (name,))
+
+
+def orchestrator() -> AssetRef:
+    """``orchestrator``."""
+    return AssetRef("orchestrator", ())
+
+
+def _family(family: str, new: Inventory) -> list[AssetRef]:
+    """Every asset of ``family`` in ``new``."""
+    if family == "cluster":
+        return [cluster(name) for name in new.clusters]
+    if family == "mesh_link":
+        return [mesh_link(link.source, link.target) for link in new.mesh.links]
+    if family == "vllm_endpoint":
+        return [endpoint(name) for name in new.endpoints]
+    if family == "training_run":
+        return [training_run(name) for name in new.training_runs]
+    if family == "orchestrator":
+        return [orchestrator()]
+    raise ValueError(f"no asset family {family!r}")
 
 
 @dataclass(frozen=True)
@@ -182,33 +256,37 @@ def paths_impact(paths: Iterable[str], new: Inventory) -> Impact:
     for path in sorted(set(paths)):
         if path.startswith(_IGNORED_DIRS) or path.endswith(".md"):
             continue  # documentation and tests: never an asset's input
-        if path == "infra/cluster.py":
-            for name in new.clusters:
-                impact.select(cluster(name), f"{path} changed (every cluster's program)")
-        elif path == "infra/mesh.py":
-            for link in new.mesh.links:
-                impact.select(
-                    mesh_link(link.source, link.target), f"{path} changed (every link's program)"
-                )
-        elif path.startswith(_TRAINING_CODE):
-            for name in new.training_runs:
-                impact.select(training_run(name), f"{path} changed (the training code)")
-        else:
+        if path.startswith(tuple(NOT_PROGRAMS)):
+            continue
+        mapped = _code_path(path)
+        if mapped is None:
             unmapped.append(path)
+            continue
+        family, what = mapped
+        for asset in _family(family, new):
+            impact.select(asset, f"{path} changed ({what})")
     if unmapped:
         impact.notes.append(f"{_summary(unmapped)} changed: no asset is mapped; selects nothing")
     return impact
 
 
+def _code_path(path: str) -> tuple[str, str] | None:
+    """(the family whose assets ``path`` is code of, what that code is), or None."""
+    if path in PROGRAMS:
+        return PROGRAMS[path], "their Pulumi program"
+    for prefixes, family, what in _CODE:
+        if path.startswith(prefixes):
+            return family, what
+    return None
+
+
 def _unknown_paths(new: Inventory) -> Impact:
     impact = Impact()
     why = "the changed paths are unknown (the old commit is gone): every mapped code path"
-    for name in new.clusters:
-        impact.select(cluster(name), why)
-    for link in new.mesh.links:
-        impact.select(mesh_link(link.source, link.target), why)
-    for name in new.training_runs:
-        impact.select(training_run(name), why)
+    families = [*PROGRAMS.values(), *(family for _, family, _ in _CODE)]
+    for family in dict.fromkeys(families):
+        for asset in _family(family, new):
+            impact.select(asset, why)
     return impact
 
 
@@ -226,14 +304,16 @@ def inventory_impact(old: Inventory | None, new: Inventory) -> Impact:
     _models(impact, before.get("models", {}), after["models"], new)
     _training_runs(impact, before.get("training_runs", {}), after["training_runs"])
     _endpoints(impact, before.get("endpoints", {}), after["endpoints"])
-    if old is not None:
-        for top in ("version", "name", "port_ranges", "ml", "orchestrator"):
-            changed = _changed(before.get(top), after.get(top), top)
-            if changed:
-                impact.notes.append(
-                    f"{_summary(changed)} changed: validation or the resources' configuration "
-                    "(takes effect when the code location reloads); selects nothing"
-                )
+    if old is None:
+        impact.select(orchestrator(), "homelab.yaml: orchestrator added")
+        return impact
+    if changed := _changed(before.get("orchestrator"), after["orchestrator"], "orchestrator"):
+        impact.select(orchestrator(), f"homelab.yaml: {_summary(changed)} changed")
+    for top, why in IGNORED_SECTIONS.items():
+        if changed := _changed(before.get(top), after.get(top), top):
+            impact.notes.append(
+                f"homelab.yaml: {_summary(changed)} changed: {why}; selects nothing"
+            )
     return impact
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "MAX_DEPTH",
     "MAX_VALUES",
     "LoadedInventory",
+    "decode_inventory",
     "inventory_or_none",
     "load_inventory",
     "parse_inventory",
@@ -67,19 +68,29 @@ def load_inventory(path: str | Path) -> LoadedInventory:
     except OSError as exc:
         problem = Problem(str(path), None, "", f"cannot read the inventory: {exc.strerror}")
         raise InventoryError(str(path), [problem]) from exc
-    _check_size(len(data), str(path))
+    inventory = parse_inventory(decode_inventory(data, str(path)), str(path))
+    digest = hashlib.sha256(data).hexdigest()
+    return LoadedInventory(inventory=inventory, path=path, digest=digest)
+
+
+def decode_inventory(data: bytes, file: str, size: int | None = None) -> str:
+    """The text of an inventory's bytes (a file's, a commit's blob): ``data``, of ``size``
+    bytes in all (default: ``len(data)``; a caller that did not read a larger one whole says
+    how large it is).
+
+    Raises:
+        InventoryError: larger than :data:`MAX_BYTES`, or not UTF-8 text (a binary file).
+    """
+    _check_size(len(data) if size is None else size, file)
     try:
-        text = data.decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         reason = (
             f"not UTF-8 text (a binary file?): byte 0x{data[exc.start]:02x} at offset "
             f"{exc.start} ({exc.reason})"
         )
-        raise InventoryError(str(path), [Problem(str(path), line, "", reason)]) from None
-    inventory = parse_inventory(text, str(path))
-    digest = hashlib.sha256(data).hexdigest()
-    return LoadedInventory(inventory=inventory, path=path, digest=digest)
+        raise InventoryError(file, [Problem(file, line, "", reason)]) from None
 
 
 def parse_inventory(text: str, file: str = "homelab.yaml") -> Inventory:

@@ -30,7 +30,7 @@ import dagster as dg
 
 from homelab_dagster.errors import GitError
 
-__all__ = ["Commit", "GitRepository", "run_git"]
+__all__ = ["Blob", "Commit", "GitRepository", "run_git"]
 
 WATCHED_REF = "refs/homelab/watched"
 APPLIED_REF = "refs/homelab/applied"
@@ -77,6 +77,14 @@ def run_git(
 
 def _shown(args: Sequence[str]) -> list[str]:
     return [a for a in args if not a.startswith("--git-dir")][:3]
+
+
+@dataclass(frozen=True)
+class Blob:
+    """A file as a commit holds it: its size, and its bytes where they were read."""
+
+    size: int
+    data: bytes | None
 
 
 @dataclass(frozen=True)
@@ -175,24 +183,29 @@ class GitRepository(dg.ConfigurableResource):
         full, author, subject = out.rstrip("\n").split("\0", 2)
         return Commit(full, author, subject)
 
-    def read(self, *specs: tuple[str, str]) -> list[str | None]:
-        """The text of each ``(commit, path)``, None where the path is not in that commit."""
+    def read(self, *specs: tuple[str, str], max_bytes: int) -> list[Blob | None]:
+        """The blob of each ``(commit, path)``: its size, and its bytes where it has at most
+        ``max_bytes`` (a larger one is never read); None where the path is not in that commit.
+        """
         request = "".join(f"{sha}:{path}\n" for sha, path in specs).encode()
-        out = self._git("cat-file", "--batch", stdin=request).stdout
-        texts: list[str | None] = []
-        pos = 0
-        for _ in specs:
-            end = out.index(b"\n", pos)
-            line = out[pos:end].decode()
-            pos = end + 1
-            if line.endswith((" missing", " ambiguous")):  # no such path (or commit)
-                texts.append(None)
+        found: list[tuple[str, int] | None] = []
+        for line in self._git("cat-file", "--batch-check", stdin=request).stdout.splitlines():
+            if line.endswith((b" missing", b" ambiguous")):  # no such path (or commit)
+                found.append(None)
                 continue
-            _, kind, size = line.rsplit(" ", 2)
-            data = out[pos : pos + int(size)]
-            texts.append(data.decode() if kind == "blob" else None)
-            pos += int(size) + 1
-        return texts
+            oid, kind, size = line.decode().split(" ")
+            found.append((oid, int(size)) if kind == "blob" else None)
+        small = dict(f for f in found if f is not None and f[1] <= max_bytes)
+        data: dict[str, bytes] = {}
+        if small:
+            request = "".join(f"{oid}\n" for oid in small).encode()
+            out = self._git("cat-file", "--batch", stdin=request).stdout
+            pos = 0
+            for oid, length in small.items():  # each: "<oid> blob <size>\n<bytes>\n"
+                start = out.index(b"\n", pos) + 1
+                data[oid] = out[start : start + length]
+                pos = start + length + 1
+        return [None if f is None else Blob(f[1], data.get(f[0])) for f in found]
 
     def keep(self, sha: str) -> None:
         """Keep commit ``sha`` in the mirror (``refs/homelab/applied``), rewrites or not."""

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 import dagster as dg
 
 from assets._keys import (
+    ORCHESTRATOR_KEY,
     cluster_key,
     endpoint_key,
     mesh_link_key,
@@ -39,8 +40,8 @@ from assets._stack import COMMIT_TAG
 from homelab_dagster.changes import AssetRef, Impact, affected
 from homelab_dagster.errors import GitError, InventoryError, StaleCodeLocationError
 from homelab_dagster.inventory import Inventory
-from homelab_dagster.loader import parse_inventory
-from resources.git import Commit, GitRepository
+from homelab_dagster.loader import MAX_BYTES, decode_inventory, parse_inventory
+from resources.git import Blob, Commit, GitRepository
 
 __all__ = [
     "SENSOR_NAME",
@@ -71,6 +72,7 @@ _KEYS: dict[str, Callable[..., dg.AssetKey]] = {
     "training_run": training_run_key,
     "model_weights": model_weights_key,
     "vllm_endpoint": endpoint_key,
+    "orchestrator": lambda: ORCHESTRATOR_KEY,
 }
 
 
@@ -133,8 +135,8 @@ def _tick(context: dg.SensorEvaluationContext, git: GitRepository) -> dg.SensorR
     head = git.fetch()
     file = git.inventory_file
     if cursor is None:
-        (text,) = git.read((head, file))
-        text = _present(text, file, head)
+        (blob,) = git.read((head, file), max_bytes=MAX_BYTES)
+        text = _present(blob, file, head)
         _parse(text, file, head)  # an invalid inventory is not recorded as handled
         return _handled(
             context,
@@ -151,12 +153,12 @@ def _tick(context: dg.SensorEvaluationContext, git: GitRepository) -> dg.SensorR
     rewritten = not in_mirror or not git.is_ancestor(cursor.sha, head)
     paths: list[str] | None
     if in_mirror:
-        new_text, old_text = git.read((head, file), (cursor.sha, file))
+        new_blob, old = git.read((head, file), (cursor.sha, file), max_bytes=MAX_BYTES)
         paths = git.changed_paths(cursor.sha, head)
     else:
-        (new_text,) = git.read((head, file))
-        old_text, paths = git.saved_inventory(cursor.inventory), None
-    new_text = _present(new_text, file, head)
+        (new_blob,) = git.read((head, file), max_bytes=MAX_BYTES)
+        old, paths = git.saved_inventory(cursor.inventory), None
+    new_text = _present(new_blob, file, head)
     new = _parse(new_text, file, head)  # invalid: the tick fails, the cursor stays
     if rewritten:
         against = (
@@ -169,8 +171,7 @@ def _tick(context: dg.SensorEvaluationContext, git: GitRepository) -> dg.SensorR
             f"history rewritten on {git.watched}: {cursor.sha[:12]} is not an ancestor of "
             f"{head[:12]}; full diff against {against}"
         )
-    old = _parse_old(context, old_text, file, cursor.sha)
-    impact = affected(old, new, paths, inventory_file=file)
+    impact = affected(_parse_old(context, old, file, cursor.sha), new, paths, inventory_file=file)
     _log(context, impact, head)
     keys = _runnable(context, impact.assets)
     count = str(git.count(cursor.sha, head)) if in_mirror else "unknown"
@@ -211,15 +212,16 @@ def _handled(
     )
 
 
-def _present(text: str | None, file: str, sha: str) -> str:
-    """``text``, read from commit ``sha``.
+def _present(blob: Blob | None, file: str, sha: str) -> str:
+    """The inventory's text in commit ``sha`` (``blob``), through the loader's limits.
 
     Raises:
         GitError: the commit has no inventory file (None).
+        InventoryError: it is larger than the loader's limit (not read) or not UTF-8 text.
     """
-    if text is None:
+    if blob is None:
         raise GitError(f"{file} is not in commit {sha[:12]}")
-    return text
+    return decode_inventory(blob.data or b"", f"{file}@{sha[:12]}", size=blob.size)
 
 
 def _parse(text: str, file: str, sha: str) -> Inventory:
@@ -232,13 +234,15 @@ def _parse(text: str, file: str, sha: str) -> Inventory:
 
 
 def _parse_old(
-    context: dg.SensorEvaluationContext, text: str | None, file: str, sha: str
+    context: dg.SensorEvaluationContext, old: str | Blob | None, file: str, sha: str
 ) -> Inventory | None:
-    """The inventory before, or None (then every entry counts as added), said in the log."""
-    if text is None:
+    """The inventory before (the applied text kept, or the cursor commit's blob), or None
+    (then every entry counts as added), said in the log."""
+    if old is None:
         context.log.warning(f"no inventory known for {sha[:12]}: every entry counts as added")
         return None
     try:
+        text = old if isinstance(old, str) else _present(old, file, sha)
         return parse_inventory(text, f"{file}@{sha[:12]}")
     except InventoryError as exc:
         context.log.warning(f"{exc}\nso every entry of the new inventory counts as added")

@@ -35,6 +35,7 @@ def selected(impact: changes.Impact) -> list[str]:
     return sorted(str(a) for a in impact.assets)
 
 
+ALL_ENDPOINTS = ["vllm_endpoint/sre-agent", "vllm_endpoint/vllm"]
 ALL_CLUSTERS = ["cluster/air", "cluster/forge", "cluster/pi", "cluster/pro", "cluster/studio"]
 ALL_LINKS = [
     "mesh_link/pi__studio",
@@ -213,6 +214,7 @@ def test_no_inventory_before_selects_every_entry(shipped):
             *ALL_CLUSTERS,
             *ALL_LINKS,
             "model_weights/sre-agent",
+            "orchestrator",
             "training_run/sre-runbook",
             "vllm_endpoint/sre-agent",
             "vllm_endpoint/vllm",
@@ -230,8 +232,16 @@ def test_no_inventory_before_selects_every_entry(shipped):
     [
         ("infra/cluster.py", ALL_CLUSTERS),
         ("infra/mesh.py", ALL_LINKS),
+        ("infra/endpoint.py", ALL_ENDPOINTS),
+        ("infra/orchestrator.py", ["orchestrator"]),
+        ("homelab_dagster/serving.py", ALL_ENDPOINTS),
+        ("resources/vllm.py", ALL_ENDPOINTS),
+        ("resources/weights_copy.py", ALL_ENDPOINTS),
         ("homelab_dagster/ml/train.py", ["training_run/sre-runbook"]),
         ("homelab_dagster/workflows/train.py", ["training_run/sre-runbook"]),
+        ("resources/training_task.py", ["training_run/sre-runbook"]),
+        ("infra/images.py", []),
+        ("infra/tools/kwok/go.mod", []),
         ("docs/operations.md", []),
         ("tests/test_changes.py", []),
         ("benchmarks/git_sensor_tick.py", []),
@@ -273,5 +283,41 @@ def test_affected_joins_the_inventory_diff_and_the_paths(shipped, edited):
 
 def test_unknown_paths_count_every_mapped_path_as_changed(shipped):
     impact = affected(shipped, shipped, None)
-    assert selected(impact) == sorted([*ALL_CLUSTERS, *ALL_LINKS, "training_run/sre-runbook"])
+    assert selected(impact) == sorted(
+        [*ALL_CLUSTERS, *ALL_LINKS, *ALL_ENDPOINTS, "orchestrator", "training_run/sre-runbook"]
+    )
     assert "the changed paths are unknown" in impact.selections[0].reason
+
+
+def test_every_pulumi_program_and_inventory_section_is_mapped_or_ignored(project_root):
+    """A new program in infra/ or a new section of the inventory cannot be forgotten: each is
+    mapped to the assets it changes or named, with why, as selecting nothing."""
+    modules = {
+        path.relative_to(project_root).as_posix() for path in (project_root / "infra").glob("*.py")
+    }
+    programs = {
+        module for module in modules if "import pulumi\n" in (project_root / module).read_text()
+    }
+    assert programs == set(changes.PROGRAMS), "a Pulumi program is not mapped (changes.PROGRAMS)"
+    others = {m for m in modules - programs if not m.startswith(tuple(changes.NOT_PROGRAMS))}
+    assert not others, f"{others}: neither a mapped program nor in changes.NOT_PROGRAMS"
+    assert all((project_root / path).exists() for path in changes.NOT_PROGRAMS)
+    sections = set(Inventory.model_fields)
+    assert sections == changes.SECTIONS | set(changes.IGNORED_SECTIONS), (
+        "an inventory section is neither diffed (changes.SECTIONS) nor ignored"
+    )
+    assert not changes.SECTIONS & set(changes.IGNORED_SECTIONS)
+
+
+def test_the_orchestrator_section_selects_the_orchestrator_and_ml_selects_nothing(shipped, edited):
+    def edit(d):
+        d["orchestrator"]["namespace"] = "dagster-2"
+        d.setdefault("ml", {})["weights_bucket"] = "other-bucket"
+
+    impact = inventory_impact(shipped, edited(edit))
+    assert selected(impact) == ["orchestrator"]
+    assert impact.reasons()[changes.orchestrator()] == [
+        "homelab.yaml: orchestrator.namespace changed"
+    ]
+    (note,) = impact.notes
+    assert note.startswith("homelab.yaml: ml.weights_bucket changed: how training runs")

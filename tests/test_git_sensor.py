@@ -14,7 +14,7 @@ import pytest
 
 from homelab_dagster.definitions import build_definitions
 from homelab_dagster.errors import GitError, InventoryError, StaleCodeLocationError
-from homelab_dagster.loader import load_inventory
+from homelab_dagster.loader import MAX_BYTES, load_inventory
 from homelab_dagster.settings import Settings, Target
 from resources.git import GitRepository
 from sensors.git import (
@@ -280,7 +280,8 @@ def test_a_rewrite_past_the_mirror_uses_the_last_applied_inventory(tick, origin,
     selected = {k.to_user_string() for k in request.asset_selection}
     assert "cluster/forge" in selected  # the label is gone again: from the kept inventory
     assert "training_run/sre-runbook" in selected  # the code may have changed: all of it
-    assert "vllm_endpoint/vllm" not in selected  # its entry did not change
+    assert "vllm_endpoint/sre-agent" in selected  # so may the serving code
+    assert "model_weights/sre-agent" not in selected  # no code path maps to it; unchanged
     assert request.tags[TAG_COMMITS] == "unknown"
     assert request.tags[TAG_REWRITTEN] == "true"
 
@@ -321,6 +322,32 @@ def test_a_commit_without_the_inventory_fails_the_tick(tick, origin):
     with pytest.raises(Exception) as failed:
         tick(first.cursor)
     assert "homelab.yaml is not in commit" in str(cause(failed.value, GitError))
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (lambda text: text.replace("# ", "# caf\xe9 ", 1).encode("latin-1"), "not UTF-8 text"),
+        (lambda text: text.encode() + b"#" * MAX_BYTES, "refused unread"),
+    ],
+    ids=["latin-1", "larger-than-the-limit"],
+)
+def test_an_inventory_the_loader_refuses_fails_the_tick_naming_the_commit(
+    tick, origin, git, content, reason
+):
+    """A commit's inventory goes through the loader's limits, as a file does: Latin-1 bytes
+    or a blob over the size limit fail the tick with the loader's problem (naming the file at
+    the commit), not a raw decoding error; an oversized blob is never read whole."""
+    first = tick(None)
+    (origin.path / "homelab.yaml").write_bytes(content(origin.inventory()))
+    sha = origin.commit("an inventory the loader refuses", {})
+    with pytest.raises(Exception) as failed:
+        tick(first.cursor)
+    (problem,) = cause(failed.value, InventoryError).problems
+    assert problem.file == f"homelab.yaml@{sha[:12]}"
+    assert reason in problem.reason
+    (blob,) = git.read((sha, "homelab.yaml"), max_bytes=MAX_BYTES)
+    assert (blob.data is None) == (blob.size > MAX_BYTES)
 
 
 def test_a_cursor_the_sensor_did_not_write_is_a_clear_error():
