@@ -200,6 +200,19 @@ def test_a_comment_docs_or_test_commit_requests_nothing(tick, origin, change):
     assert sha_of(result.cursor) == sha
 
 
+def test_a_commit_to_the_endpoint_program_requests_the_endpoints(tick, origin):
+    """The issue's case: ``infra/endpoint.py`` changed, the endpoints it programs are
+    requested (the external model's endpoint too: its server is ours, its weights are not)."""
+    first = tick(None)
+    sha = origin.commit("endpoint program", {"infra/endpoint.py": "# the endpoint program\n"})
+    (request,) = tick(first.cursor).run_requests
+    assert {k.to_user_string() for k in request.asset_selection} == {
+        "vllm_endpoint/sre-agent",
+        "vllm_endpoint/vllm",
+    }
+    assert request.tags[TAG_COMMIT] == sha
+
+
 def test_many_commits_coalesce_into_one_run(tick, origin):
     first = tick(None)
     origin.edit_inventory("forge label", FORGE_PLATFORM, FORGE_PLATFORM.replace("platform}", "p2}"))
