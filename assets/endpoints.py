@@ -27,6 +27,7 @@ skipped (failed with severity WARN, ``skipped: true`` and the reason), never as 
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import dagster as dg
@@ -55,6 +56,7 @@ from resources.weights import WeightsStore
 
 __all__ = [
     "CHECKS",
+    "FRESHNESS_CHECK",
     "GPUS",
     "GPU_SECONDS_SERVED",
     "SAMPLE_PROMPTS",
@@ -73,6 +75,12 @@ CHECKS = {
     "chat_completion": "A chat completion answers through the endpoint's chat template "
     "(where one is set).",
 }
+# Not blocking (a lagging endpoint still serves): its failure is a warning and an alert.
+FRESHNESS_CHECK = "serves_current_version"
+FRESHNESS_DESCRIPTION = (
+    "The endpoint serves its model's current weights version; failing names both digests and "
+    "how long the current one has waited."
+)
 # A fixed prompt set: the latency figures of two materialisations compare.
 SAMPLE_PROMPTS = (
     "When the vllm pod on forge restarts,",
@@ -160,6 +168,11 @@ def build_endpoint_defs(
         check_specs=[
             dg.AssetCheckSpec(check, asset=key, blocking=True, description=text)
             for check, text in CHECKS.items()
+        ]
+        + [
+            dg.AssetCheckSpec(
+                FRESHNESS_CHECK, asset=key, blocking=False, description=FRESHNESS_DESCRIPTION
+            )
         ],
         # The checks can also run alone, on what serves now (select only them).
         can_subset=True,
@@ -189,6 +202,8 @@ def build_endpoint_defs(
                 if isinstance(event, dg.AssetCheckResult) and event.check_name not in selected:
                     continue
                 yield event
+            if FRESHNESS_CHECK in selected:  # on what is deployed now, whatever happened above
+                yield entry.freshness(pulumi, weights_store)
         except HomelabError as exc:
             raise step_failure(exc) from exc
 
@@ -558,6 +573,28 @@ class _EndpointEntry:
         yield from self._skipped(reason)
 
     # ------------------------------------------------------------------ checks
+
+    def freshness(self, pulumi: PulumiStacks, store: WeightsStore) -> dg.AssetCheckResult:
+        """:data:`FRESHNESS_CHECK`: the version the stack deploys against the store's current
+        one (since when it is current: the store's history)."""
+        served = self._served(pulumi, pulumi.stack_name(self.key.path)).digest
+        current = store.current(self.endpoint.model)
+        since = next(
+            (
+                datetime.fromisoformat(h["set_at"])
+                for h in reversed(store.history(self.endpoint.model))
+                if current and h["digest"] == current.digest
+            ),
+            None,
+        )
+        verdict = serving.serves_current_version(
+            served,
+            current.digest if current else None,
+            since,
+            datetime.now(UTC),
+            f"materialising {self.key.to_user_string()} (`homelab up`)",
+        )
+        return _result(self.key, FRESHNESS_CHECK, verdict, severity=dg.AssetCheckSeverity.WARN)
 
     def _skipped(self, reason: str) -> Iterator[dg.AssetCheckResult]:
         """Every check recorded as skipped: failed at WARN, with ``skipped`` and the reason

@@ -8,6 +8,8 @@ Dagster, so the rules are tested on their own.
   failed (the scheduler's refusal, a crashed container), in words an SRE reads;
 - :func:`serves_weights`, :func:`within_budget`, :func:`chat_answers`: the serving checks'
   verdicts, observed and expected values in their metadata;
+- :func:`serves_current_version`: whether the endpoint is behind its model's current weights,
+  and for how long;
 - :func:`latency_stats`: p50 and p95 latency and tokens per second over a few requests;
 - :func:`previous_version`: which weights version ``homelab rollback`` goes back to.
 """
@@ -33,6 +35,7 @@ __all__ = [
     "observed_pod",
     "previous_version",
     "rollout_state",
+    "serves_current_version",
     "serves_weights",
     "within_budget",
 ]
@@ -267,3 +270,43 @@ def previous_version(history: Sequence[str], current: str | None) -> str | None:
     """The version served before ``current`` (``history``: digests, oldest first)."""
     earlier = [d for d in history if d and d != current]
     return earlier[-1] if earlier else None
+
+
+def serves_current_version(
+    served: str | None,
+    current: str | None,
+    current_since: datetime | None,
+    now: datetime,
+    roll_forward: str,
+) -> Verdict:
+    """The endpoint's deployed version (``served``) is its model's current one (``current``,
+    current since ``current_since``); where it is behind, by how long, and what rolls it
+    forward (``roll_forward``: the command)."""
+    lag_s = round((now - current_since).total_seconds()) if current_since else 0
+    metadata: dict[str, Any] = {
+        "served_digest": served or "",
+        "current_digest": current or "",
+        "behind_s": lag_s if current and served != current else 0,
+    }
+    if current is None:
+        return Verdict(True, "the model has no current version in the store", metadata)
+    if served == current:
+        return Verdict(True, f"serves the current version {current[:12]}", metadata)
+    what = f"serves {served[:12]}" if served else "serves nothing yet"
+    return Verdict(
+        False,
+        f"{what}, but {current[:12]} has been the current version for {_duration(lag_s)}: "
+        f"{roll_forward} rolls it forward",
+        metadata,
+    )
+
+
+def _duration(seconds: float) -> str:
+    """``45 s``, ``12 min``, ``3.5 h``, ``2.0 days``."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"

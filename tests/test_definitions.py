@@ -296,7 +296,7 @@ def test_an_endpoints_checks_run_alone_and_say_what_they_cannot_check(
     # are not in the store and the twin cannot fetch them. A run of its checks alone (can_subset)
     # deploys nothing and reports each check skipped, with the reason, at WARN.
     from assets import endpoint_key
-    from assets.endpoints import CHECKS, build_endpoint_defs
+    from assets.endpoints import CHECKS, FRESHNESS_CHECK, build_endpoint_defs
 
     settings = Settings(project_root / "homelab.yaml", Target.TWIN, tmp_path)
     endpoint = inventory.endpoints["vllm"]
@@ -317,7 +317,10 @@ def test_an_endpoints_checks_run_alone_and_say_what_they_cannot_check(
     assert result.success
     assert result.get_asset_materialization_events() == []
     evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    fresh = evaluations.pop(FRESHNESS_CHECK)
     assert set(evaluations) == set(CHECKS)
     for evaluation in evaluations.values():
         assert not evaluation.passed and evaluation.severity == dg.AssetCheckSeverity.WARN
         assert "its serving cannot be checked here" in (evaluation.description or "")
+    # No version in the store: nothing it could be behind.
+    assert fresh.passed and fresh.description == "the model has no current version in the store"

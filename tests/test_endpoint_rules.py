@@ -381,6 +381,27 @@ def test_serves_weights_latency_and_rollback_rules():
     assert serving.previous_version(["c"], "c") is None
 
 
+def test_an_endpoint_behind_its_models_current_version_says_both_and_for_how_long():
+    from datetime import UTC, datetime, timedelta
+
+    now = datetime(2026, 12, 7, 12, tzinfo=UTC)
+    old, new = "a" * 64, "b" * 64
+    fix = "materialising vllm_endpoint/sre-agent (`homelab up`)"
+    behind = serving.serves_current_version(old, new, now - timedelta(hours=5), now, fix)
+    assert not behind.passed
+    assert behind.description == (
+        f"serves {old[:12]}, but {new[:12]} has been the current version for 5.0 h: {fix} "
+        "rolls it forward"
+    )
+    assert behind.metadata == {"served_digest": old, "current_digest": new, "behind_s": 18000}
+    current = serving.serves_current_version(new, new, now - timedelta(hours=5), now, fix)
+    assert current.passed and current.metadata["behind_s"] == 0
+    nothing = serving.serves_current_version(None, new, now - timedelta(seconds=40), now, fix)
+    assert not nothing.passed and nothing.description.startswith("serves nothing yet, but")
+    assert "for 40 s" in nothing.description
+    assert serving.serves_current_version(None, None, None, now, fix).passed
+
+
 def test_rollback_of_an_unknown_endpoint_is_a_usage_error(project_root):
     done = subprocess.run(
         [sys.executable, "-m", "homelab_dagster", "rollback", "nope"],

@@ -27,7 +27,7 @@ from _ml_support import CPU, needs_ml, write_corpus
 from _twin_support import provisioned_forge, wait
 
 from assets._keys import endpoint_key
-from assets.endpoints import build_endpoint_defs
+from assets.endpoints import CHECKS, FRESHNESS_CHECK, build_endpoint_defs
 from assets.jobs import build_jobs
 from homelab_dagster.ml.spec import Architecture, Hyperparameters, TrainSpec
 from homelab_dagster.settings import Settings, Target
@@ -246,7 +246,9 @@ def test_the_trained_weights_serve_from_the_real_node_checked_then_a_bad_version
         f"vllm_endpoint__{ENDPOINT.replace('-', '_')}"
     )
     after_kill = _checks(checked)
-    assert set(after_kill) == set(checks) and not any(c.passed for c in after_kill.values())
+    fresh = after_kill.pop(FRESHNESS_CHECK)  # what is deployed is current: only it passes
+    assert fresh.passed, fresh.description
+    assert set(after_kill) == set(CHECKS) and not any(c.passed for c in after_kill.values())
     assert f"version {first.digest[:12]} does not serve" in after_kill["serves_weights"].description
     again = _materialize(resources, shipped_inventory)
     assert again.success, _failure(again)
@@ -267,6 +269,14 @@ def test_the_trained_weights_serve_from_the_real_node_checked_then_a_bad_version
     assert restored["rolled_back_to"] == first.digest and restored["serving"]
     serves = _checks(rolled)["serves_weights"]
     assert not serves.passed and f"{first.digest[:12]} was restored" in serves.description
+    # The endpoint is behind its model's current version now, and says so (a warning).
+    behind = _checks(rolled)[FRESHNESS_CHECK]
+    assert not behind.passed and behind.severity == dg.AssetCheckSeverity.WARN
+    assert (
+        f"serves {first.digest[:12]}, but {bad.digest[:12]} has been the current version for"
+        in behind.description
+    ), behind.description
+    assert behind.metadata["current_digest"].value == bad.digest
     store.set_current(ENDPOINT, first.digest, "back to the good one")
 
 
