@@ -16,7 +16,25 @@ from typing import Any
 from homelab_dagster.inventory import Cluster, Node
 from homelab_dagster.twin_nodes import ObservedNode
 
-__all__ = ["Verdict", "link_mirrored", "namespaces_present", "nodes_match_inventory", "nodes_ready"]
+__all__ = [
+    "Verdict",
+    "duration",
+    "link_mirrored",
+    "namespaces_present",
+    "nodes_match_inventory",
+    "nodes_ready",
+]
+
+
+def duration(seconds: float) -> str:
+    """A span of time for a person: ``45 s``, ``12 min``, ``3.5 h``, ``2.0 days``."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
 
 
 @dataclass(frozen=True)

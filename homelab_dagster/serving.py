@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from homelab_dagster.checks import Verdict
+from homelab_dagster.checks import Verdict, duration
 
 __all__ = [
     "ObservedPod",
@@ -295,18 +295,7 @@ def serves_current_version(
     what = f"serves {served[:12]}" if served else "serves nothing yet"
     return Verdict(
         False,
-        f"{what}, but {current[:12]} has been the current version for {_duration(lag_s)}: "
+        f"{what}, but {current[:12]} has been the current version for {duration(lag_s)}: "
         f"{roll_forward} rolls it forward",
         metadata,
     )
-
-
-def _duration(seconds: float) -> str:
-    """``45 s``, ``12 min``, ``3.5 h``, ``2.0 days``."""
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    if seconds < 172800:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} days"

@@ -61,19 +61,64 @@ def test_status_shows_the_commit_checks_drift_stall_and_readiness(home):
     assert forge["checks"]["nodes_match_inventory"]["passed"] is None
     assert forge["drifted"] is True
     assert forge["stalled"] is True and forge["last_failure"] == "refused"
-    # forge: 1 of its checks and of its outgoing links' passes (the rest never evaluated).
+    # forge: 1 of the checks of it, its outgoing links and the runs and endpoints on it
+    # passes (the rest never evaluated), and each of the others is named.
     counted = [
-        check
+        f"{name}:{check}"
         for name, asset in report["assets"].items()
-        if name == "cluster/forge" or name.startswith("mesh_link/forge__")
+        if name == "cluster/forge"
+        or name.startswith(("mesh_link/forge__", "vllm_endpoint/", "training_run/"))
         for check in asset["checks"]
     ]
+    assert any(c.startswith("vllm_endpoint/sre-agent:") for c in counted)
     assert report["readiness"]["forge"] == round(1 / len(counted), 3)
+    missing = report["readiness_missing"]["forge"]
+    assert "cluster/forge:no_drift: failed" in missing
+    assert "vllm_endpoint/sre-agent:serves_weights: never" in missing
+    assert len(missing) == len(counted) - 1
     assert report["readiness"]["air"] == 0.0
     assert report["assets"]["cluster/air"]["materialized_at"] is None
 
     screen = runner.invoke(app, ["status"]).output
     assert SHA[:12] in screen and "stalled" in screen and "drifted" in screen
+
+
+def test_stale_and_skipped_check_results_are_unknown_not_passing(home):
+    """A result older than --stale-after counts as unknown, whatever it said; an endpoint
+    whose checks were skipped is not ``ok`` but says why; every result shows its age."""
+    runner = CliRunner()
+    endpoint = dg.AssetKey(["vllm_endpoint", "vllm"])
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=endpoint))
+        for check in ("serves_weights", "completion_within_budget", "chat_completion"):
+            instance.report_runless_asset_event(
+                dg.AssetCheckEvaluation(
+                    asset_key=endpoint,
+                    check_name=check,
+                    passed=False,
+                    severity=dg.AssetCheckSeverity.WARN,
+                    description="skipped: the twin cannot fetch it",
+                    metadata={"skipped": True},
+                )
+            )
+    _record(home)
+
+    fresh = json.loads(runner.invoke(app, ["status", "--json"]).output)
+    vllm = fresh["assets"]["vllm_endpoint/vllm"]["checks"]["serves_weights"]
+    assert vllm["outcome"] == "skipped" and vllm["passed"] is None
+    assert vllm["age_s"] < 60
+    nodes_ready = fresh["assets"]["cluster/forge"]["checks"]["nodes_ready"]
+    assert nodes_ready["outcome"] == "passed" and nodes_ready["passed"] is True
+    assert "vllm_endpoint/vllm:serves_weights: skipped" in fresh["readiness_missing"]["forge"]
+    assert fresh["readiness"]["forge"] > 0
+
+    stale = json.loads(runner.invoke(app, ["status", "--json", "--stale-after", "0"]).output)
+    nodes_ready = stale["assets"]["cluster/forge"]["checks"]["nodes_ready"]
+    assert nodes_ready["outcome"] == "stale" and nodes_ready["passed"] is None
+    assert stale["readiness"]["forge"] == 0.0
+
+    screen = runner.invoke(app, ["status"]).output
+    assert "checks skipped" in screen and "s ago" in screen
 
 
 # ---------------------------------------------------------------------------- GPU-hours

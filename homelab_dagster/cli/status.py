@@ -1,13 +1,16 @@
 """``homelab status [--json]``: the homelab at a glance, from the Dagster instance.
 
 Per asset: its last materialisation (when, which run, the commit it came from), its checks
-as last evaluated, whether it drifted (its ``no_drift`` check), and whether it is stalled
-(its failure record, ``sensors/failures.py``). Per cluster: a readiness figure, the share of
-its checks and of its outgoing links' checks that pass now
-(:func:`homelab_dagster.reconcile.readiness`): measured, where the owner's README kept
-hand-written percentages. GPU-hours per model, endpoint and cluster, this calendar month (UTC)
-and all time: the training runs' ``gpu_seconds``, the endpoints' ``gpu_seconds_served`` and what
-each endpoint's current deployment has held since it was materialised (:func:`gpu_hours`).
+as last evaluated and how long ago, whether it drifted (its ``no_drift`` check), and whether
+it is stalled (its failure record, ``sensors/failures.py``). A check result older than
+``--stale-after`` (an hour) is unknown, not passing, and so is a skipped one (an endpoint whose
+weights this deployment cannot fetch). Per cluster: a readiness figure, the share of the
+checks that pass now among its own, its outgoing links' and those of the training runs and
+endpoints on it (:func:`homelab_dagster.reconcile.readiness`), with every check short of 100%
+named: measured, where the owner's README kept hand-written percentages. GPU-hours per
+model, endpoint and cluster, this calendar month (UTC) and all time: the training runs'
+``gpu_seconds``, the endpoints' ``gpu_seconds_served`` and what each endpoint's current
+deployment has held since it was materialised (:func:`gpu_hours`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.table import Table
 
+from homelab_dagster.checks import duration
 from homelab_dagster.cli.output import console, error_exit
 from homelab_dagster.errors import HomelabError
 from homelab_dagster.reconcile import readiness
@@ -36,10 +40,19 @@ __all__ = ["GPU_GROUPS", "GpuUse", "collect", "gpu_hours", "status"]
 GPU_GROUPS = {"models": "model", "endpoints": "endpoint", "clusters": "cluster"}
 _TRAINING_GPU_SECONDS = "gpu_seconds"  # what training_run/* records (assets/training.py)
 _PAGE = 500  # materialisations read from the instance at a time
+STALE_AFTER_S = 3600.0  # a check result older than this is unknown
 
 
 def status(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON document, for tools.")] = False,
+    stale_after: Annotated[
+        float,
+        typer.Option(
+            "--stale-after",
+            min=0,
+            help="Seconds after which a check result is unknown, not passing.",
+        ),
+    ] = STALE_AFTER_S,
 ) -> None:
     """Each asset's last materialisation, checks, drift, stalled state and commit; each
     cluster's readiness from its live checks; GPU-hours per model, endpoint and cluster."""
@@ -54,7 +67,7 @@ def status(
     from homelab_dagster.definitions import defs
 
     with open_instance() as instance:
-        report = collect(instance, defs)
+        report = collect(instance, defs, stale_after_s=stale_after)
     if as_json:
         typer.echo(json.dumps(report, indent=2, sort_keys=True))
         return
@@ -62,15 +75,21 @@ def status(
 
 
 def collect(
-    instance: dg.DagsterInstance, defs: dg.Definitions, now: float | None = None
+    instance: dg.DagsterInstance,
+    defs: dg.Definitions,
+    now: float | None = None,
+    stale_after_s: float = STALE_AFTER_S,
 ) -> dict[str, Any]:
     """The status of every asset of ``defs``, the readiness of every cluster and the GPU-hours
-    until ``now`` (seconds since the epoch; default: now), as plain data."""
+    until ``now`` (seconds since the epoch; default: now), as plain data; a check result
+    older than ``stale_after_s`` is unknown."""
     from assets._stack import DRIFT_CHECK
     from sensors.failures import repair_record
 
+    now = time.time() if now is None else now
     graph = defs.resolve_asset_graph()
     assets: dict[str, dict[str, Any]] = {}
+    where: dict[str, str] = {}  # asset -> the cluster it runs on (spec metadata)
     for key in sorted(graph.get_all_asset_keys()):
         node = graph.get(key)
         event = instance.get_latest_materialization_event(key)
@@ -79,7 +98,13 @@ def collect(
         if materialization is not None:
             found = materialization.metadata.get("homelab_commit")
             commit = str(found.value) if found is not None else None
-        checks = {check.name: _check(instance, check) for check in sorted(node.check_keys, key=str)}
+        checks = {
+            check.name: _check(instance, check, now, stale_after_s)
+            for check in sorted(node.check_keys, key=str)
+        }
+        cluster = node.metadata.get("cluster")
+        if isinstance(cluster, str):
+            where[key.to_user_string()] = cluster
         record = repair_record(instance, key)
         drift = checks.get(DRIFT_CHECK)
         assets[key.to_user_string()] = {
@@ -92,17 +117,28 @@ def collect(
             "failures": record.failures if record else 0,
             "last_failure": record.reason if record else None,
         }
-    now = time.time() if now is None else now
     uses, rows = _gpu_uses(instance, graph, now)
+    counted = _counted(assets, where)
     return {
         "assets": assets,
-        "readiness": _readiness(assets),
+        "readiness": {
+            c: round(readiness({k: v["passed"] for k, v in r.items()}), 3)
+            for c, r in counted.items()
+        },
+        "readiness_missing": {
+            c: [f"{k}: {v['outcome']}" for k, v in r.items() if not v["passed"]]
+            for c, r in counted.items()
+        },
         "gpu_hours": gpu_hours(uses, now, rows),
     }
 
 
-def _check(instance: dg.DagsterInstance, key: dg.AssetCheckKey) -> dict[str, Any]:
-    """The check's last evaluation: passed (None: never evaluated), its words, when."""
+def _check(
+    instance: dg.DagsterInstance, key: dg.AssetCheckKey, now: float, stale_after_s: float
+) -> dict[str, Any]:
+    """The check's last evaluation: its ``outcome`` (passed, failed, skipped, stale: older
+    than ``stale_after_s``, never), ``passed`` (None where unknown: never, stale, skipped),
+    its words, when and how long ago."""
     import dagster as dg
 
     record = instance.get_latest_asset_check_evaluation_record(key)
@@ -111,28 +147,47 @@ def _check(instance: dg.DagsterInstance, key: dg.AssetCheckKey) -> dict[str, Any
         data = record.event.dagster_event.event_specific_data
         evaluation = data if isinstance(data, dg.AssetCheckEvaluation) else None
     if evaluation is None:
-        return {"passed": None, "description": None, "evaluated_at": None}
+        return {
+            "outcome": "never",
+            "passed": None,
+            "description": None,
+            "evaluated_at": None,
+            "age_s": None,
+        }
     assert record is not None and record.event is not None
+    age = max(0.0, now - record.event.timestamp)
+    skipped = evaluation.metadata.get("skipped")
+    if isinstance(skipped, dg.BoolMetadataValue) and skipped.value:
+        outcome = "skipped"
+    elif age > stale_after_s:
+        outcome = "stale"
+    else:
+        outcome = "passed" if evaluation.passed else "failed"
     return {
-        "passed": evaluation.passed,
+        "outcome": outcome,
+        "passed": evaluation.passed if outcome in ("passed", "failed") else None,
         "description": evaluation.description,
         "evaluated_at": _when(record.event.timestamp),
+        "age_s": round(age),
     }
 
 
-def _readiness(assets: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """Per cluster: the share of its checks, and of its outgoing links', passing now."""
+def _counted(
+    assets: dict[str, dict[str, Any]], where: dict[str, str]
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per cluster, the checks its readiness counts (``<asset>:<check>`` -> the check): its
+    own, its outgoing links', and those of the assets on it (training runs, endpoints)."""
     clusters = [name.split("/", 1)[1] for name in assets if name.startswith("cluster/")]
-    figures = {}
+    counted: dict[str, dict[str, dict[str, Any]]] = {}
     for cluster in clusters:
-        results: dict[str, bool | None] = {}
+        results: dict[str, dict[str, Any]] = {}
         for name, asset in assets.items():
             own = name == f"cluster/{cluster}"
             outgoing = name.startswith(f"mesh_link/{cluster}__")
-            if own or outgoing:
-                results |= {f"{name}:{c}": v["passed"] for c, v in asset["checks"].items()}
-        figures[cluster] = round(readiness(results), 3)
-    return figures
+            if own or outgoing or where.get(name) == cluster:
+                results |= {f"{name}:{c}": v for c, v in asset["checks"].items()}
+        counted[cluster] = results
+    return counted
 
 
 @dataclass(frozen=True)
@@ -247,38 +302,65 @@ def _seconds(value: object) -> float:
     return 0.0
 
 
+def _state(asset: dict[str, Any]) -> str:
+    """What the asset needs, most urgent first: stalled, failing runs, a failing check, a
+    skipped or stale one, never materialised; else ok."""
+    by: dict[str, tuple[str, str]] = {}
+    for name, check in asset["checks"].items():
+        by.setdefault(check["outcome"], (name, check["description"]))
+    if asset["stalled"]:
+        return f"[red]stalled[/]: {asset['last_failure']}"
+    if asset["failures"]:
+        return f"[yellow]{asset['failures']} failure(s)[/]: {asset['last_failure']}"
+    if not asset["materialized_at"]:
+        return "[dim]never materialised[/]"
+    if "failed" in by:
+        return f"[red]check failing[/]: {by['failed'][0]}: {by['failed'][1]}"
+    if "skipped" in by:
+        return f"[yellow]checks skipped[/]: {by['skipped'][1]}"
+    if "stale" in by:
+        return "[yellow]checks stale[/]: run them (the UI, or `homelab reconcile`)"
+    return "ok"
+
+
+def _ago(seconds: float | None = None) -> str:
+    """``40 s ago``, ``12 min ago``; ``-`` for never."""
+    return "-" if seconds is None else f"{duration(seconds)} ago"
+
+
 def _when(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")
 
 
 def _print(report: dict[str, Any]) -> None:
     table = Table(title="assets", title_justify="left")
-    for column in ("asset", "materialised", "commit", "checks", "drift", "state"):
+    for column in ("asset", "materialised", "commit", "checks", "checked", "drift", "state"):
         table.add_column(column)
     for name, asset in report["assets"].items():
         checks = asset["checks"]
         passing = sum(1 for c in checks.values() if c["passed"])
+        ages = [c["age_s"] for c in checks.values() if c["age_s"] is not None]
         drift = {None: "-", True: "[red]drifted[/]", False: "none"}[asset["drifted"]]
-        if asset["stalled"]:
-            state = f"[red]stalled[/]: {asset['last_failure']}"
-        elif asset["failures"]:
-            state = f"[yellow]{asset['failures']} failure(s)[/]: {asset['last_failure']}"
-        else:
-            state = "ok" if asset["materialized_at"] else "[dim]never materialised[/]"
         table.add_row(
             name,
             asset["materialized_at"] or "-",
             (asset["commit"] or "-")[:12],
             f"{passing}/{len(checks)}" if checks else "-",
+            f"{_ago(min(ages))} - {_ago(max(ages))}" if len(set(ages)) > 1 else _ago(*ages[:1]),
             drift,
-            state,
+            _state(asset),
         )
     console.print(table)
     ready = Table(title="readiness (checks passing now)", title_justify="left")
     ready.add_column("cluster")
     ready.add_column("ready", justify="right")
+    ready.add_column("short of 100%")
     for cluster, figure in report["readiness"].items():
-        ready.add_row(cluster, f"{figure:.0%}")
+        missing = report["readiness_missing"][cluster]
+        shown = ", ".join(missing[:4]) + (
+            f" (and {len(missing) - 4} more)" if len(missing) > 4 else ""
+        )
+        ready.add_row(cluster, f"{figure:.0%}", shown or "-")
     console.print(ready)
     hours = report["gpu_hours"]
     gpu = Table(title=f"GPU-hours ({hours['month']} UTC, all time)", title_justify="left")
