@@ -14,6 +14,7 @@ from homelab_dagster.inventory import Inventory
 from homelab_dagster.loader import inventory_or_none
 from homelab_dagster.settings import Settings
 from resources.deployment import build_deployment
+from sensors.alerts import build_alert_sensor
 from sensors.failures import build_failure_sensor
 from sensors.git import build_git_sensor
 from sensors.reconcile import build_reconcile_defs
@@ -46,6 +47,7 @@ def build_definitions(settings: Settings, inventory: Inventory | None) -> dg.Def
         if inventory
         else dg.Definitions(),
         build_failure_sensor(running=deployment.reconcile_running),
+        build_alert_sensor(running=deployment.reconcile_running),
         build_step_pod_sensor(running=deployment.reconcile_running)
         if deployment.steps_as_pods
         else dg.Definitions(),

@@ -159,7 +159,7 @@ def test_repair_and_automation_defaults_per_target(
     schedule = defs.resolve_schedule_def("reconcile")
     assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
     assert schedule.cron_schedule == "*/5 * * * *"
-    for name in ("reconcile_repair", "run_failures", "drift_watch"):
+    for name in ("reconcile_repair", "run_failures", "check_alerts", "drift_watch"):
         assert defs.resolve_sensor_def(name).default_status == dg.DefaultSensorStatus.RUNNING
     watch = defs.resolve_sensor_def("drift_watch")
     assert watch.minimum_interval_seconds == 30
