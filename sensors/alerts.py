@@ -35,7 +35,13 @@ from assets.endpoints import FRESHNESS_CHECK
 from assets.weights import INTACT_CHECK
 from resources.webhook import Webhook
 
-__all__ = ["ALERT_SENSOR", "alert_message", "build_alert_sensor"]
+__all__ = [
+    "ALERT_SENSOR",
+    "alert_message",
+    "build_alert_sensor",
+    "latest_evaluation",
+    "was_skipped",
+]
 
 ALERT_SENSOR = "check_alerts"
 _INTERVAL_S = 30
@@ -81,12 +87,29 @@ def _act(check: str, asset: str) -> str:
     return f"`homelab status` shows it; materialise {asset} (`homelab up`) once it is fixed"
 
 
+def latest_evaluation(
+    instance: dg.DagsterInstance, key: dg.AssetCheckKey
+) -> tuple[Any, dg.AssetCheckEvaluation] | None:
+    """The check's latest result: its execution record (``id``, ``run_id``, ``event``) and
+    its evaluation; None where it was never evaluated."""
+    record = instance.get_latest_asset_check_evaluation_record(key)
+    event = record.event if record is not None else None
+    data = event.dagster_event.event_specific_data if event and event.dagster_event else None
+    if record is None or not isinstance(data, dg.AssetCheckEvaluation):
+        return None
+    return record, data
+
+
+def was_skipped(evaluation: dg.AssetCheckEvaluation) -> bool:
+    """A result that says the check could not run here (``skipped: true`` in its metadata:
+    an endpoint whose weights this deployment cannot fetch), not that it failed."""
+    skipped = evaluation.metadata.get("skipped")
+    return isinstance(skipped, dg.BoolMetadataValue) and bool(skipped.value)
+
+
 def _failing(evaluation: dg.AssetCheckEvaluation) -> bool | None:
     """Whether the result is a failure (None: skipped, neither)."""
-    skipped = evaluation.metadata.get("skipped")
-    if isinstance(skipped, dg.BoolMetadataValue) and skipped.value:
-        return None
-    return not evaluation.passed
+    return None if was_skipped(evaluation) else not evaluation.passed
 
 
 def build_alert_sensor(*, running: bool) -> dg.Definitions:
@@ -106,13 +129,10 @@ def build_alert_sensor(*, running: bool) -> dg.Definitions:
         assert repository is not None
         sent = 0
         for key in sorted(repository.asset_graph.asset_check_keys, key=str):
-            record = context.instance.get_latest_asset_check_evaluation_record(key)
-            event = record.event if record is not None else None
-            data = (
-                event.dagster_event.event_specific_data if event and event.dagster_event else None
-            )
-            if record is None or not isinstance(data, dg.AssetCheckEvaluation):
+            latest = latest_evaluation(context.instance, key)
+            if latest is None:
                 continue
+            record, data = latest
             name = f"{key.asset_key.to_user_string()}:{key.name}"
             before = seen.get(name)
             if before is not None and before.id >= record.id:

@@ -139,14 +139,10 @@ def _check(
     """The check's last evaluation: its ``outcome`` (passed, failed, skipped, stale: older
     than ``stale_after_s``, never), ``passed`` (None where unknown: never, stale, skipped),
     its words, when and how long ago."""
-    import dagster as dg
+    from sensors.alerts import latest_evaluation, was_skipped
 
-    record = instance.get_latest_asset_check_evaluation_record(key)
-    evaluation = None
-    if record is not None and record.event is not None and record.event.dagster_event:
-        data = record.event.dagster_event.event_specific_data
-        evaluation = data if isinstance(data, dg.AssetCheckEvaluation) else None
-    if evaluation is None:
+    latest = latest_evaluation(instance, key)
+    if latest is None:
         return {
             "outcome": "never",
             "passed": None,
@@ -154,10 +150,9 @@ def _check(
             "evaluated_at": None,
             "age_s": None,
         }
-    assert record is not None and record.event is not None
+    record, evaluation = latest
     age = max(0.0, now - record.event.timestamp)
-    skipped = evaluation.metadata.get("skipped")
-    if isinstance(skipped, dg.BoolMetadataValue) and skipped.value:
+    if was_skipped(evaluation):
         outcome = "skipped"
     elif age > stale_after_s:
         outcome = "stale"
