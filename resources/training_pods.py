@@ -13,9 +13,12 @@ targets (the homelab may choose Flyte instead: ``ml.launcher``). For one run it:
    node selector on the run's ``node_role`` and tolerations for its taints,
    ``nvidia.com/gpu`` = ``gpus_per_node`` and the run's memory, in the run's namespace
    (``ml-training``, where the inventory's GPU quota applies); rank 0's log lines and result
-   arrive in Dagster as they are written;
-4. returns the outcome: the weights already in the store, the pod, its node, the ranks and the
-   GPU-seconds (GPUs held x the seconds its container ran).
+   arrive in Dagster as they are written. A run over several nodes (``nodes > 1``) is that
+   pod as torchrun's node rank 0 plus one pod per other node, made by the watch once rank 0
+   has an address and meeting it there (torchrun's static rendezvous at its pod IP);
+4. returns the outcome: the weights already in the store, the pod, its node (and every node
+   of the run), the ranks and the GPU-seconds (GPUs held x the seconds each pod's container
+   ran).
 
 What the Pipes client does not say, the launcher's watch does (:class:`_PodWatch`), in the
 cluster's own words: a pod the scheduler cannot place fails the step after
@@ -24,8 +27,9 @@ quota's; an image that cannot be pulled, a Secret it names that is missing, an i
 that fails (the client waits for ever: dagster-io/dagster#32428); a kubelet that cannot set the
 placed pod up (its sandbox, a volume: the pod stays Pending) past the same grace; a pod deleted
 under it (the client waits for ever: dagster-io/dagster#22453); a container killed (out of
-memory, a signal). The pod is deleted when the step ends, however it ends (a terminated Dagster
-run included), within seconds.
+memory, a signal); a worker pod of a run over several nodes that fails or is deleted (rank 0 is
+stopped, the step fails naming the worker). The pods are deleted when the step ends, however
+it ends (a terminated Dagster run included), within seconds.
 """
 
 from __future__ import annotations
